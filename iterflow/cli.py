@@ -1,0 +1,296 @@
+"""The ``iterflow`` command line: parsing and dispatch only.
+
+Exit codes: 0 success; 2 bad input (one line naming the argument, the rule and the value; no
+traceback); 1 internal error (traceback, with a hint to report it); 130 interrupted (resume by running
+the same command again).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import InputError, fail
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Flow-based generative models as iterative algorithms in probability space.",
+)
+
+
+def _console(quiet: bool):  # noqa: ANN202
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet)
+
+
+class RichReporter:
+    """Progress bar with loss, steps/s and ETA for each stage."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.console = _console(quiet)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, disable=quiet, transient=False,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def stage_start(self, index: int, n_stages: int, total_steps: int, done_steps: int) -> None:
+        desc = f"stage {index + 1}/{n_stages}"
+        self.task = self.progress.add_task(desc, total=total_steps, completed=done_steps, info="")
+
+    def step(self, step: int, terms: dict[str, float]) -> None:
+        info = " ".join(f"{k}={v:.4g}" for k, v in list(terms.items())[:4])
+        self.progress.update(self.task, completed=step, info=info)
+
+    def stage_end(self, record: dict[str, Any]) -> None:
+        self.progress.update(self.task, completed=record.get("steps"))
+        keys = ("movement", "kl_proxy", "mmd_to_normal", "seconds")
+        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float)))
+        self.console.print(f"  block(s) {record.get('blocks')}: {shown}")
+
+
+def _parse_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            fail("--option", "must look like KEY=VALUE", item)
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out
+
+
+def _parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail("--hidden", "must be comma-separated positive integers like 256,256,256", text)
+    if not vals or min(vals) <= 0:
+        fail("--hidden", "must be comma-separated positive integers like 256,256,256", text)
+    return vals
+
+
+@app.command()
+def train(
+    method: str = typer.Option("fm", help="Training method: fm, cnf, jko, local-fm, ..."),
+    data: str = typer.Option("checkerboard", help="Data set name or path to .npy/.csv/.png."),
+    out: Path = typer.Option(Path("runs/default"), help="Run folder (resumed if it holds the same config)."),
+    steps: int = typer.Option(3000, help="Optimiser steps per stage (per block for progressive methods)."),
+    blocks: int = typer.Option(1, help="Number of blocks in the chain."),
+    batch_size: int = typer.Option(1024, help="Minibatch size."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (Adam)."),
+    lr_schedule: str = typer.Option("cosine", help="cosine or constant."),
+    hidden: str = typer.Option("256,256,256", help="Hidden widths of each block's MLP."),
+    activation: str = typer.Option("silu", help="silu, tanh, softplus, relu, gelu."),
+    time_freqs: int = typer.Option(0, help="Fourier frequencies of the time embedding."),
+    ema: float = typer.Option(0.999, help="EMA decay of weights (0 disables)."),
+    weight_decay: float = typer.Option(0.0),
+    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip (0 disables)."),
+    warm_start: bool = typer.Option(True, help="Initialise block n from block n-1."),
+    n_train: int = typer.Option(200_000), n_val: int = typer.Option(2_000), n_test: int = typer.Option(5_000),
+    standardize: bool = typer.Option(True, help="Record a per-dimension affine normalisation."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("float32", help="float32 or float64."),
+    checkpoint_every: int = typer.Option(500, help="Steps between in-stage checkpoints."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Method option KEY=VALUE (repeatable); "
+                                     "see `iterflow methods`."),
+    img2d_dir: Optional[str] = typer.Option(None, help="Folder holding img_rose.png / img_tree.png."),
+    report: bool = typer.Option(True, help="After training write samples.npy, metrics.json and plots."),
+    eval_n: int = typer.Option(2000, help="Test points for the report's metrics."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Train a flow into a run folder (resumes an interrupted run with the same config)."""
+    from .train import TrainConfig
+    from .train import train as run_train
+
+    cfg = TrainConfig(
+        method=method, data=data, blocks=blocks, steps=steps, batch_size=batch_size, lr=lr,
+        lr_schedule=lr_schedule, weight_decay=weight_decay, grad_clip=grad_clip, ema=ema,
+        hidden=_parse_hidden(hidden), activation=activation, time_freqs=time_freqs, warm_start=warm_start,
+        n_train=n_train, n_val=n_val, n_test=n_test, standardize=standardize, seed=seed, device=device,
+        dtype=dtype, checkpoint_every=checkpoint_every, options=_parse_options(option), img2d_dir=img2d_dir,
+    )
+    console = _console(quiet)
+    t0 = time.perf_counter()
+    try:
+        with RichReporter(quiet) as rep:
+            result = run_train(cfg, out, reporter=rep)
+    except KeyboardInterrupt:
+        raise typer.Exit(_interrupted()) from None
+    console.print(f"trained {cfg.method} ({result.flow.num_blocks} block(s)) in {time.perf_counter() - t0:.1f} s "
+                  f"-> {out}")
+    if report:
+        _write_report(out, eval_n, device, console)
+
+
+def _write_report(out: Path, n: int, device: str, console: Any) -> None:
+    import numpy as np
+
+    from .io import atomic_write_bytes, save_json
+    from .report import eval_run, plot_run, sample_run
+
+    metrics = eval_run(out, n=n, device=device)
+    save_json(out / "metrics.json", metrics)
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.save(buf, sample_run(out, 5000, device=device))
+    atomic_write_bytes(out / "samples.npy", buf.getvalue())
+    plots = plot_run(out, device=device)
+    ent = metrics.get("entropy")
+    console.print(f"test NLL {metrics['nll']:.4f} nats" + (f" (entropy floor {ent:.4f})" if ent is not None else "")
+                  + f", W2 {metrics['w2']:.4f}; wrote metrics.json, samples.npy, "
+                  + ", ".join(p.name for p in plots))
+
+
+@app.command()
+def sample(
+    run: Path = typer.Argument(..., help="Run folder."),
+    n: int = typer.Option(1000, help="Number of samples."),
+    out: Path = typer.Option(..., help="Output .npy file."),
+    solver: str = typer.Option("dopri5"), steps: int = typer.Option(16, help="Fixed steps per block."),
+    seed: int = typer.Option(0), device: str = typer.Option("cpu"),
+) -> None:
+    """Draw samples (in the data's units) and save them as .npy."""
+    import io as _io
+
+    import numpy as np
+
+    from .io import atomic_write_bytes
+    from .report import sample_run
+
+    if out.suffix != ".npy":
+        fail("--out", "must end in .npy", str(out))
+    if n < 1:
+        fail("--n", "must be a positive integer", n)
+    buf = _io.BytesIO()
+    np.save(buf, sample_run(run, n, seed=seed, solver=solver, steps=steps, device=device))
+    atomic_write_bytes(out, buf.getvalue())
+
+
+@app.command(name="eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="Run folder."),
+    data: Optional[str] = typer.Option(None, help="Evaluate on another data set of the same dimension."),
+    n: int = typer.Option(2000, help="Test points (and samples)."),
+    solver: str = typer.Option("dopri5"), steps: int = typer.Option(16),
+    atol: float = typer.Option(1e-5), rtol: float = typer.Option(1e-5),
+    divergence: str = typer.Option("auto", help="auto, exact or hutchinson."),
+    probes: int = typer.Option(1, help="Hutchinson probes."),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Test NLL (nats), entropy floor, W2, MMD, W2 by NFE and per-block figures."""
+    from .report import eval_run
+
+    m = eval_run(run, data=data, n=n, device=device, solver=solver, steps=steps, atol=atol, rtol=rtol,
+                 divergence=divergence, probes=probes)
+    if as_json:
+        print(json.dumps(m))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{run}")
+    t.add_column("metric")
+    t.add_column("value")
+    for k, v in m.items():
+        if k != "per_block":
+            t.add_row(k, f"{v:.5g}" if isinstance(v, float) else str(v))
+    Console().print(t)
+
+
+@app.command()
+def plot(
+    run: Path = typer.Argument(..., help="Run folder."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the PNGs (default RUN/plots)."),
+    n: int = typer.Option(5000), device: str = typer.Option("cpu"),
+) -> None:
+    """Plots: samples vs data, model density, trajectories, particles after each block, curves."""
+    from .report import plot_run
+
+    for p in plot_run(run, out, n=n, device=device):
+        print(p)
+
+
+@app.command()
+def info(run: Path = typer.Argument(..., help="Run folder.")) -> None:
+    """Print a run's config, data, blocks and training history."""
+    from .io import load_json
+    from .train import RunDir, load_run
+
+    load_run(run)  # validates the folder
+    rd = RunDir(run)
+    print(json.dumps({"config": load_json(rd.config), "meta": load_json(rd.meta)}, indent=2))
+
+
+@app.command()
+def methods() -> None:
+    """List training methods and their options (pass them with -o KEY=VALUE)."""
+    import dataclasses
+
+    from .methods import METHODS
+
+    for name in METHODS:
+        cls = METHODS[name]
+        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls.Options):
+            print(f"    {f.name} = {f.default!r}")
+
+
+@app.command()
+def datasets() -> None:
+    """List built-in data sets."""
+    from .data import DATASETS
+
+    for name in DATASETS:
+        print(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and map errors to exit codes (usage errors exit 2 via typer)."""
+    try:
+        app(args=argv, prog_name="iterflow", standalone_mode=True)
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except InputError as e:
+        print(f"iterflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return _interrupted()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        print("iterflow: internal error; please report it with the command you ran", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _interrupted() -> int:
+    print("iterflow: interrupted; run the same command again to resume from the last checkpoint",
+          file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Run-folder I/O: atomic writes, JSON metadata, safetensors weights. Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import fail
+
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_json(path: str | Path, argument: str = "run") -> Any:
+    path = Path(path)
+    if not path.exists():
+        fail(argument, "must contain the file " + path.name, str(path))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(argument, f"{path.name} must be valid JSON ({e.msg if hasattr(e, 'msg') else e})", str(path))
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Save tensors with safetensors, atomically."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(flat, metadata=dict(metadata or {})))
+
+
+def load_tensors(path: str | Path, argument: str = "run", device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Load a safetensors file (no code execution); corrupt or missing files raise InputError."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.exists():
+        fail(argument, "must contain the file " + path.name, str(path))
+    data = path.read_bytes()
+    if not data:
+        fail(argument, f"{path.name} must not be empty", str(path))
+    try:
+        out = load(data)
+    except Exception as e:  # safetensors raises its own error types on corrupt headers
+        fail(argument, f"{path.name} must be a valid safetensors file ({type(e).__name__}: {e})", str(path))
+    return {k: v.to(device) for k, v in out.items()}

@@ -1,0 +1,116 @@
+"""Run-level reports shared by the CLI: evaluation JSON, samples and plots of a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import get_dataset
+from .errors import fail
+from .evaluate import evaluate
+from .flow import Flow
+from .train import RunDir, TrainConfig, load_run
+
+
+def test_split(cfg: TrainConfig, data: str | None = None) -> tuple[torch.Tensor, float | None, Any]:
+    """Held-out data of the run (or of another data set ``data``) and its entropy when known."""
+    ds = get_dataset(data or cfg.data, img2d_dir=cfg.img2d_dir)
+    splits = ds.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+    entropy = ds.entropy() if ds.log_prob(splits.test[:1]) is not None else None
+    return splits.test, entropy, ds
+
+
+def eval_run(run: str | Path, *, data: str | None = None, n: int = 2000, device: str = "cpu",
+             **kwargs: Any) -> dict[str, Any]:
+    """Evaluate a run folder on its test split (or on ``data``); per-block history included."""
+    flow, cfg, meta = load_run(run, device=device)
+    test, entropy, ds = test_split(cfg, data)
+    if tuple(test.shape[1:]) != flow.event_shape:
+        fail("--data", f"must have samples of shape {flow.event_shape} like the run's data", tuple(test.shape[1:]))
+    out = evaluate(flow, test, entropy=entropy, n=n, seed=cfg.seed, **kwargs)
+    out["data"] = data or cfg.data
+    out["method"] = cfg.method
+    out["train_seconds"] = meta.get("train_seconds")
+    out["per_block"] = [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in meta["history"]]
+    return out
+
+
+@torch.no_grad()
+def sample_run(run: str | Path, n: int, *, seed: int = 0, solver: str = "dopri5", steps: int = 16,
+               device: str = "cpu") -> np.ndarray:
+    flow, _, _ = load_run(run, device=device)
+    gen = torch.Generator(device=flow.shift.device).manual_seed(seed)
+    return flow.sample(n, generator=gen, solver=solver, steps=steps).cpu().numpy()
+
+
+def _read_log(run: RunDir) -> list[dict[str, Any]]:
+    if not run.log.exists():
+        return []
+    rows = []
+    for line in run.log.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_run(run: str | Path, out: str | Path | None = None, *, n: int = 5000, seed: int = 0,
+             device: str = "cpu") -> list[Path]:
+    """Write the standard plots of a run: samples vs data, density, trajectories, per-block figures."""
+    from . import viz
+
+    flow, cfg, meta = load_run(run, device=device)
+    rd = RunDir(run)
+    out_dir = Path(out) if out is not None else rd.path / "plots"
+    test, _, ds = test_split(cfg)
+    data = test[:n]
+    gen = torch.Generator(device=flow.shift.device).manual_seed(seed)
+    paths: list[Path] = []
+    with torch.no_grad():
+        samples = flow.sample(len(data), generator=gen, solver="rk4", steps=32).cpu()
+    if len(flow.event_shape) == 1 and flow.dim >= 2:
+        shown = "" if flow.dim == 2 else " (first two coordinates)"
+        lo = torch.quantile(data[:, :2].float(), 0.001, dim=0).min().item()
+        hi = torch.quantile(data[:, :2].float(), 0.999, dim=0).max().item()
+        pad = 0.1 * (hi - lo)
+        bounds = (lo - pad, hi + pad, lo - pad, hi + pad)
+        paths.append(viz.plot_samples(data[:, :2], samples[:, :2], out_dir / "samples.png",
+                                      title=f"{cfg.method} on {cfg.data}{shown}", bounds=bounds))
+        if flow.dim == 2:
+            def model_lp(x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return flow.log_prob(x.to(flow.shift), solver="rk4", steps=32).cpu()
+
+            true_lp = None
+            if ds.log_prob(data[:1]) is not None:
+                true_lp = ds.log_prob
+            paths.append(viz.plot_density(model_lp, out_dir / "density.png", bounds=bounds, resolution=120,
+                                          title="model density", true_log_prob_fn=true_lp))
+        with torch.no_grad():
+            z = torch.randn((600, *flow.event_shape), generator=gen, device=flow.shift.device)
+            traj = flow.trajectory(z, direction="decode", solver="rk4", steps=16).cpu()
+        paths.append(viz.plot_trajectories(traj[..., :2], out_dir / "trajectories.png", n_show=300,
+                                           title="noise -> data trajectories"))
+        if flow.num_blocks > 1:
+            with torch.no_grad():
+                parts = flow.encode_by_block(data[:3000].to(flow.shift), solver="rk4", steps=16)
+            paths.append(viz.plot_blocks([p[:, :2].cpu() for p in parts], out_dir / "blocks.png",
+                                         titles=["data"] + [f"after block {i + 1}" for i in range(flow.num_blocks)]))
+    series: dict[str, list[float]] = {}
+    rows = _read_log(rd)
+    if rows:
+        series["training loss"] = [r["loss"] for r in rows]
+    if len(meta["history"]) > 1:
+        series["movement per block"] = [r["movement"] for r in meta["history"]]
+        for key in ("kl_proxy", "mmd_to_normal", "kl_to_normal"):
+            if all(key in r for r in meta["history"]):
+                series[f"{key} per block"] = [r[key] for r in meta["history"]]
+    if series:
+        paths.append(viz.plot_curves(series, out_dir / "training.png", xlabel="log step / block",
+                                     logy=False))
+    return paths

@@ -1,0 +1,579 @@
+"""The one trainer: progressive (block after block) or end to end (one stage), with EMA, atomic
+checkpoints, resumption and logs.
+
+For stage ``k`` the trainer
+
+1. builds the stage's blocks (warm-started from the previous block when the method trains one block
+   per stage), seeded from ``(seed, k)`` so that a resumed run rebuilds the same chain;
+2. optimises ``method.loss`` on minibatches of the particles that stages ``< k`` pushed (cached on disk,
+   earlier blocks are never re-run), keeping an exponential moving average of the weights;
+3. pushes the training and validation particles through the EMA blocks, logs the movement
+   ``E|x_after - x_before|^2``, the time and the function evaluations, and
+4. writes the blocks, the pushed particles and ``meta.json`` atomically (``meta.json`` last: it is the
+   commit record). Every ``checkpoint_every`` steps inside a stage it also saves the optimiser, EMA and
+   random-generator states, so that ``kill -9`` loses at most that many steps.
+
+Run-folder layout: ``config.json``, ``meta.json``, ``blocks/block_XXX.safetensors``,
+``normalization.safetensors``, ``particles.safetensors`` (cache), ``progress.*`` (inside a stage),
+``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .data import Splits, get_dataset
+from .errors import InputError, check_positive, fail
+from .flow import Block, Flow
+from .io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
+from .methods import METHODS, Method, parse_options
+from .nn import build_network
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json`` in the run folder).
+
+    Attributes:
+        method: name in :data:`iterflow.methods.METHODS` (``fm``, ``cnf``, ``jko``, ``local-fm``, ...).
+        data: data set name or file path (see :func:`iterflow.data.get_dataset`).
+        blocks: number of blocks in the chain.
+        steps: optimiser steps per stage (per block for progressive methods).
+        batch_size, lr, weight_decay, grad_clip: optimisation (Adam/AdamW).
+        lr_schedule: ``cosine`` (with linear warm-up, down to 5% of ``lr``) or ``constant``.
+        ema: decay of the weights' exponential moving average (0 disables it).
+        network: ``mlp`` (more network kinds may be registered in :data:`iterflow.nn.NETWORKS`).
+        hidden, activation, time_freqs, zero_init: MLP architecture (per block).
+        warm_start: initialise block ``n`` from block ``n - 1`` (progressive methods).
+        n_train, n_val, n_test: sizes of the splits (caps for file-backed data sets).
+        standardize: record a per-dimension affine normalisation of the training data.
+        seed: seeds data splits, initialisation and every random draw of training.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; dtype: ``float32`` or ``float64``.
+        checkpoint_every: steps between in-stage checkpoints; log_every: steps between log lines.
+        options: method-specific options (see each method's ``Options``), e.g. ``{"gamma": 0.5}``.
+        img2d_dir: folder of the image-defined 2-D densities (``rose``, ``tree``).
+    """
+
+    method: str = "fm"
+    data: str = "checkerboard"
+    blocks: int = 1
+    steps: int = 3000
+    batch_size: int = 1024
+    lr: float = 2e-3
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    network: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256, 256)
+    activation: str = "silu"
+    time_freqs: int = 0
+    zero_init: bool = False
+    warm_start: bool = True
+    n_train: int = 200_000
+    n_val: int = 2_000
+    n_test: int = 5_000
+    standardize: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    checkpoint_every: int = 500
+    log_every: int = 50
+    options: dict[str, Any] = field(default_factory=dict)
+    img2d_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("blocks", "steps", "batch_size", "n_train", "n_val", "n_test", "checkpoint_every", "log_every"):
+            check_positive(getattr(self, name), f"--{name.replace('_', '-')}", integer=True)
+        check_positive(self.lr, "--lr")
+        check_positive(self.weight_decay, "--weight-decay", allow_zero=True)
+        check_positive(self.grad_clip, "--grad-clip", allow_zero=True)
+        if not 0.0 <= self.ema < 1.0:
+            fail("--ema", "must be in [0, 1)", self.ema)
+        if self.lr_schedule not in ("cosine", "constant"):
+            fail("--lr-schedule", "must be 'cosine' or 'constant'", self.lr_schedule)
+        if self.dtype not in DTYPES:
+            fail("--dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            fail("--seed", "must be a non-negative integer", self.seed)
+        METHODS.get(self.method, "--method")
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            fail("config.json", f"keys must be among {sorted(known)}", unknown)
+        d = dict(d)
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; validates explicit names."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        fail("--device", "must be 'cpu', 'cuda', 'cuda:N' or 'auto'", name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail("--device", "asks for CUDA but no CUDA device is available here", name)
+    return dev
+
+
+class Reporter(Protocol):
+    """Receives progress; the CLI shows it with rich, the library default is silent."""
+
+    def stage_start(self, index: int, n_stages: int, total_steps: int, done_steps: int) -> None: ...
+    def step(self, step: int, terms: dict[str, float]) -> None: ...
+    def stage_end(self, record: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    def stage_start(self, index: int, n_stages: int, total_steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, step: int, terms: dict[str, float]) -> None:
+        pass
+
+    def stage_end(self, record: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    flow: Flow
+    history: list[dict[str, Any]]
+    run_dir: Path
+    splits: Splits
+
+
+def _config_hash(cfg: TrainConfig) -> str:
+    keep = cfg.to_json()
+    for k in ("checkpoint_every", "log_every", "device"):
+        keep.pop(k)  # may change on resume without changing the result
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_seed(seed: int, index: int, salt: int = 0) -> int:
+    """Independent, reproducible seed per (run seed, stage, purpose)."""
+    h = hashlib.sha256(f"{seed}/{index}/{salt}".encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+def standardization(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and standard deviation of ``x`` ``(n, *E)`` (std floored at 1e-6)."""
+    return x.mean(0), x.std(0).clamp_min(1e-6)
+
+
+def build_velocity(cfg: TrainConfig, event_shape: tuple[int, ...], seed: int) -> torch.nn.Module:
+    """A fresh velocity network for one block, initialised from ``seed`` without touching global RNGs."""
+    net_cfg = network_config(cfg, event_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(net_cfg)
+
+
+def network_config(cfg: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, Any]:
+    if cfg.network == "mlp":
+        if len(event_shape) != 1:
+            fail("--network", "mlp needs vector data of shape (n, d); use an image network for images",
+                 event_shape)
+        return {"kind": "mlp", "dim": event_shape[0], "hidden": list(cfg.hidden),
+                "activation": cfg.activation, "time_freqs": cfg.time_freqs, "zero_init": cfg.zero_init}
+    return {"kind": cfg.network, "event_shape": list(event_shape)}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate at ``step`` (0-based) of a stage."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    warm = min(100, cfg.steps // 10)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folder
+# ------------------------------------------------------------------------------------------------
+
+
+class RunDir:
+    """Paths and atomic reads/writes of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.json")
+    meta = property(lambda self: self.path / "meta.json")
+    normalization = property(lambda self: self.path / "normalization.safetensors")
+    particles = property(lambda self: self.path / "particles.safetensors")
+    progress = property(lambda self: self.path / "progress.safetensors")
+    progress_meta = property(lambda self: self.path / "progress.json")
+    log = property(lambda self: self.path / "log.jsonl")
+
+    def block(self, i: int) -> Path:
+        return self.path / "blocks" / f"block_{i:03d}.safetensors"
+
+    def append_log(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with open(self.log, "a") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r) + "\n")
+
+    def trim_log(self, stage: int, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from."""
+        if not self.log.exists():
+            return
+        keep = []
+        for line in self.log.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("stage", -1) < stage or (r.get("stage") == stage and r.get("step", 0) <= step):
+                keep.append(line)
+        self.log.write_text("".join(k + "\n" for k in keep))
+
+
+def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """Create the folder, or return the existing meta when resuming the same config."""
+    if run.config.exists():
+        old = load_json(run.config, "--out")
+        try:
+            old_cfg = TrainConfig.from_json(old)
+        except (TypeError, InputError) as e:
+            fail("--out", f"holds a config.json this version cannot read ({e})", str(run.path))
+        if _config_hash(old_cfg) != _config_hash(cfg):
+            diff = {k: (old.get(k), v) for k, v in cfg.to_json().items() if old.get(k) != v
+                    and k not in ("checkpoint_every", "log_every", "device")}
+            fail("--out", f"already holds a run with another config {diff}; use a new folder", str(run.path))
+        if not resume:
+            fail("--out", "already holds a run; resume it or choose a new folder", str(run.path))
+        return load_json(run.meta, "--out") if run.meta.exists() else None
+    if run.path.exists() and any(run.path.iterdir()):
+        fail("--out", "must be a new or empty folder, or a run folder to resume", str(run.path))
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_json(run.config, cfg.to_json())
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = True,
+    reporter: Reporter | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train ``cfg.method`` into the run folder ``out`` (resuming it when it holds the same config).
+
+    Arguments:
+        cfg: the run's configuration.
+        out: run folder.
+        resume: continue an interrupted run with the same config (otherwise such a folder is an error).
+        reporter: progress sink (default: silent).
+        stop_after_steps: testing aid: raise ``KeyboardInterrupt`` after this many optimiser steps in
+            this call (simulates an interruption after the last checkpoint).
+
+    Returns:
+        :class:`TrainResult` with the trained flow (data units) and the per-stage history.
+    """
+    reporter = reporter or SilentReporter()
+    method_cls = METHODS.get(cfg.method, "--method")
+    options = parse_options(method_cls, cfg.options)
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    dataset = get_dataset(cfg.data, img2d_dir=cfg.img2d_dir)
+    splits = dataset.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+    train_x = splits.train.to(device=device, dtype=dtype)
+    val_x = splits.val.to(device=device, dtype=dtype)
+    event_shape = tuple(train_x.shape[1:])
+    method = method_cls(options, event_shape=event_shape, num_blocks=cfg.blocks)
+
+    run = RunDir(out)
+    meta = _prepare_run_dir(run, cfg, resume)
+    if cfg.standardize:
+        shift, scale = standardization(train_x)
+    else:
+        shift, scale = torch.zeros(event_shape), torch.ones(event_shape)
+    save_tensors(run.normalization, {"shift": shift, "scale": scale})
+    norm = Flow([], event_shape, shift=shift.cpu(), scale=scale.cpu()).to(device=device, dtype=dtype)
+    if meta is None:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "iterflow_version": __version__,
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "config_hash": _config_hash(cfg),
+            "data": dataset.describe(),
+            "event_shape": list(event_shape),
+            "networks": [],
+            "stages_done": 0,
+            "history": [],
+            "train_seconds": 0.0,
+        }
+    stages = method.stages()
+    blocks: list[Block] = []
+    for i, net_cfg in enumerate(meta["networks"]):
+        b = Block(build_network(net_cfg)).to(device=device, dtype=dtype)
+        b.load_state_dict(load_tensors(run.block(i), "--out", device))
+        blocks.append(b)
+    done = meta["stages_done"]
+    if done > 0:
+        cache = load_tensors(run.particles, "--out", device)
+        cur_train, cur_val = cache["train"].to(dtype), cache["val"].to(dtype)
+    else:
+        cur_train, cur_val = norm.normalize(train_x), norm.normalize(val_x)
+    steps_budget = [stop_after_steps]
+    for k in range(done, len(stages)):
+        if meta["history"] and method.should_stop(meta["history"]):
+            break
+        t_stage = time.perf_counter()
+        stage_blocks = _make_stage_blocks(cfg, stages[k], blocks, k, event_shape, device, dtype)
+        stage = Flow(stage_blocks, event_shape).to(device=device, dtype=dtype)
+        last = k == len(stages) - 1
+        record = _optimize_stage(cfg, method, stage, cur_train, k, len(stages), run, reporter, steps_budget)
+        stage.eval()
+        with stage.count_nfe() as c_val:
+            new_val = method.push(stage, cur_val)
+        new_train = None if last else method.push(stage, cur_train)
+        record.update({
+            "stage": k,
+            "blocks": stages[k],
+            "movement": float((new_val - cur_val).pow(2).flatten(1).sum(1).mean()),
+            "push_nfe": c_val.nfe,
+            **method.stage_report(stage, cur_val, new_val, k),
+        })
+        record["seconds"] = record["seconds_optimize"] + (time.perf_counter() - t_stage - record["seconds_optimize"])
+        # Commit: blocks, particles, then meta.json (the record that makes them count).
+        for j, b in zip(stages[k], stage_blocks):
+            save_tensors(run.block(j), b.state_dict())
+        save_tensors(run.particles, {"train": (new_train if new_train is not None else cur_train[:0]),
+                                     "val": new_val})
+        blocks.extend(stage_blocks)
+        meta["networks"].extend(_block_network_config(b) for b in stage_blocks)
+        meta["stages_done"] = k + 1
+        meta["history"].append(record)
+        meta["train_seconds"] = float(meta["train_seconds"]) + record["seconds"]
+        save_json(run.meta, meta)
+        for p in (run.progress, run.progress_meta):
+            p.unlink(missing_ok=True)
+        reporter.stage_end(record)
+        cur_val = new_val
+        cur_train = new_train if new_train is not None else cur_train
+    flow = Flow(blocks, event_shape, shift=shift.cpu(), scale=scale.cpu()).to(device=device, dtype=dtype)
+    flow.eval()
+    return TrainResult(flow=flow, history=meta["history"], run_dir=run.path, splits=splits)
+
+
+def _block_network_config(b: Block) -> dict[str, Any]:
+    cfg = getattr(b.velocity, "config", None)
+    if cfg is None:
+        raise TypeError(f"velocity network {type(b.velocity).__name__} must define config()")
+    return cfg()
+
+
+def _make_stage_blocks(
+    cfg: TrainConfig,
+    indices: list[int],
+    previous: list[Block],
+    k: int,
+    event_shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[Block]:
+    out = []
+    for j in indices:
+        net = build_velocity(cfg, event_shape, stage_seed(cfg.seed, j, salt=1))
+        if cfg.warm_start and previous and len(indices) == 1:
+            try:
+                net.load_state_dict(previous[-1].velocity.state_dict())
+            except RuntimeError:
+                pass  # architectures differ (e.g. a custom last block): keep the fresh init
+        out.append(Block(net).to(device=device, dtype=dtype))
+    return out
+
+
+def _optimize_stage(
+    cfg: TrainConfig,
+    method: Method,
+    stage: Flow,
+    particles: Tensor,
+    k: int,
+    n_stages: int,
+    run: RunDir,
+    reporter: Reporter,
+    budget: list[int | None],
+) -> dict[str, Any]:
+    """Optimise one stage in place (its parameters end as their EMA) and return its record."""
+    device = particles.device
+    gen = torch.Generator(device=device).manual_seed(stage_seed(cfg.seed, k, salt=2))
+    data = method.stage_data(stage, particles, k, gen)
+    n = data[0].shape[0]
+    params = [p for p in stage.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
+    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else None
+    start = 0
+    seconds = 0.0
+    if run.progress_meta.exists():
+        start, seconds = _load_progress(run, k, params, ema, opt, gen, cfg)
+        run.trim_log(k, start)
+    reporter.stage_start(k, n_stages, cfg.steps, start)
+    stage.train()
+    log_rows: list[dict[str, Any]] = []
+    acc: dict[str, float] = {}
+    acc_n = 0
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        if budget[0] is not None:
+            if budget[0] <= 0:
+                raise KeyboardInterrupt("stop_after_steps reached")
+            budget[0] -= 1
+        lr = lr_at(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen, device=device)
+        batch = tuple(t[idx] for t in data)
+        loss = method.loss(stage, batch, k, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.value.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            terms = {name: float(v) for name, v in loss.terms.items()}
+            terms["loss"] = float(loss.value.detach())
+            if not math.isfinite(terms["loss"]):
+                raise FloatingPointError(
+                    f"loss became {terms['loss']} at stage {k} step {step + 1}; lower --lr or check the data")
+            log_rows.append({"stage": k, "step": step + 1, "lr": lr, **terms})
+            for name, v in terms.items():
+                acc[name] = acc.get(name, 0.0) + v
+            acc_n += 1
+            reporter.step(step + 1, terms)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            run.append_log(log_rows)
+            log_rows = []
+            _save_progress(run, k, step + 1, params, ema, opt, gen, seconds + time.perf_counter() - t0)
+    run.append_log(log_rows)
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    last_terms = {f"final_{k_}": v for k_, v in (log_rows[-1].items() if log_rows else [])
+                  if k_ not in ("stage", "step", "lr")}
+    return {"steps": cfg.steps, "seconds_optimize": seconds + time.perf_counter() - t0,
+            **{f"mean_{k_}": v / max(acc_n, 1) for k_, v in acc.items()}, **last_terms}
+
+
+def _save_progress(run: RunDir, k: int, step: int, params: list[Tensor], ema: list[Tensor] | None,
+                   opt: torch.optim.Optimizer, gen: torch.Generator, seconds: float) -> None:
+    tensors: dict[str, Tensor] = {f"param.{i}": p for i, p in enumerate(params)}
+    if ema is not None:
+        tensors.update({f"ema.{i}": e for i, e in enumerate(ema)})
+    state = opt.state_dict()
+    for pi, st in state["state"].items():
+        for key, v in st.items():
+            tensors[f"opt.{pi}.{key}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+    tensors["generator"] = gen.get_state()
+    save_tensors(run.progress, tensors)
+    save_json(run.progress_meta, {"stage": k, "step": step, "seconds": seconds,
+                                  "param_groups": state["param_groups"]})
+
+
+def _load_progress(run: RunDir, k: int, params: list[Tensor], ema: list[Tensor] | None,
+                   opt: torch.optim.Optimizer, gen: torch.Generator, cfg: TrainConfig) -> tuple[int, float]:
+    pm = load_json(run.progress_meta, "--out")
+    if pm.get("stage") != k:
+        return 0, 0.0
+    t = load_tensors(run.progress, "--out", params[0].device if params else "cpu")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            if t[f"param.{i}"].shape != p.shape:
+                fail("--out", "progress.safetensors must match the stage's parameters", str(run.path))
+            p.copy_(t[f"param.{i}"])
+        if ema is not None:
+            for i, e in enumerate(ema):
+                e.copy_(t[f"ema.{i}"])
+    state: dict[str, Any] = {"state": {}, "param_groups": pm["param_groups"]}
+    for key, v in t.items():
+        if key.startswith("opt."):
+            _, pi, name = key.split(".", 2)
+            state["state"].setdefault(int(pi), {})[name] = v
+    opt.load_state_dict(state)
+    gen.set_state(t["generator"].cpu())
+    return int(pm["step"]), float(pm.get("seconds", 0.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def load_run(path: str | Path, *, device: str = "cpu") -> tuple[Flow, TrainConfig, dict[str, Any]]:
+    """Load a run folder: ``(flow, config, meta)``. Never unpickles; mismatches raise InputError."""
+    run = RunDir(path)
+    if not run.path.is_dir():
+        fail("run", "must be an existing run folder", str(path))
+    cfg = TrainConfig.from_json(load_json(run.config, "run"))
+    meta = load_json(run.meta, "run")
+    if not isinstance(meta, dict) or "networks" not in meta or "event_shape" not in meta:
+        fail("run", "meta.json must hold 'networks' and 'event_shape'", str(run.meta))
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        fail("run", f"was written by a newer iterflow (format {meta.get('format_version')}); upgrade", str(path))
+    if not meta["networks"]:
+        fail("run", "must hold at least one trained block (is training still running?)", str(path))
+    dev = resolve_device(device)
+    dtype = DTYPES[cfg.dtype]
+    blocks = []
+    for i, net_cfg in enumerate(meta["networks"]):
+        b = Block(build_network(net_cfg))
+        state = load_tensors(run.block(i), "run")
+        try:
+            b.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            fail("run", f"{run.block(i).name} must match the network recorded in meta.json ({first})", str(path))
+        blocks.append(b)
+    norm = load_tensors(run.normalization, "run")
+    shape = tuple(meta["event_shape"])
+    if "shift" not in norm or "scale" not in norm or tuple(norm["shift"].shape) != shape:
+        fail("run", f"normalization.safetensors must hold shift/scale of shape {shape}", str(path))
+    flow = Flow(blocks, shape, shift=norm["shift"], scale=norm["scale"]).to(device=dev, dtype=dtype)
+    flow.eval()
+    return flow, cfg, meta
