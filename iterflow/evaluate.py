@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .errors import check_positive, fail
+from .errors import Registry, check_positive, fail
 from .flow import Flow
 from .ode import SolverSpec
 
 W2_NFES = (1, 2, 4, 8, 32)
+
+# Extra figures added to every evaluation: name -> fn(flow, test_x, seed) -> dict merged into the JSON.
+# Features register here (e.g. straightness and transport cost), so ``eval --json`` grows by keys.
+EVAL_EXTRAS: Registry[Callable[[Flow, Tensor, int], dict[str, Any]]] = Registry("eval extra")
 
 
 def nll(flow: Flow, x: Tensor, *, spec: SolverSpec, divergence: str = "auto", probes: int = 1,
@@ -103,4 +108,10 @@ def evaluate(
         s_k, used = samples_at_nfe(flow, x.shape[0], k, seed + 2)
         by_nfe[str(used)] = w2(s_k.flatten(1).cpu(), xf, seed=seed)
     out["w2_by_nfe"] = by_nfe
+    import iterflow.methods  # noqa: F401  (methods register their extras on import)
+
+    for name in EVAL_EXTRAS:
+        t0 = time.perf_counter()
+        out.update(EVAL_EXTRAS[name](flow, x, seed))
+        out[f"seconds_{name}"] = time.perf_counter() - t0
     return out
