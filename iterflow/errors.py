@@ -59,6 +59,9 @@ class Registry(Generic[T], Mapping[str, T]):
     def __getitem__(self, name: str) -> T:
         return self.get(name)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
 
