@@ -79,6 +79,17 @@ def _parse_options(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _parse_net_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are parsed as JSON when possible (numbers, lists), else kept as text."""
+    out: dict[str, Any] = {}
+    for k, v in _parse_options(items).items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def _parse_hidden(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in text.split(",") if v.strip())
@@ -107,7 +118,9 @@ def train(
     grad_clip: float = typer.Option(1.0, help="Gradient-norm clip (0 disables)."),
     warm_start: bool = typer.Option(True, help="Initialise block n from block n-1."),
     n_train: int = typer.Option(200_000), n_val: int = typer.Option(2_000), n_test: int = typer.Option(5_000),
-    standardize: bool = typer.Option(True, help="Record a per-dimension affine normalisation."),
+    standardize: str = typer.Option("auto", help="Normalisation: auto, dim, scalar or none."),
+    network: str = typer.Option("mlp", help="Velocity network kind (mlp; unet for images)."),
+    net_option: list[str] = typer.Option([], "--net-option", help="Network option KEY=VALUE (repeatable)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("float32", help="float32 or float64."),
@@ -129,6 +142,7 @@ def train(
         hidden=_parse_hidden(hidden), activation=activation, time_freqs=time_freqs, warm_start=warm_start,
         n_train=n_train, n_val=n_val, n_test=n_test, standardize=standardize, seed=seed, device=device,
         dtype=dtype, checkpoint_every=checkpoint_every, options=_parse_options(option), img2d_dir=img2d_dir,
+        network=network, net_options=_parse_net_options(net_option),
     )
     console = _console(quiet)
     t0 = time.perf_counter()

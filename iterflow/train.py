@@ -60,7 +60,10 @@ class TrainConfig:
         hidden, activation, time_freqs, zero_init: MLP architecture (per block).
         warm_start: initialise block ``n`` from block ``n - 1`` (progressive methods).
         n_train, n_val, n_test: sizes of the splits (caps for file-backed data sets).
-        standardize: record a per-dimension affine normalisation of the training data.
+        standardize: affine normalisation recorded from the training data: ``dim`` (per-dimension mean
+            and standard deviation), ``scalar`` (one mean and standard deviation for all entries),
+            ``none``, or ``auto`` (``dim`` for vectors, ``scalar`` for images and other tensors).
+        net_options: extra keyword arguments of non-MLP networks (e.g. U-Net widths).
         seed: seeds data splits, initialisation and every random draw of training.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; dtype: ``float32`` or ``float64``.
         checkpoint_every: steps between in-stage checkpoints; log_every: steps between log lines.
@@ -87,13 +90,14 @@ class TrainConfig:
     n_train: int = 200_000
     n_val: int = 2_000
     n_test: int = 5_000
-    standardize: bool = True
+    standardize: str = "auto"
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     checkpoint_every: int = 500
     log_every: int = 50
     options: dict[str, Any] = field(default_factory=dict)
+    net_options: dict[str, Any] = field(default_factory=dict)
     img2d_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -111,6 +115,10 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             fail("--seed", "must be a non-negative integer", self.seed)
         METHODS.get(self.method, "--method")
+        if isinstance(self.standardize, bool):  # older configs: True/False
+            object.__setattr__(self, "standardize", "auto" if self.standardize else "none")
+        if self.standardize not in ("auto", "dim", "scalar", "none"):
+            fail("--standardize", "must be 'auto', 'dim', 'scalar' or 'none'", self.standardize)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -184,8 +192,21 @@ def stage_seed(seed: int, index: int, salt: int = 0) -> int:
     return int.from_bytes(h[:7], "little")
 
 
-def standardization(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-dimension mean and standard deviation of ``x`` ``(n, *E)`` (std floored at 1e-6)."""
+def standardization(x: Tensor, mode: str = "auto") -> tuple[Tensor, Tensor]:
+    """Shift and scale of the normalisation ``u = (x - shift) / scale`` for data ``x`` ``(n, *E)``.
+
+    ``dim``: per-entry mean and standard deviation; ``scalar``: one mean and standard deviation over
+    all entries (broadcast to ``E``); ``none``: identity; ``auto``: ``dim`` for vectors, ``scalar`` for
+    higher-order tensors (images). Standard deviations are floored at 1e-6.
+    """
+    event = tuple(x.shape[1:])
+    if mode == "auto":
+        mode = "dim" if len(event) == 1 else "scalar"
+    if mode == "none":
+        return torch.zeros(event, dtype=x.dtype), torch.ones(event, dtype=x.dtype)
+    if mode == "scalar":
+        m, s = x.mean(), x.std().clamp_min(1e-6)
+        return torch.full(event, float(m), dtype=x.dtype), torch.full(event, float(s), dtype=x.dtype)
     return x.mean(0), x.std(0).clamp_min(1e-6)
 
 
@@ -202,9 +223,11 @@ def network_config(cfg: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, 
         if len(event_shape) != 1:
             fail("--network", "mlp needs vector data of shape (n, d); use an image network for images",
                  event_shape)
+        if cfg.net_options:
+            fail("--net-option", "is only for non-MLP networks (use --hidden etc. for the MLP)", cfg.net_options)
         return {"kind": "mlp", "dim": event_shape[0], "hidden": list(cfg.hidden),
                 "activation": cfg.activation, "time_freqs": cfg.time_freqs, "zero_init": cfg.zero_init}
-    return {"kind": cfg.network, "event_shape": list(event_shape)}
+    return {"kind": cfg.network, "event_shape": list(event_shape), **cfg.net_options}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -322,10 +345,7 @@ def train(
 
     run = RunDir(out)
     meta = _prepare_run_dir(run, cfg, resume)
-    if cfg.standardize:
-        shift, scale = standardization(train_x)
-    else:
-        shift, scale = torch.zeros(event_shape), torch.ones(event_shape)
+    shift, scale = (t.cpu() for t in standardization(train_x, cfg.standardize))
     save_tensors(run.normalization, {"shift": shift, "scale": scale})
     norm = Flow([], event_shape, shift=shift.cpu(), scale=scale.cpu()).to(device=device, dtype=dtype)
     if meta is None:
