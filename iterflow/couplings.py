@@ -57,7 +57,7 @@ def sinkhorn_pairing(
     cost = _cost(x0, x1)
     n = cost.shape[0]
     w = np.full(n, 1.0 / n)
-    plan = ot.sinkhorn(w, w, cost / cost.mean(), reg, numItermax=200)
+    plan = ot.sinkhorn(w, w, cost / cost.mean(), reg, numItermax=500, warn=False)
     p = torch.as_tensor(plan, dtype=torch.float64)
     p = p / p.sum(1, keepdim=True).clamp_min(1e-300)
     idx = torch.multinomial(p, 1, generator=generator).squeeze(1)

@@ -1,0 +1,115 @@
+"""The CLI contract: an end-to-end run, JSON keys, and exit status 2 with one line for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iterflow.cli import main
+
+TINY = ["--steps", "40", "--batch-size", "128", "--hidden", "32,32", "--n-train", "2000", "--n-val", "200",
+        "--n-test", "300", "--quiet"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "iterflow.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    p = run_cli("train", "--method", "fm", "--data", "8gaussians", "--seed", "3", "--out", str(out),
+                "--eval-n", "200", *TINY)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def test_train_writes_a_complete_run_folder(run_dir: Path) -> None:
+    for name in ("config.json", "meta.json", "log.jsonl", "metrics.json", "samples.npy",
+                 "normalization.safetensors", "blocks/block_000.safetensors", "plots/samples.png",
+                 "plots/density.png", "plots/trajectories.png", "plots/training.png"):
+        assert (run_dir / name).exists(), name
+    assert np.load(run_dir / "samples.npy").shape == (5000, 2)
+
+
+def test_eval_json_keys(run_dir: Path) -> None:
+    p = run_cli("eval", str(run_dir), "--n", "200", "--json")
+    assert p.returncode == 0, p.stderr
+    m = json.loads(p.stdout)
+    for key in ("nll", "entropy", "w2", "mmd", "w2_by_nfe", "inversion_error", "per_block"):
+        assert key in m, key
+    assert sorted(int(k) for k in m["w2_by_nfe"]) == [1, 2, 4, 8, 32]
+    assert m["entropy"] is not None and m["nll"] > m["entropy"] - 0.2  # 8gaussians: exact entropy known
+
+
+def test_sample_info_plot(run_dir: Path, tmp_path: Path) -> None:
+    assert main(["sample", str(run_dir), "--n", "50", "--out", str(tmp_path / "s.npy"), "--solver", "rk4"]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (50, 2)
+    assert main(["info", str(run_dir)]) == 0
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "plots"), "--n", "500"]) == 0
+    assert (tmp_path / "plots" / "density.png").exists()
+
+
+def test_eval_on_another_data_set(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(run_dir), "--data", "checkerboard", "--n", "100", "--json",
+                 "--solver", "rk4", "--steps", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"] == "checkerboard"
+
+
+def bad(args: list[str], capsys: pytest.CaptureFixture, *needles: str) -> None:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_bad_names(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    out = str(tmp_path / "x")
+    bad(["train", "--data", "nosuchdata", "--out", out, *TINY], capsys, "--data", "nosuchdata")
+    bad(["train", "--method", "gan", "--out", out, *TINY], capsys, "--method", "gan")
+    bad(["train", "-o", "interpolant=curvy", "--out", out, *TINY], capsys, "interpolant", "curvy")
+    bad(["train", "-o", "noequals", "--out", out, *TINY], capsys, "--option")
+    bad(["train", "--out", out, *TINY, "--hidden", "a,b"], capsys, "--hidden")
+    bad(["train", "--steps", "0", "--out", out, *TINY[2:]], capsys, "--steps")
+    bad(["train", "--device", "cuda:7", "--out", out, *TINY], capsys, "--device")
+
+
+def test_bad_files(capsys: pytest.CaptureFixture, tmp_path: Path, run_dir: Path) -> None:
+    out = str(tmp_path / "x")
+    nan = tmp_path / "nan.npy"
+    arr = np.random.default_rng(0).normal(size=(100, 2))
+    arr[5, 1] = np.nan
+    np.save(nan, arr)
+    bad(["train", "--data", str(nan), "--out", out, *TINY], capsys, "finite", "nan.npy")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    bad(["train", "--data", str(empty), "--out", out, *TINY], capsys, "empty.csv")
+    bad(["train", "--data", str(tmp_path / "missing.npy"), "--out", out, *TINY], capsys, "missing.npy")
+    bad(["eval", str(tmp_path / "norun")], capsys, "run")
+    bad(["sample", str(run_dir), "--out", str(tmp_path / "s.txt")], capsys, "--out", ".npy")
+    bad(["eval", str(run_dir), "--solver", "rk5"], capsys, "solver", "rk5")
+    bad(["eval", str(run_dir), "--data", "sklearn:wine"], capsys, "--data")
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--no-such-flag"]) == 2
+    assert main(["frobnicate"]) == 2
+
+
+def test_corrupt_checkpoint_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture, run_dir: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "blocks" / "block_000.safetensors").write_bytes(b"garbage" * 10)
+    bad(["eval", str(copy)], capsys, "block_000.safetensors")
