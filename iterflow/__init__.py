@@ -11,11 +11,11 @@ def __getattr__(name: str):  # noqa: ANN202  (lazy: keep `import iterflow` light
         from .estimator import FlowDensity
 
         return FlowDensity
-    if name in ("train", "TrainConfig", "load_run"):
+    if name in ("TrainConfig", "load_run"):
         from . import train as _train
 
         return getattr(_train, name)
     raise AttributeError(name)
 
 
-__all__ = ["Block", "Flow", "FlowDensity", "InputError", "TrainConfig", "__version__", "load_run", "train"]
+__all__ = ["Block", "Flow", "FlowDensity", "InputError", "TrainConfig", "__version__", "load_run"]
