@@ -44,7 +44,7 @@ def run(steps: int, coupling: str, seed: int, n_eval: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--ot", action="store_true", help="also train with the minibatch-OT coupling")

@@ -74,9 +74,9 @@ class TrainConfig:
     method: str = "fm"
     data: str = "checkerboard"
     blocks: int = 1
-    steps: int = 3000
+    steps: int = 6000
     batch_size: int = 1024
-    lr: float = 2e-3
+    lr: float = 4e-3
     lr_schedule: str = "cosine"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -84,7 +84,7 @@ class TrainConfig:
     network: str = "mlp"
     hidden: tuple[int, ...] = (256, 256, 256)
     activation: str = "silu"
-    time_freqs: int = 0
+    time_freqs: int = 4
     zero_init: bool = False
     warm_start: bool = True
     n_train: int = 200_000
