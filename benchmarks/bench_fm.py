@@ -36,14 +36,26 @@ def run(steps: int, coupling: str, seed: int, n_eval: int) -> dict:
 
     ds = get_dataset("checkerboard")
     m = evaluate(res.flow, res.splits.test, entropy=ds.entropy(), n=n_eval, seed=seed)
-    return {"coupling": coupling, "steps": steps, "steps_per_s": steps / opt_s, "train_s": wall,
-            "nll": m["nll"], "nll_stderr": m["nll_stderr"], "entropy": m["entropy"], "gap": m["nll_gap"],
-            "nll_eval_s": m["seconds_nll"], "nfe_nll": m["nfe_nll"], "w2": m["w2"],
-            **{f"w2@{k}": v for k, v in m["w2_by_nfe"].items()}}
+    return {
+        "coupling": coupling,
+        "steps": steps,
+        "steps_per_s": steps / opt_s,
+        "train_s": wall,
+        "nll": m["nll"],
+        "nll_stderr": m["nll_stderr"],
+        "entropy": m["entropy"],
+        "gap": m["nll_gap"],
+        "nll_eval_s": m["seconds_nll"],
+        "nfe_nll": m["nfe_nll"],
+        "w2": m["w2"],
+        **{f"w2@{k}": v for k, v in m["w2_by_nfe"].items()},
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-eval", type=int, default=2000)
@@ -55,8 +67,24 @@ def main() -> None:
         rows.append(run(args.steps, "ot", args.seed, args.n_eval))
     info = machine()
     print(f"machine: {info}")
-    cols = ["coupling", "steps", "steps_per_s", "train_s", "nll", "nll_stderr", "entropy", "gap",
-            "nll_eval_s", "nfe_nll", "w2", "w2@1", "w2@2", "w2@4", "w2@8", "w2@32"]
+    cols = [
+        "coupling",
+        "steps",
+        "steps_per_s",
+        "train_s",
+        "nll",
+        "nll_stderr",
+        "entropy",
+        "gap",
+        "nll_eval_s",
+        "nfe_nll",
+        "w2",
+        "w2@1",
+        "w2@2",
+        "w2@4",
+        "w2@8",
+        "w2@32",
+    ]
     print(table(rows, cols))
     write_json(args.out, {"machine": info, "rows": rows})
 

@@ -12,11 +12,14 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from .errors import InputError, fail
+from .train import TrainConfig  # noqa: E402
+
+_D = TrainConfig()  # the CLI's defaults are the library's
 
 app = typer.Typer(
     add_completion=False,
@@ -36,14 +39,27 @@ class RichReporter:
     """Progress bar with loss, steps/s and ETA for each stage."""
 
     def __init__(self, quiet: bool) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = _console(quiet)
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, disable=quiet, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=quiet,
+            transient=False,
         )
         self.task: Any = None
 
@@ -65,7 +81,9 @@ class RichReporter:
     def stage_end(self, record: dict[str, Any]) -> None:
         self.progress.update(self.task, completed=record.get("steps"))
         keys = ("movement", "kl_proxy", "mmd_to_normal", "seconds")
-        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float)))
+        shown = " ".join(
+            f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float))
+        )
         self.console.print(f"  block(s) {record.get('blocks')}: {shown}")
 
 
@@ -102,33 +120,54 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
 
 @app.command()
 def train(
-    method: str = typer.Option("fm", help="Training method: fm, cnf, jko, local-fm, ..."),
-    data: str = typer.Option("checkerboard", help="Data set name or path to .npy/.csv/.png."),
-    out: Path = typer.Option(Path("runs/default"), help="Run folder (resumed if it holds the same config)."),
-    steps: int = typer.Option(6000, help="Optimiser steps per stage (per block for progressive methods)."),
-    blocks: int = typer.Option(1, help="Number of blocks in the chain."),
-    batch_size: int = typer.Option(1024, help="Minibatch size."),
-    lr: float = typer.Option(4e-3, help="Peak learning rate (Adam)."),
-    lr_schedule: str = typer.Option("cosine", help="cosine or constant."),
-    hidden: str = typer.Option("256,256,256", help="Hidden widths of each block's MLP."),
-    activation: str = typer.Option("silu", help="silu, tanh, softplus, relu, gelu."),
-    time_freqs: int = typer.Option(4, help="Fourier frequencies of the time embedding."),
-    ema: float = typer.Option(0.999, help="EMA decay of weights (0 disables)."),
-    weight_decay: float = typer.Option(0.0),
-    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip (0 disables)."),
-    warm_start: bool = typer.Option(True, help="Initialise block n from block n-1."),
-    n_train: int = typer.Option(200_000), n_val: int = typer.Option(2_000), n_test: int = typer.Option(5_000),
-    standardize: str = typer.Option("auto", help="Normalisation: auto, dim, scalar or none."),
-    network: str = typer.Option("mlp", help="Velocity network kind (mlp; unet for images)."),
-    net_option: list[str] = typer.Option([], "--net-option", help="Network option KEY=VALUE (repeatable)."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    dtype: str = typer.Option("float32", help="float32 or float64."),
-    checkpoint_every: int = typer.Option(500, help="Steps between in-stage checkpoints."),
-    option: list[str] = typer.Option([], "--option", "-o", help="Method option KEY=VALUE (repeatable); "
-                                     "see `iterflow methods`."),
-    img2d_dir: Optional[str] = typer.Option(None, help="Folder holding img_rose.png / img_tree.png."),
-    report: bool = typer.Option(True, help="After training write samples.npy, metrics.json and plots."),
+    method: str = typer.Option(_D.method, help="Training method: fm, cnf, jko, local-fm, ..."),
+    data: str = typer.Option(_D.data, help="Data set name or path to .npy/.csv/.png."),
+    out: Path = typer.Option(
+        Path("runs/default"), help="Run folder (resumed if it holds the same config)."
+    ),
+    steps: int = typer.Option(
+        _D.steps, help="Optimiser steps per stage (per block for progressive methods)."
+    ),
+    blocks: int = typer.Option(_D.blocks, help="Number of blocks in the chain."),
+    batch_size: int = typer.Option(_D.batch_size, help="Minibatch size."),
+    lr: float = typer.Option(_D.lr, help="Peak learning rate (Adam)."),
+    lr_schedule: str = typer.Option(_D.lr_schedule, help="cosine or constant."),
+    hidden: str = typer.Option(
+        ",".join(map(str, _D.hidden)), help="Hidden widths of each block's MLP."
+    ),
+    activation: str = typer.Option(_D.activation, help="silu, tanh, softplus, relu, gelu."),
+    time_freqs: int = typer.Option(
+        _D.time_freqs, help="Fourier frequencies of the time embedding."
+    ),
+    ema: float = typer.Option(_D.ema, help="EMA decay of weights (0 disables)."),
+    weight_decay: float = typer.Option(_D.weight_decay),
+    grad_clip: float = typer.Option(_D.grad_clip, help="Gradient-norm clip (0 disables)."),
+    warm_start: bool = typer.Option(_D.warm_start, help="Initialise block n from block n-1."),
+    n_train: int = typer.Option(_D.n_train),
+    n_val: int = typer.Option(_D.n_val),
+    n_test: int = typer.Option(_D.n_test),
+    standardize: str = typer.Option(
+        _D.standardize, help="Normalisation: auto, dim, scalar or none."
+    ),
+    network: str = typer.Option(_D.network, help="Velocity network kind (mlp; unet for images)."),
+    net_option: list[str] = typer.Option(
+        [], "--net-option", help="Network option KEY=VALUE (repeatable)."
+    ),
+    seed: int = typer.Option(_D.seed),
+    device: str = typer.Option(_D.device, help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option(_D.dtype, help="float32 or float64."),
+    checkpoint_every: int = typer.Option(
+        _D.checkpoint_every, help="Steps between in-stage checkpoints."
+    ),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="Method option KEY=VALUE (repeatable); see `iterflow methods`."
+    ),
+    img2d_dir: str | None = typer.Option(
+        None, help="Folder holding img_rose.png / img_tree.png."
+    ),
+    report: bool = typer.Option(
+        True, help="After training write samples.npy, metrics.json and plots."
+    ),
     eval_n: int = typer.Option(2000, help="Test points for the report's metrics."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -137,12 +176,32 @@ def train(
     from .train import train as run_train
 
     cfg = TrainConfig(
-        method=method, data=data, blocks=blocks, steps=steps, batch_size=batch_size, lr=lr,
-        lr_schedule=lr_schedule, weight_decay=weight_decay, grad_clip=grad_clip, ema=ema,
-        hidden=_parse_hidden(hidden), activation=activation, time_freqs=time_freqs, warm_start=warm_start,
-        n_train=n_train, n_val=n_val, n_test=n_test, standardize=standardize, seed=seed, device=device,
-        dtype=dtype, checkpoint_every=checkpoint_every, options=_parse_options(option), img2d_dir=img2d_dir,
-        network=network, net_options=_parse_net_options(net_option),
+        method=method,
+        data=data,
+        blocks=blocks,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        ema=ema,
+        hidden=_parse_hidden(hidden),
+        activation=activation,
+        time_freqs=time_freqs,
+        warm_start=warm_start,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        standardize=standardize,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        checkpoint_every=checkpoint_every,
+        options=_parse_options(option),
+        img2d_dir=img2d_dir,
+        network=network,
+        net_options=_parse_net_options(net_option),
     )
     console = _console(quiet)
     t0 = time.perf_counter()
@@ -151,8 +210,10 @@ def train(
             result = run_train(cfg, out, reporter=rep)
     except KeyboardInterrupt:
         raise typer.Exit(_interrupted()) from None
-    console.print(f"trained {cfg.method} ({result.flow.num_blocks} block(s)) in {time.perf_counter() - t0:.1f} s "
-                  f"-> {out}")
+    console.print(
+        f"trained {cfg.method} ({result.flow.num_blocks} block(s)) in {time.perf_counter() - t0:.1f} s "
+        f"-> {out}"
+    )
     if report:
         _write_report(out, eval_n, device, console)
 
@@ -172,9 +233,12 @@ def _write_report(out: Path, n: int, device: str, console: Any) -> None:
     atomic_write_bytes(out / "samples.npy", buf.getvalue())
     plots = plot_run(out, device=device)
     ent = metrics.get("entropy")
-    console.print(f"test NLL {metrics['nll']:.4f} nats" + (f" (entropy floor {ent:.4f})" if ent is not None else "")
-                  + f", W2 {metrics['w2']:.4f}; wrote metrics.json, samples.npy, "
-                  + ", ".join(p.name for p in plots))
+    console.print(
+        f"test NLL {metrics['nll']:.4f} nats"
+        + (f" (entropy floor {ent:.4f})" if ent is not None else "")
+        + f", W2 {metrics['w2']:.4f}; wrote metrics.json, samples.npy, "
+        + ", ".join(p.name for p in plots)
+    )
 
 
 @app.command()
@@ -182,8 +246,10 @@ def sample(
     run: Path = typer.Argument(..., help="Run folder."),
     n: int = typer.Option(1000, help="Number of samples."),
     out: Path = typer.Option(..., help="Output .npy file."),
-    solver: str = typer.Option("dopri5"), steps: int = typer.Option(16, help="Fixed steps per block."),
-    seed: int = typer.Option(0), device: str = typer.Option("cpu"),
+    solver: str = typer.Option("dopri5"),
+    steps: int = typer.Option(16, help="Fixed steps per block."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
 ) -> None:
     """Draw samples (in the data's units) and save them as .npy."""
     import io as _io
@@ -205,10 +271,14 @@ def sample(
 @app.command(name="eval")
 def eval_cmd(
     run: Path = typer.Argument(..., help="Run folder."),
-    data: Optional[str] = typer.Option(None, help="Evaluate on another data set of the same dimension."),
+    data: str | None = typer.Option(
+        None, help="Evaluate on another data set of the same dimension."
+    ),
     n: int = typer.Option(2000, help="Test points (and samples)."),
-    solver: str = typer.Option("dopri5"), steps: int = typer.Option(16),
-    atol: float = typer.Option(1e-5), rtol: float = typer.Option(1e-5),
+    solver: str = typer.Option("dopri5"),
+    steps: int = typer.Option(16),
+    atol: float = typer.Option(1e-5),
+    rtol: float = typer.Option(1e-5),
     divergence: str = typer.Option("auto", help="auto, exact or hutchinson."),
     probes: int = typer.Option(1, help="Hutchinson probes."),
     device: str = typer.Option("cpu"),
@@ -217,8 +287,18 @@ def eval_cmd(
     """Test NLL (nats), entropy floor, W2, MMD, W2 by NFE and per-block figures."""
     from .report import eval_run
 
-    m = eval_run(run, data=data, n=n, device=device, solver=solver, steps=steps, atol=atol, rtol=rtol,
-                 divergence=divergence, probes=probes)
+    m = eval_run(
+        run,
+        data=data,
+        n=n,
+        device=device,
+        solver=solver,
+        steps=steps,
+        atol=atol,
+        rtol=rtol,
+        divergence=divergence,
+        probes=probes,
+    )
     if as_json:
         print(json.dumps(m))
         return
@@ -237,8 +317,9 @@ def eval_cmd(
 @app.command()
 def plot(
     run: Path = typer.Argument(..., help="Run folder."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the PNGs (default RUN/plots)."),
-    n: int = typer.Option(5000), device: str = typer.Option("cpu"),
+    out: Path | None = typer.Option(None, help="Folder for the PNGs (default RUN/plots)."),
+    n: int = typer.Option(5000),
+    device: str = typer.Option("cpu"),
 ) -> None:
     """Plots: samples vs data, model density, trajectories, particles after each block, curves."""
     from .report import plot_run
@@ -295,14 +376,18 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted()
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-        print("iterflow: internal error; please report it with the command you ran", file=sys.stderr)
+        print(
+            "iterflow: internal error; please report it with the command you ran", file=sys.stderr
+        )
         return 1
     return 0
 
 
 def _interrupted() -> int:
-    print("iterflow: interrupted; run the same command again to resume from the last checkpoint",
-          file=sys.stderr)
+    print(
+        "iterflow: interrupted; run the same command again to resume from the last checkpoint",
+        file=sys.stderr,
+    )
     return 130
 
 

@@ -51,7 +51,7 @@ def assignment(x0: Tensor, x1: Tensor, solver: str = "emd") -> Tensor:
 def sinkhorn_pairing(
     x0: Tensor, x1: Tensor, reg: float, generator: torch.Generator | None
 ) -> Tensor:
-    """For each row of ``x0`` sample a partner from an entropic OT plan (``reg`` relative to the mean cost)."""
+    """For each row of ``x0`` sample a partner from an entropic OT plan (``reg``: relative to mean cost)."""
     import ot
 
     cost = _cost(x0, x1)

@@ -81,13 +81,21 @@ def check_finite(x: Any, argument: str) -> None:
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
             idx = tuple(int(i) for i in bad.nonzero()[0])
-            fail(argument, "must contain only finite values", f"{int(bad.sum())} NaN/inf entries, first at index {idx}")
+            fail(
+                argument,
+                "must contain only finite values",
+                f"{int(bad.sum())} NaN/inf entries, first at index {idx}",
+            )
     else:
         arr = np.asarray(x)
         bad = ~np.isfinite(arr)
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            fail(argument, "must contain only finite values", f"{int(bad.sum())} NaN/inf entries, first at index {idx}")
+            fail(
+                argument,
+                "must contain only finite values",
+                f"{int(bad.sum())} NaN/inf entries, first at index {idx}",
+            )
 
 
 def check_choice(value: Any, choices: Iterable[Any], argument: str) -> None:
@@ -96,7 +104,9 @@ def check_choice(value: Any, choices: Iterable[Any], argument: str) -> None:
         fail(argument, f"must be one of {choices}", value)
 
 
-def check_positive(value: Any, argument: str, *, integer: bool = False, allow_zero: bool = False) -> None:
+def check_positive(
+    value: Any, argument: str, *, integer: bool = False, allow_zero: bool = False
+) -> None:
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         fail(argument, "must be an integer" if integer else "must be a number", value)

@@ -42,9 +42,21 @@ class FlowDensity:
         run_dir_: the run folder.
     """
 
-    def __init__(self, method: str = "fm", *, run_dir: str | Path | None = None, solver: str = "dopri5",
-                 steps_per_block: int = 16, **config: Any) -> None:
-        self.method, self.run_dir, self.solver, self.steps_per_block = method, run_dir, solver, steps_per_block
+    def __init__(
+        self,
+        method: str = "fm",
+        *,
+        run_dir: str | Path | None = None,
+        solver: str = "dopri5",
+        steps_per_block: int = 16,
+        **config: Any,
+    ) -> None:
+        self.method, self.run_dir, self.solver, self.steps_per_block = (
+            method,
+            run_dir,
+            solver,
+            steps_per_block,
+        )
         self.config = config
 
     def fit(self, X: Any, y: Any = None) -> FlowDensity:
@@ -53,7 +65,11 @@ class FlowDensity:
         if arr.ndim != 2 or arr.shape[0] < 3:
             fail("X", "must be a 2-D array (n, d) with at least 3 rows", arr.shape)
         check_finite(arr, "X")
-        run = Path(self.run_dir) if self.run_dir is not None else Path(tempfile.mkdtemp(prefix="iterflow-"))
+        run = (
+            Path(self.run_dir)
+            if self.run_dir is not None
+            else Path(tempfile.mkdtemp(prefix="iterflow-"))
+        )
         run.mkdir(parents=True, exist_ok=True)
         data_path = run / "data.npy"
         buf = io.BytesIO()
@@ -73,13 +89,19 @@ class FlowDensity:
 
     def _tensor(self, X: Any) -> torch.Tensor:
         f = self._flow()
-        return torch.as_tensor(np.asarray(X, dtype=np.float64)).to(device=f.shift.device, dtype=f.shift.dtype)
+        return torch.as_tensor(np.asarray(X, dtype=np.float64)).to(
+            device=f.shift.device, dtype=f.shift.dtype
+        )
 
     @torch.no_grad()
     def score_samples(self, X: Any) -> np.ndarray:
         """Log density of each row of ``X`` (nats), shape ``(n,)``."""
         f = self._flow()
-        return f.log_prob(self._tensor(X), solver=self.solver, steps=self.steps_per_block).cpu().numpy()
+        return (
+            f.log_prob(self._tensor(X), solver=self.solver, steps=self.steps_per_block)
+            .cpu()
+            .numpy()
+        )
 
     def score(self, X: Any, y: Any = None) -> float:
         """Mean log-likelihood of the rows of ``X``."""
@@ -89,5 +111,9 @@ class FlowDensity:
     def sample(self, n: int = 1, random_state: int | None = None) -> np.ndarray:
         """``n`` samples in the data's units, shape ``(n, d)``."""
         f = self._flow()
-        gen = torch.Generator(device=f.shift.device).manual_seed(0 if random_state is None else random_state)
-        return f.sample(n, generator=gen, solver=self.solver, steps=self.steps_per_block).cpu().numpy()
+        gen = torch.Generator(device=f.shift.device).manual_seed(
+            0 if random_state is None else random_state
+        )
+        return (
+            f.sample(n, generator=gen, solver=self.solver, steps=self.steps_per_block).cpu().numpy()
+        )

@@ -21,14 +21,26 @@ W2_NFES = (1, 2, 4, 8, 32)
 EVAL_EXTRAS: Registry[Callable[[Flow, Tensor, int], dict[str, Any]]] = Registry("eval extra")
 
 
-def nll(flow: Flow, x: Tensor, *, spec: SolverSpec, divergence: str = "auto", probes: int = 1,
-        seed: int = 0, chunk: int = 4096) -> tuple[float, float, int]:
+def nll(
+    flow: Flow,
+    x: Tensor,
+    *,
+    spec: SolverSpec,
+    divergence: str = "auto",
+    probes: int = 1,
+    seed: int = 0,
+    chunk: int = 4096,
+) -> tuple[float, float, int]:
     """Mean negative log-likelihood in nats per sample, its standard error, and the NFE used."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     vals = []
     with flow.count_nfe() as c, torch.no_grad():
         for part in x.split(chunk):
-            vals.append(-flow.log_prob(part, divergence=divergence, probes=probes, generator=gen, solver=spec))
+            vals.append(
+                -flow.log_prob(
+                    part, divergence=divergence, probes=probes, generator=gen, solver=spec
+                )
+            )
     v = torch.cat(vals).double()
     if not bool(torch.isfinite(v).all()):
         return math.inf, math.nan, c.nfe
@@ -83,11 +95,16 @@ def evaluate(
         fail("--data", "must provide at least one test point", 0)
     x = test[:n].to(device=flow.shift.device, dtype=flow.shift.dtype)
     spec = SolverSpec(solver, steps, atol, rtol)
-    out: dict[str, Any] = {"n": int(x.shape[0]), "dim": flow.dim, "blocks": flow.num_blocks,
-                           "solver": solver}
+    out: dict[str, Any] = {
+        "n": int(x.shape[0]),
+        "dim": flow.dim,
+        "blocks": flow.num_blocks,
+        "solver": solver,
+    }
     t0 = time.perf_counter()
-    out["nll"], out["nll_stderr"], out["nfe_nll"] = nll(flow, x, spec=spec, divergence=divergence,
-                                                        probes=probes, seed=seed)
+    out["nll"], out["nll_stderr"], out["nfe_nll"] = nll(
+        flow, x, spec=spec, divergence=divergence, probes=probes, seed=seed
+    )
     out["seconds_nll"] = time.perf_counter() - t0
     out["entropy"] = entropy
     out["nll_gap"] = out["nll"] - entropy if entropy is not None else None

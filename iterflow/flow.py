@@ -194,7 +194,11 @@ class Flow(nn.Module):
         if not isinstance(x, Tensor):
             fail(argument, "must be a torch.Tensor", type(x).__name__)
         if tuple(x.shape[1:]) != self.event_shape or x.ndim != len(self.event_shape) + 1:
-            fail(argument, f"must have shape (batch, {', '.join(map(str, self.event_shape))})", tuple(x.shape))
+            fail(
+                argument,
+                f"must have shape (batch, {', '.join(map(str, self.event_shape))})",
+                tuple(x.shape),
+            )
         if x.device != self.shift.device:
             fail(argument, f"must be on the flow's device {self.shift.device}", str(x.device))
         check_finite(x, argument)
@@ -313,8 +317,14 @@ class Flow(nn.Module):
         u = self.normalize(x)
         eps = None
         if div_kind == "hutchinson":
-            eps = make_probes(tuple(u.shape), probes, kind=probe_kind, generator=generator,
-                              dtype=u.dtype, device=u.device)
+            eps = make_probes(
+                tuple(u.shape),
+                probes,
+                kind=probe_kind,
+                generator=generator,
+                dtype=u.dtype,
+                device=u.device,
+            )
         total = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
         for b in self.blocks:
             u, int_div = b.encode_with_divergence(u, spec, probes=eps, create_graph=create_graph)

@@ -43,7 +43,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def save_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode()
+    )
 
 
 def _json_default(o: Any) -> Any:
@@ -65,10 +67,16 @@ def load_json(path: str | Path, argument: str = "run") -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        fail(argument, f"{path.name} must be valid JSON ({e.msg if hasattr(e, 'msg') else e})", str(path))
+        fail(
+            argument,
+            f"{path.name} must be valid JSON ({e.msg if hasattr(e, 'msg') else e})",
+            str(path),
+        )
 
 
-def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Save tensors with safetensors, atomically."""
     from safetensors.torch import save
 
@@ -76,7 +84,9 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapp
     atomic_write_bytes(path, save(flat, metadata=dict(metadata or {})))
 
 
-def load_tensors(path: str | Path, argument: str = "run", device: str | torch.device = "cpu") -> dict[str, Tensor]:
+def load_tensors(
+    path: str | Path, argument: str = "run", device: str | torch.device = "cpu"
+) -> dict[str, Tensor]:
     """Load a safetensors file (no code execution); corrupt or missing files raise InputError."""
     from safetensors.torch import load
 
@@ -89,5 +99,9 @@ def load_tensors(path: str | Path, argument: str = "run", device: str | torch.de
     try:
         out = load(data)
     except Exception as e:  # safetensors raises its own error types on corrupt headers
-        fail(argument, f"{path.name} must be a valid safetensors file ({type(e).__name__}: {e})", str(path))
+        fail(
+            argument,
+            f"{path.name} must be a valid safetensors file ({type(e).__name__}: {e})",
+            str(path),
+        )
     return {k: v.to(device) for k, v in out.items()}

@@ -33,7 +33,9 @@ class FourierTime(nn.Module):
 
     def __init__(self, n_freq: int) -> None:
         super().__init__()
-        self.register_buffer("freqs", 2 * math.pi * torch.arange(1, n_freq + 1, dtype=torch.float32))
+        self.register_buffer(
+            "freqs", 2 * math.pi * torch.arange(1, n_freq + 1, dtype=torch.float32)
+        )
         self.out_features = 1 + 2 * n_freq
 
     def forward(self, t: Tensor) -> Tensor:  # (B, 1) -> (B, 1 + 2 n_freq)
@@ -76,7 +78,12 @@ class MLPVelocity(nn.Module):
         for h in hidden:
             check_positive(h, "hidden", integer=True)
         act = ACTIVATIONS.get(activation, "activation")
-        self.dim, self.hidden, self.activation, self.time_freqs = dim, tuple(hidden), activation, time_freqs
+        self.dim, self.hidden, self.activation, self.time_freqs = (
+            dim,
+            tuple(hidden),
+            activation,
+            time_freqs,
+        )
         self.zero_init = zero_init
         self.time = FourierTime(time_freqs) if time_freqs > 0 else None
         n_time = self.time.out_features if self.time is not None else 1

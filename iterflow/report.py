@@ -12,7 +12,6 @@ import torch
 from .data import get_dataset
 from .errors import fail
 from .evaluate import evaluate
-from .flow import Flow
 from .train import RunDir, TrainConfig, load_run
 
 
@@ -24,24 +23,38 @@ def test_split(cfg: TrainConfig, data: str | None = None) -> tuple[torch.Tensor,
     return splits.test, entropy, ds
 
 
-def eval_run(run: str | Path, *, data: str | None = None, n: int = 2000, device: str = "cpu",
-             **kwargs: Any) -> dict[str, Any]:
+def eval_run(
+    run: str | Path, *, data: str | None = None, n: int = 2000, device: str = "cpu", **kwargs: Any
+) -> dict[str, Any]:
     """Evaluate a run folder on its test split (or on ``data``); per-block history included."""
     flow, cfg, meta = load_run(run, device=device)
     test, entropy, ds = test_split(cfg, data)
     if tuple(test.shape[1:]) != flow.event_shape:
-        fail("--data", f"must have samples of shape {flow.event_shape} like the run's data", tuple(test.shape[1:]))
+        fail(
+            "--data",
+            f"must have samples of shape {flow.event_shape} like the run's data",
+            tuple(test.shape[1:]),
+        )
     out = evaluate(flow, test, entropy=entropy, n=n, seed=cfg.seed, **kwargs)
     out["data"] = data or cfg.data
     out["method"] = cfg.method
     out["train_seconds"] = meta.get("train_seconds")
-    out["per_block"] = [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in meta["history"]]
+    out["per_block"] = [
+        {k: v for k, v in r.items() if isinstance(v, (int, float))} for r in meta["history"]
+    ]
     return out
 
 
 @torch.no_grad()
-def sample_run(run: str | Path, n: int, *, seed: int = 0, solver: str = "dopri5", steps: int = 16,
-               device: str = "cpu") -> np.ndarray:
+def sample_run(
+    run: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    solver: str = "dopri5",
+    steps: int = 16,
+    device: str = "cpu",
+) -> np.ndarray:
     flow, _, _ = load_run(run, device=device)
     gen = torch.Generator(device=flow.shift.device).manual_seed(seed)
     return flow.sample(n, generator=gen, solver=solver, steps=steps).cpu().numpy()
@@ -59,8 +72,14 @@ def _read_log(run: RunDir) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_run(run: str | Path, out: str | Path | None = None, *, n: int = 5000, seed: int = 0,
-             device: str = "cpu") -> list[Path]:
+def plot_run(
+    run: str | Path,
+    out: str | Path | None = None,
+    *,
+    n: int = 5000,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[Path]:
     """Write the standard plots of a run: samples vs data, density, trajectories, per-block figures."""
     from . import viz
 
@@ -79,9 +98,17 @@ def plot_run(run: str | Path, out: str | Path | None = None, *, n: int = 5000, s
         hi = torch.quantile(data[:, :2].float(), 0.999, dim=0).max().item()
         pad = 0.1 * (hi - lo)
         bounds = (lo - pad, hi + pad, lo - pad, hi + pad)
-        paths.append(viz.plot_samples(data[:, :2], samples[:, :2], out_dir / "samples.png",
-                                      title=f"{cfg.method} on {cfg.data}{shown}", bounds=bounds))
+        paths.append(
+            viz.plot_samples(
+                data[:, :2],
+                samples[:, :2],
+                out_dir / "samples.png",
+                title=f"{cfg.method} on {cfg.data}{shown}",
+                bounds=bounds,
+            )
+        )
         if flow.dim == 2:
+
             def model_lp(x: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
                     return flow.log_prob(x.to(flow.shift), solver="rk4", steps=32).cpu()
@@ -89,18 +116,37 @@ def plot_run(run: str | Path, out: str | Path | None = None, *, n: int = 5000, s
             true_lp = None
             if ds.log_prob(data[:1]) is not None:
                 true_lp = ds.log_prob
-            paths.append(viz.plot_density(model_lp, out_dir / "density.png", bounds=bounds, resolution=120,
-                                          title="model density", true_log_prob_fn=true_lp))
+            paths.append(
+                viz.plot_density(
+                    model_lp,
+                    out_dir / "density.png",
+                    bounds=bounds,
+                    resolution=120,
+                    title="model density",
+                    true_log_prob_fn=true_lp,
+                )
+            )
         with torch.no_grad():
             z = torch.randn((600, *flow.event_shape), generator=gen, device=flow.shift.device)
             traj = flow.trajectory(z, direction="decode", solver="rk4", steps=16).cpu()
-        paths.append(viz.plot_trajectories(traj[..., :2], out_dir / "trajectories.png", n_show=300,
-                                           title="noise -> data trajectories"))
+        paths.append(
+            viz.plot_trajectories(
+                traj[..., :2],
+                out_dir / "trajectories.png",
+                n_show=300,
+                title="noise -> data trajectories",
+            )
+        )
         if flow.num_blocks > 1:
             with torch.no_grad():
                 parts = flow.encode_by_block(data[:3000].to(flow.shift), solver="rk4", steps=16)
-            paths.append(viz.plot_blocks([p[:, :2].cpu() for p in parts], out_dir / "blocks.png",
-                                         titles=["data"] + [f"after block {i + 1}" for i in range(flow.num_blocks)]))
+            paths.append(
+                viz.plot_blocks(
+                    [p[:, :2].cpu() for p in parts],
+                    out_dir / "blocks.png",
+                    titles=["data"] + [f"after block {i + 1}" for i in range(flow.num_blocks)],
+                )
+            )
     series: dict[str, list[float]] = {}
     rows = _read_log(rd)
     if rows:
@@ -111,6 +157,7 @@ def plot_run(run: str | Path, out: str | Path | None = None, *, n: int = 5000, s
             if all(key in r for r in meta["history"]):
                 series[f"{key} per block"] = [r[key] for r in meta["history"]]
     if series:
-        paths.append(viz.plot_curves(series, out_dir / "training.png", xlabel="log step / block",
-                                     logy=False))
+        paths.append(
+            viz.plot_curves(series, out_dir / "training.png", xlabel="log step / block", logy=False)
+        )
     return paths

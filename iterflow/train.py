@@ -101,7 +101,16 @@ class TrainConfig:
     img2d_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("blocks", "steps", "batch_size", "n_train", "n_val", "n_test", "checkpoint_every", "log_every"):
+        for name in (
+            "blocks",
+            "steps",
+            "batch_size",
+            "n_train",
+            "n_val",
+            "n_test",
+            "checkpoint_every",
+            "log_every",
+        ):
             check_positive(getattr(self, name), f"--{name.replace('_', '-')}", integer=True)
         check_positive(self.lr, "--lr")
         check_positive(self.weight_decay, "--weight-decay", allow_zero=True)
@@ -206,7 +215,9 @@ def standardization(x: Tensor, mode: str = "auto") -> tuple[Tensor, Tensor]:
         return torch.zeros(event, dtype=x.dtype), torch.ones(event, dtype=x.dtype)
     if mode == "scalar":
         m, s = x.mean(), x.std().clamp_min(1e-6)
-        return torch.full(event, float(m), dtype=x.dtype), torch.full(event, float(s), dtype=x.dtype)
+        return torch.full(event, float(m), dtype=x.dtype), torch.full(
+            event, float(s), dtype=x.dtype
+        )
     return x.mean(0), x.std(0).clamp_min(1e-6)
 
 
@@ -221,12 +232,25 @@ def build_velocity(cfg: TrainConfig, event_shape: tuple[int, ...], seed: int) ->
 def network_config(cfg: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, Any]:
     if cfg.network == "mlp":
         if len(event_shape) != 1:
-            fail("--network", "mlp needs vector data of shape (n, d); use an image network for images",
-                 event_shape)
+            fail(
+                "--network",
+                "mlp needs vector data of shape (n, d); use an image network for images",
+                event_shape,
+            )
         if cfg.net_options:
-            fail("--net-option", "is only for non-MLP networks (use --hidden etc. for the MLP)", cfg.net_options)
-        return {"kind": "mlp", "dim": event_shape[0], "hidden": list(cfg.hidden),
-                "activation": cfg.activation, "time_freqs": cfg.time_freqs, "zero_init": cfg.zero_init}
+            fail(
+                "--net-option",
+                "is only for non-MLP networks (use --hidden etc. for the MLP)",
+                cfg.net_options,
+            )
+        return {
+            "kind": "mlp",
+            "dim": event_shape[0],
+            "hidden": list(cfg.hidden),
+            "activation": cfg.activation,
+            "time_freqs": cfg.time_freqs,
+            "zero_init": cfg.zero_init,
+        }
     return {"kind": cfg.network, "event_shape": list(event_shape), **cfg.net_options}
 
 
@@ -293,9 +317,16 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool) -> dict[str, A
         except (TypeError, InputError) as e:
             fail("--out", f"holds a config.json this version cannot read ({e})", str(run.path))
         if _config_hash(old_cfg) != _config_hash(cfg):
-            diff = {k: (old.get(k), v) for k, v in cfg.to_json().items() if old.get(k) != v
-                    and k not in ("checkpoint_every", "log_every", "device")}
-            fail("--out", f"already holds a run with another config {diff}; use a new folder", str(run.path))
+            diff = {
+                k: (old.get(k), v)
+                for k, v in cfg.to_json().items()
+                if old.get(k) != v and k not in ("checkpoint_every", "log_every", "device")
+            }
+            fail(
+                "--out",
+                f"already holds a run with another config {diff}; use a new folder",
+                str(run.path),
+            )
         if not resume:
             fail("--out", "already holds a run; resume it or choose a new folder", str(run.path))
         return load_json(run.meta, "--out") if run.meta.exists() else None
@@ -347,7 +378,9 @@ def train(
     meta = _prepare_run_dir(run, cfg, resume)
     shift, scale = (t.cpu() for t in standardization(train_x, cfg.standardize))
     save_tensors(run.normalization, {"shift": shift, "scale": scale})
-    norm = Flow([], event_shape, shift=shift.cpu(), scale=scale.cpu()).to(device=device, dtype=dtype)
+    norm = Flow([], event_shape, shift=shift.cpu(), scale=scale.cpu()).to(
+        device=device, dtype=dtype
+    )
     if meta is None:
         meta = {
             "format_version": FORMAT_VERSION,
@@ -383,24 +416,32 @@ def train(
         stage_blocks = _make_stage_blocks(cfg, stages[k], blocks, k, event_shape, device, dtype)
         stage = Flow(stage_blocks, event_shape).to(device=device, dtype=dtype)
         last = k == len(stages) - 1
-        record = _optimize_stage(cfg, method, stage, cur_train, k, len(stages), run, reporter, steps_budget)
+        record = _optimize_stage(
+            cfg, method, stage, cur_train, k, len(stages), run, reporter, steps_budget
+        )
         stage.eval()
         with stage.count_nfe() as c_val:
             new_val = method.push(stage, cur_val)
         new_train = None if last else method.push(stage, cur_train)
-        record.update({
-            "stage": k,
-            "blocks": stages[k],
-            "movement": float((new_val - cur_val).pow(2).flatten(1).sum(1).mean()),
-            "push_nfe": c_val.nfe,
-            **method.stage_report(stage, cur_val, new_val, k),
-        })
-        record["seconds"] = record["seconds_optimize"] + (time.perf_counter() - t_stage - record["seconds_optimize"])
+        record.update(
+            {
+                "stage": k,
+                "blocks": stages[k],
+                "movement": float((new_val - cur_val).pow(2).flatten(1).sum(1).mean()),
+                "push_nfe": c_val.nfe,
+                **method.stage_report(stage, cur_val, new_val, k),
+            }
+        )
+        record["seconds"] = record["seconds_optimize"] + (
+            time.perf_counter() - t_stage - record["seconds_optimize"]
+        )
         # Commit: blocks, particles, then meta.json (the record that makes them count).
         for j, b in zip(stages[k], stage_blocks):
             save_tensors(run.block(j), b.state_dict())
-        save_tensors(run.particles, {"train": (new_train if new_train is not None else cur_train[:0]),
-                                     "val": new_val})
+        save_tensors(
+            run.particles,
+            {"train": (new_train if new_train is not None else cur_train[:0]), "val": new_val},
+        )
         blocks.extend(stage_blocks)
         meta["networks"].extend(_block_network_config(b) for b in stage_blocks)
         meta["stages_done"] = k + 1
@@ -412,7 +453,9 @@ def train(
         reporter.stage_end(record)
         cur_val = new_val
         cur_train = new_train if new_train is not None else cur_train
-    flow = Flow(blocks, event_shape, shift=shift.cpu(), scale=scale.cpu()).to(device=device, dtype=dtype)
+    flow = Flow(blocks, event_shape, shift=shift.cpu(), scale=scale.cpu()).to(
+        device=device, dtype=dtype
+    )
     flow.eval()
     return TrainResult(flow=flow, history=meta["history"], run_dir=run.path, splits=splits)
 
@@ -500,7 +543,8 @@ def _optimize_stage(
             terms["loss"] = float(loss.value.detach())
             if not math.isfinite(terms["loss"]):
                 raise FloatingPointError(
-                    f"loss became {terms['loss']} at stage {k} step {step + 1}; lower --lr or check the data")
+                    f"loss became {terms['loss']} at stage {k} step {step + 1}; lower --lr or check the data"
+                )
             log_rows.append({"stage": k, "step": step + 1, "lr": lr, **terms})
             for name, v in terms.items():
                 acc[name] = acc.get(name, 0.0) + v
@@ -509,20 +553,37 @@ def _optimize_stage(
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             run.append_log(log_rows)
             log_rows = []
-            _save_progress(run, k, step + 1, params, ema, opt, gen, seconds + time.perf_counter() - t0)
+            _save_progress(
+                run, k, step + 1, params, ema, opt, gen, seconds + time.perf_counter() - t0
+            )
     run.append_log(log_rows)
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
-    last_terms = {f"final_{k_}": v for k_, v in (log_rows[-1].items() if log_rows else [])
-                  if k_ not in ("stage", "step", "lr")}
-    return {"steps": cfg.steps, "seconds_optimize": seconds + time.perf_counter() - t0,
-            **{f"mean_{k_}": v / max(acc_n, 1) for k_, v in acc.items()}, **last_terms}
+    last_terms = {
+        f"final_{k_}": v
+        for k_, v in (log_rows[-1].items() if log_rows else [])
+        if k_ not in ("stage", "step", "lr")
+    }
+    return {
+        "steps": cfg.steps,
+        "seconds_optimize": seconds + time.perf_counter() - t0,
+        **{f"mean_{k_}": v / max(acc_n, 1) for k_, v in acc.items()},
+        **last_terms,
+    }
 
 
-def _save_progress(run: RunDir, k: int, step: int, params: list[Tensor], ema: list[Tensor] | None,
-                   opt: torch.optim.Optimizer, gen: torch.Generator, seconds: float) -> None:
+def _save_progress(
+    run: RunDir,
+    k: int,
+    step: int,
+    params: list[Tensor],
+    ema: list[Tensor] | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    seconds: float,
+) -> None:
     tensors: dict[str, Tensor] = {f"param.{i}": p for i, p in enumerate(params)}
     if ema is not None:
         tensors.update({f"ema.{i}": e for i, e in enumerate(ema)})
@@ -532,12 +593,21 @@ def _save_progress(run: RunDir, k: int, step: int, params: list[Tensor], ema: li
             tensors[f"opt.{pi}.{key}"] = v if isinstance(v, Tensor) else torch.tensor(v)
     tensors["generator"] = gen.get_state()
     save_tensors(run.progress, tensors)
-    save_json(run.progress_meta, {"stage": k, "step": step, "seconds": seconds,
-                                  "param_groups": state["param_groups"]})
+    save_json(
+        run.progress_meta,
+        {"stage": k, "step": step, "seconds": seconds, "param_groups": state["param_groups"]},
+    )
 
 
-def _load_progress(run: RunDir, k: int, params: list[Tensor], ema: list[Tensor] | None,
-                   opt: torch.optim.Optimizer, gen: torch.Generator, cfg: TrainConfig) -> tuple[int, float]:
+def _load_progress(
+    run: RunDir,
+    k: int,
+    params: list[Tensor],
+    ema: list[Tensor] | None,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    cfg: TrainConfig,
+) -> tuple[int, float]:
     pm = load_json(run.progress_meta, "--out")
     if pm.get("stage") != k:
         return 0, 0.0
@@ -545,7 +615,9 @@ def _load_progress(run: RunDir, k: int, params: list[Tensor], ema: list[Tensor] 
     with torch.no_grad():
         for i, p in enumerate(params):
             if t[f"param.{i}"].shape != p.shape:
-                fail("--out", "progress.safetensors must match the stage's parameters", str(run.path))
+                fail(
+                    "--out", "progress.safetensors must match the stage's parameters", str(run.path)
+                )
             p.copy_(t[f"param.{i}"])
         if ema is not None:
             for i, e in enumerate(ema):
@@ -575,7 +647,11 @@ def load_run(path: str | Path, *, device: str = "cpu") -> tuple[Flow, TrainConfi
     if not isinstance(meta, dict) or "networks" not in meta or "event_shape" not in meta:
         fail("run", "meta.json must hold 'networks' and 'event_shape'", str(run.meta))
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        fail("run", f"was written by a newer iterflow (format {meta.get('format_version')}); upgrade", str(path))
+        fail(
+            "run",
+            f"was written by a newer iterflow (format {meta.get('format_version')}); upgrade",
+            str(path),
+        )
     if not meta["networks"]:
         fail("run", "must hold at least one trained block (is training still running?)", str(path))
     dev = resolve_device(device)
@@ -588,7 +664,11 @@ def load_run(path: str | Path, *, device: str = "cpu") -> tuple[Flow, TrainConfi
             b.load_state_dict(state)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
-            fail("run", f"{run.block(i).name} must match the network recorded in meta.json ({first})", str(path))
+            fail(
+                "run",
+                f"{run.block(i).name} must match the network recorded in meta.json ({first})",
+                str(path),
+            )
         blocks.append(b)
     norm = load_tensors(run.normalization, "run")
     shape = tuple(meta["event_shape"])

@@ -13,29 +13,69 @@ import pytest
 
 from iterflow.cli import main
 
-TINY = ["--steps", "40", "--batch-size", "128", "--hidden", "32,32", "--n-train", "2000", "--n-val", "200",
-        "--n-test", "300", "--quiet"]
+TINY = [
+    "--steps",
+    "40",
+    "--batch-size",
+    "128",
+    "--hidden",
+    "32,32",
+    "--n-train",
+    "2000",
+    "--n-val",
+    "200",
+    "--n-test",
+    "300",
+    "--quiet",
+]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "iterflow.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "iterflow.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
-    p = run_cli("train", "--method", "fm", "--data", "8gaussians", "--seed", "3", "--out", str(out),
-                "--eval-n", "200", *TINY)
+    p = run_cli(
+        "train",
+        "--method",
+        "fm",
+        "--data",
+        "8gaussians",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        "--eval-n",
+        "200",
+        *TINY,
+    )
     assert p.returncode == 0, p.stderr
     return out
 
 
 def test_train_writes_a_complete_run_folder(run_dir: Path) -> None:
-    for name in ("config.json", "meta.json", "log.jsonl", "metrics.json", "samples.npy",
-                 "normalization.safetensors", "blocks/block_000.safetensors", "plots/samples.png",
-                 "plots/density.png", "plots/trajectories.png", "plots/training.png"):
+    for name in (
+        "config.json",
+        "meta.json",
+        "log.jsonl",
+        "metrics.json",
+        "samples.npy",
+        "normalization.safetensors",
+        "blocks/block_000.safetensors",
+        "plots/samples.png",
+        "plots/density.png",
+        "plots/trajectories.png",
+        "plots/training.png",
+    ):
         assert (run_dir / name).exists(), name
     assert np.load(run_dir / "samples.npy").shape == (5000, 2)
 
@@ -47,11 +87,27 @@ def test_eval_json_keys(run_dir: Path) -> None:
     for key in ("nll", "entropy", "w2", "mmd", "w2_by_nfe", "inversion_error", "per_block"):
         assert key in m, key
     assert sorted(int(k) for k in m["w2_by_nfe"]) == [1, 2, 4, 8, 32]
-    assert m["entropy"] is not None and m["nll"] > m["entropy"] - 0.2  # 8gaussians: exact entropy known
+    assert (
+        m["entropy"] is not None and m["nll"] > m["entropy"] - 0.2
+    )  # 8gaussians: exact entropy known
 
 
 def test_sample_info_plot(run_dir: Path, tmp_path: Path) -> None:
-    assert main(["sample", str(run_dir), "--n", "50", "--out", str(tmp_path / "s.npy"), "--solver", "rk4"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run_dir),
+                "--n",
+                "50",
+                "--out",
+                str(tmp_path / "s.npy"),
+                "--solver",
+                "rk4",
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "s.npy").shape == (50, 2)
     assert main(["info", str(run_dir)]) == 0
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "plots"), "--n", "500"]) == 0
@@ -59,8 +115,24 @@ def test_sample_info_plot(run_dir: Path, tmp_path: Path) -> None:
 
 
 def test_eval_on_another_data_set(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["eval", str(run_dir), "--data", "checkerboard", "--n", "100", "--json",
-                 "--solver", "rk4", "--steps", "8"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run_dir),
+                "--data",
+                "checkerboard",
+                "--n",
+                "100",
+                "--json",
+                "--solver",
+                "rk4",
+                "--steps",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["data"] == "checkerboard"
 
 
@@ -94,7 +166,11 @@ def test_bad_files(capsys: pytest.CaptureFixture, tmp_path: Path, run_dir: Path)
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     bad(["train", "--data", str(empty), "--out", out, *TINY], capsys, "empty.csv")
-    bad(["train", "--data", str(tmp_path / "missing.npy"), "--out", out, *TINY], capsys, "missing.npy")
+    bad(
+        ["train", "--data", str(tmp_path / "missing.npy"), "--out", out, *TINY],
+        capsys,
+        "missing.npy",
+    )
     bad(["eval", str(tmp_path / "norun")], capsys, "run")
     bad(["sample", str(run_dir), "--out", str(tmp_path / "s.txt")], capsys, "--out", ".npy")
     bad(["eval", str(run_dir), "--solver", "rk5"], capsys, "solver", "rk5")
@@ -106,7 +182,9 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture) -> None:
     assert main(["frobnicate"]) == 2
 
 
-def test_corrupt_checkpoint_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture, run_dir: Path) -> None:
+def test_corrupt_checkpoint_via_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture, run_dir: Path
+) -> None:
     import shutil
 
     copy = tmp_path / "copy"

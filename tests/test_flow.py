@@ -47,7 +47,9 @@ def test_log_prob_exact_divergence(solver: str, steps: int, tol: float) -> None:
     flow, m = gaussian_flow()
     x = torch.randn(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
     with torch.no_grad():
-        lp = flow.log_prob(x, divergence="exact", solver=solver, steps=steps, atol=1e-10, rtol=1e-10)
+        lp = flow.log_prob(
+            x, divergence="exact", solver=solver, steps=steps, atol=1e-10, rtol=1e-10
+        )
     assert torch.allclose(lp, exact_log_prob(flow, m, x), atol=tol)
 
 
@@ -55,10 +57,22 @@ def test_log_prob_hutchinson_is_unbiased_and_seeded() -> None:
     flow, m = gaussian_flow()
     x = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = flow.log_prob(x, divergence="hutchinson", probes=2000, generator=torch.Generator().manual_seed(3),
-                          solver="rk4", steps=16)
-        b = flow.log_prob(x, divergence="hutchinson", probes=2000, generator=torch.Generator().manual_seed(3),
-                          solver="rk4", steps=16)
+        a = flow.log_prob(
+            x,
+            divergence="hutchinson",
+            probes=2000,
+            generator=torch.Generator().manual_seed(3),
+            solver="rk4",
+            steps=16,
+        )
+        b = flow.log_prob(
+            x,
+            divergence="hutchinson",
+            probes=2000,
+            generator=torch.Generator().manual_seed(3),
+            solver="rk4",
+            steps=16,
+        )
     assert torch.equal(a, b)
     # For a diagonal field Rademacher probes give the exact trace: eps^T D eps = tr D.
     assert torch.allclose(a, exact_log_prob(flow, m, x), atol=1e-8)
@@ -68,8 +82,15 @@ def test_log_prob_hutchinson_gaussian_probes_mean() -> None:
     flow, m = gaussian_flow()
     x = torch.zeros(1, 3, dtype=torch.float64).expand(400, 3).clone()
     with torch.no_grad():
-        lp = flow.log_prob(x, divergence="hutchinson", probes=1, probe_kind="gaussian",
-                           generator=torch.Generator().manual_seed(0), solver="rk4", steps=8)
+        lp = flow.log_prob(
+            x,
+            divergence="hutchinson",
+            probes=1,
+            probe_kind="gaussian",
+            generator=torch.Generator().manual_seed(0),
+            solver="rk4",
+            steps=8,
+        )
     exact = exact_log_prob(flow, m, x[:1])
     assert abs(float(lp.mean() - exact)) < 5 * float(lp.std()) / math.sqrt(400)
     assert float(lp.std()) > 0  # Gaussian probes are noisy on a diagonal field
@@ -93,8 +114,12 @@ def test_mlp_flow_round_trip_and_nfe() -> None:
         z = flow.encode(x, solver="rk4", steps=5)
     assert c.nfe == 3 * 5 * 4
     with torch.no_grad():
-        back = flow.decode(flow.encode(x, solver="dopri5", atol=1e-10, rtol=1e-10),
-                           solver="dopri5", atol=1e-10, rtol=1e-10)
+        back = flow.decode(
+            flow.encode(x, solver="dopri5", atol=1e-10, rtol=1e-10),
+            solver="dopri5",
+            atol=1e-10,
+            rtol=1e-10,
+        )
     assert torch.allclose(back, x, atol=1e-7)
     with torch.no_grad():
         traj = flow.trajectory(x, direction="encode", solver="rk4", steps=5)

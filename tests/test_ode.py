@@ -62,7 +62,9 @@ def test_backward_integration_inverts(name: str) -> None:
 
 def test_tuple_state_and_saved_grid() -> None:
     # d/dt (y, l) = (-y, 1): y = y0 e^{-t}, l = t
-    def f(t: torch.Tensor, s: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def f(
+        t: torch.Tensor, s: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return -s[0], torch.ones_like(s[1])
 
     y0 = (torch.ones(3, 2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
@@ -84,7 +86,9 @@ def test_unknown_solver_is_rejected() -> None:
 
 def _net() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+    ).double()
 
 
 def test_exact_divergence_matches_jacobian_trace() -> None:
@@ -107,11 +111,15 @@ def test_hutchinson_is_unbiased(kind: str) -> None:
     k = 4000
     eps = make_probes(tuple(x.shape), k, kind=kind, generator=gen, dtype=torch.float64)
     # one estimate per probe, to get the standard error of their mean
-    singles = torch.stack([divergence_hutchinson(v, x, eps[j : j + 1], create_graph=False) for j in range(k)])
+    singles = torch.stack(
+        [divergence_hutchinson(v, x, eps[j : j + 1], create_graph=False) for j in range(k)]
+    )
     mean, se = singles.mean(0), singles.std(0) / math.sqrt(k)
     assert bool(((mean - exact).abs() <= 5 * se + 1e-12).all()), (mean, exact, se)
     # the K-probe estimator is the average of single-probe ones
-    assert torch.allclose(divergence_hutchinson(v, x, eps[:10], create_graph=False), singles[:10].mean(0))
+    assert torch.allclose(
+        divergence_hutchinson(v, x, eps[:10], create_graph=False), singles[:10].mean(0)
+    )
 
 
 def test_rademacher_probes_are_signs() -> None:

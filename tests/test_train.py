@@ -14,8 +14,18 @@ from iterflow.errors import InputError
 from iterflow.paths import get_interpolant
 from iterflow.train import TrainConfig, load_run, lr_at, standardization, train
 
-TINY = dict(data="8gaussians", steps=60, batch_size=128, hidden=(32, 32), n_train=2000, n_val=200,
-            n_test=200, checkpoint_every=20, log_every=10, dtype="float64")
+TINY = dict(
+    data="8gaussians",
+    steps=60,
+    batch_size=128,
+    hidden=(32, 32),
+    n_train=2000,
+    n_val=200,
+    n_test=200,
+    checkpoint_every=20,
+    log_every=10,
+    dtype="float64",
+)
 
 
 def weights(flow: torch.nn.Module) -> list[torch.Tensor]:
@@ -50,7 +60,10 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path: Path, stop_aft
     for p, q in zip(weights(ref), weights(resumed)):
         assert torch.allclose(p, q, atol=1e-10)
     assert not (tmp_path / "int" / "progress.safetensors").exists()
-    steps = [json.loads(line)["step"] for line in (tmp_path / "int" / "log.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "int" / "log.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines
 
 
@@ -102,7 +115,9 @@ def test_config_validation() -> None:
     with pytest.raises(InputError, match="option 'nope'"):
         train(TrainConfig(**{**TINY, "options": {"nope": 1}}), "/tmp/never-created-iterflow")
     with pytest.raises(InputError, match="coupling"):
-        train(TrainConfig(**{**TINY, "options": {"coupling": "magic"}}), "/tmp/never-created-iterflow")
+        train(
+            TrainConfig(**{**TINY, "options": {"coupling": "magic"}}), "/tmp/never-created-iterflow"
+        )
 
 
 def test_lr_schedule_and_standardization() -> None:
@@ -122,7 +137,9 @@ def test_minibatch_ot_is_optimal_assignment() -> None:
     g = torch.Generator().manual_seed(0)
     x0, x1 = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g)
     cost = torch.cdist(x0, x1).pow(2)
-    best = min(sum(float(cost[i, p[i]]) for i in range(6)) for p in itertools.permutations(range(6)))
+    best = min(
+        sum(float(cost[i, p[i]]) for i in range(6)) for p in itertools.permutations(range(6))
+    )
     for solver in ("emd", "lsa"):
         perm = assignment(x0, x1, solver)
         assert sum(float(cost[i, perm[i]]) for i in range(6)) == pytest.approx(best)
@@ -136,7 +153,10 @@ def test_minibatch_ot_is_optimal_assignment() -> None:
 def test_interpolant_endpoints_and_velocity(name: str) -> None:
     path = get_interpolant(name)
     g = torch.Generator().manual_seed(0)
-    x0, x1 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    x0, x1 = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+    )
     zeros, ones = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
     assert torch.allclose(path.sample(x0, x1, zeros).x, x0)
     assert torch.allclose(path.sample(x0, x1, ones).x, x1)
@@ -153,7 +173,9 @@ def test_sklearn_like_estimator(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 2)) * np.array([3.0, 0.5]) + np.array([10.0, -4.0])
-    model = FlowDensity(steps=150, hidden=(32, 32), batch_size=256, run_dir=tmp_path, solver="rk4").fit(X)
+    model = FlowDensity(
+        steps=150, hidden=(32, 32), batch_size=256, run_dir=tmp_path, solver="rk4"
+    ).fit(X)
     s = model.sample(2000, random_state=1)
     assert s.shape == (2000, 2)
     assert np.allclose(s.mean(0), [10.0, -4.0], atol=0.5)  # samples come back in the data's units

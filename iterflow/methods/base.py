@@ -51,12 +51,18 @@ class Method(ABC):
     progressive: ClassVar[bool] = True
     max_blocks: ClassVar[int | None] = None
 
-    def __init__(self, options: MethodOptions, *, event_shape: tuple[int, ...], num_blocks: int) -> None:
+    def __init__(
+        self, options: MethodOptions, *, event_shape: tuple[int, ...], num_blocks: int
+    ) -> None:
         self.options = options
         self.event_shape = event_shape
         self.num_blocks = num_blocks
         if self.max_blocks is not None and num_blocks > self.max_blocks:
-            fail("--blocks", f"method {self.name!r} trains at most {self.max_blocks} block(s)", num_blocks)
+            fail(
+                "--blocks",
+                f"method {self.name!r} trains at most {self.max_blocks} block(s)",
+                num_blocks,
+            )
 
     # -- stages ---------------------------------------------------------------------------------
     def stages(self) -> list[list[int]]:
@@ -65,12 +71,16 @@ class Method(ABC):
             return [[i] for i in range(self.num_blocks)]
         return [list(range(self.num_blocks))]
 
-    def stage_data(self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+    def stage_data(
+        self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator
+    ) -> tuple[Tensor, ...]:
         """Tensors whose rows the trainer samples minibatches from (default: the particles)."""
         return (particles,)
 
     @abstractmethod
-    def loss(self, stage: Flow, batch: tuple[Tensor, ...], index: int, generator: torch.Generator) -> Loss:
+    def loss(
+        self, stage: Flow, batch: tuple[Tensor, ...], index: int, generator: torch.Generator
+    ) -> Loss:
         """Loss of a minibatch; ``stage`` holds the blocks of stage ``index`` in model units."""
 
     # -- after a stage ---------------------------------------------------------------------------
@@ -80,7 +90,9 @@ class Method(ABC):
         spec = self.options.push_spec()
         return torch.cat([stage.encode(c, solver=spec) for c in x.split(chunk)]) if len(x) else x
 
-    def stage_report(self, stage: Flow, before: Tensor, after: Tensor, index: int) -> dict[str, float]:
+    def stage_report(
+        self, stage: Flow, before: Tensor, after: Tensor, index: int
+    ) -> dict[str, float]:
         """Extra per-stage figures for the log (the trainer adds movement, time and NFE)."""
         return {}
 

@@ -52,13 +52,21 @@ def flow_matching_loss(
     generator: torch.Generator,
 ) -> Loss:
     """Flow-matching regression loss between paired ends ``x0`` (s = 0) and ``x1`` (s = 1)."""
-    x0, x1 = couple(x0, x1, options.coupling, chunk=options.ot_chunk, ot_solver=options.ot_solver,
-                    generator=generator)
+    x0, x1 = couple(
+        x0,
+        x1,
+        options.coupling,
+        chunk=options.ot_chunk,
+        ot_solver=options.ot_solver,
+        generator=generator,
+    )
     s = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
     path = get_interpolant(options.interpolant).sample(x0, x1, s)
     xs = path.x
     if options.sigma > 0:
-        xs = xs + options.sigma * torch.randn(xs.shape, generator=generator, device=xs.device, dtype=xs.dtype)
+        xs = xs + options.sigma * torch.randn(
+            xs.shape, generator=generator, device=xs.device, dtype=xs.dtype
+        )
     err = block_velocity(xs, s) - path.dx
     value = err.pow(2).mean()
     return Loss(value, {"fm": value.detach()})
@@ -73,7 +81,9 @@ class FlowMatching(Method):
     progressive = False
     max_blocks = 1
 
-    def loss(self, stage: Flow, batch: tuple[Tensor, ...], index: int, generator: torch.Generator) -> Loss:
+    def loss(
+        self, stage: Flow, batch: tuple[Tensor, ...], index: int, generator: torch.Generator
+    ) -> Loss:
         x0 = batch[0]
         x1 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return flow_matching_loss(stage.blocks[0], x0, x1, self.options, generator)  # type: ignore[arg-type]
