@@ -159,7 +159,11 @@ def integrate(
 
 
 def divergence_exact(v: Tensor, x: Tensor, *, create_graph: bool) -> Tensor:
-    """Exact trace of dv/dx, one backward pass per dimension.
+    """Exact trace of dv/dx.
+
+    All ``d`` vector-Jacobian products with the basis vectors run as one batched backward pass
+    (``is_grads_batched``, i.e. vmap over the backward graph); where an operation of the network does not
+    support that, it falls back to ``d`` ordinary backward passes.
 
     Arguments:
         v: velocity, shape ``(B, *E)``, computed from ``x`` (same shape) with grad enabled.
@@ -169,10 +173,24 @@ def divergence_exact(v: Tensor, x: Tensor, *, create_graph: bool) -> Tensor:
     Returns:
         ``(B,)`` divergence.
     """
+    b = v.shape[0]
+    d = v[0].numel()
+    eye = (
+        torch.eye(d, dtype=v.dtype, device=v.device).reshape(d, 1, *v.shape[1:]).expand(d, *v.shape)
+    )
+    try:
+        g = torch.autograd.grad(
+            v, x, eye, create_graph=create_graph, retain_graph=True, is_grads_batched=True
+        )[0]
+        return torch.diagonal(g.reshape(d, b, d), dim1=0, dim2=2).sum(-1)  # (B,)
+    except RuntimeError:  # an op without a batching rule: one backward pass per dimension
+        return _divergence_loop(v, x, create_graph=create_graph)
+
+
+def _divergence_loop(v: Tensor, x: Tensor, *, create_graph: bool) -> Tensor:
     vf = v.reshape(v.shape[0], -1)
-    d = vf.shape[1]
     div = torch.zeros(vf.shape[0], dtype=v.dtype, device=v.device)
-    for i in range(d):
+    for i in range(vf.shape[1]):
         g = torch.autograd.grad(vf[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0]
         div = div + g.reshape(g.shape[0], -1)[:, i]
     return div
@@ -180,6 +198,9 @@ def divergence_exact(v: Tensor, x: Tensor, *, create_graph: bool) -> Tensor:
 
 def divergence_hutchinson(v: Tensor, x: Tensor, eps: Tensor, *, create_graph: bool) -> Tensor:
     """Hutchinson's estimator ``mean_k eps_k^T (dv/dx) eps_k`` (unbiased when E[eps eps^T] = I).
+
+    The ``K`` probes run as one batched backward pass (falling back to a loop where an operation does
+    not support batched gradients).
 
     Arguments:
         v: velocity ``(B, *E)`` computed from ``x``.
@@ -190,11 +211,20 @@ def divergence_hutchinson(v: Tensor, x: Tensor, eps: Tensor, *, create_graph: bo
     Returns:
         ``(B,)`` divergence estimate.
     """
+    k = eps.shape[0]
+    if k > 1:
+        try:
+            g = torch.autograd.grad(
+                v, x, eps, create_graph=create_graph, retain_graph=True, is_grads_batched=True
+            )[0]
+            return (g * eps).reshape(k, v.shape[0], -1).sum(2).mean(0)
+        except RuntimeError:
+            pass
     total = torch.zeros(v.shape[0], dtype=v.dtype, device=v.device)
-    for k in range(eps.shape[0]):
-        g = torch.autograd.grad(v, x, eps[k], create_graph=create_graph, retain_graph=True)[0]
-        total = total + (g * eps[k]).reshape(v.shape[0], -1).sum(1)
-    return total / eps.shape[0]
+    for j in range(k):
+        g = torch.autograd.grad(v, x, eps[j], create_graph=create_graph, retain_graph=True)[0]
+        total = total + (g * eps[j]).reshape(v.shape[0], -1).sum(1)
+    return total / k
 
 
 def make_probes(
