@@ -362,6 +362,11 @@ def datasets() -> None:
         print(name)
 
 
+from .commands import register_all  # noqa: E402  (feature modules add their commands)
+
+register_all(app)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to exit codes (usage errors exit 2 via typer)."""
     try:

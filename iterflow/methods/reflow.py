@@ -1,0 +1,271 @@
+"""Reflow: flow matching on the deterministic coupling that a trained flow defines
+(Liu, Gong & Liu, "Flow Straight and Fast", arXiv:2209.03003, section 2.3).
+
+Given a source flow with noise-to-data map ``T``, draw ``Z ~ N(0, I)`` and set ``X = T(Z)`` by
+simulating its ODE. One block is then trained by flow matching on the *pairs* ``(X, Z)``
+(``X`` at ``s = 0``, ``Z`` at ``s = 1``, straight interpolant, no re-pairing):
+
+.. math::
+    \\min_v \\int_0^1 E\\,|v(X_s, s) - (Z - X)|^2\\, ds, \\qquad X_s = (1 - s) X + s Z .
+
+The new flow carries ``N(0, I)`` to the same data distribution as the source (the coupling's
+marginals are unchanged), its convex transport costs do not increase, and its paths are straighter;
+repeating gives the k-rectified flow. In the papers' convention (noise at ``t = 0``) ``t = 1 - s``.
+
+Pairs live in the source's *model units* (after its normalisation). The run must therefore use the
+source's normalisation: the same data, ``n_train``, ``seed`` and ``standardize``, which
+``iterflow reflow`` guarantees by copying them from the source's config.
+
+Pairs are simulated once and kept (``regenerate_every = 0``, offline; written to the file ``pairs``
+when one is named, and re-read from it on resume), or the whole pool is re-simulated from the source
+every ``regenerate_every`` steps (online: more distinct pairs, more simulation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import check_positive, fail
+from ..flow import Flow
+from ..ode import SolverSpec, solver_names
+from ..rectified import Pairs, load_pairs, quick_straightness, save_pairs, simulate_pairs
+from .base import METHODS, Loss, Method, MethodOptions
+from .fm import FMOptions, flow_matching_loss
+
+
+@dataclass(frozen=True)
+class PairedOptions(MethodOptions):
+    """Options of methods trained on (data, noise) pairs simulated from a source flow.
+
+    Attributes:
+        source: run folder of the source flow (simulated for the pairs; warm start).
+        pairs: safetensors file of the pairs: read if it exists, else simulated from ``source`` and
+            written there ('' keeps them in memory only).
+        n_pairs: number of pairs in the pool.
+        pair_solver, pair_steps: solver that simulates the source (fixed-step solvers use
+            ``pair_steps`` steps per block).
+        regenerate_every: re-simulate the whole pool every this many optimiser steps (0: offline).
+        warm_start: start from the source's weights (its single block must have the same network).
+    """
+
+    source: str = ""
+    pairs: str = ""
+    n_pairs: int = 20_000
+    pair_solver: str = "rk4"
+    pair_steps: int = 32
+    regenerate_every: int = 0
+    warm_start: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive(self.n_pairs, "option 'n_pairs'", integer=True)
+        check_positive(self.pair_steps, "option 'pair_steps'", integer=True)
+        check_positive(
+            self.regenerate_every, "option 'regenerate_every'", integer=True, allow_zero=True
+        )
+        if self.pair_solver not in solver_names():
+            fail("option 'pair_solver'", f"must be one of {solver_names()}", self.pair_solver)
+
+    def pair_spec(self) -> SolverSpec:
+        return SolverSpec(self.pair_solver, self.pair_steps)
+
+    def pair_info(self) -> dict[str, str]:
+        """Metadata stored with the pairs (a file made with other settings is refused)."""
+        return {
+            "source": self.source,
+            "n_pairs": str(self.n_pairs),
+            "pair_solver": self.pair_solver,
+            "pair_steps": str(self.pair_steps),
+        }
+
+
+def _seed_from(*parts: Any) -> int:
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+class PairedMethod(Method):
+    """Base of one-block methods trained on pairs simulated from a source flow (reflow, distill).
+
+    :meth:`stage_data` returns ``(data, noise)``, so the trainer samples both ends of a pair with
+    the same row indices; it also warm-starts the block from the source. With
+    ``regenerate_every > 0``, :meth:`refresh` overwrites the pool in place (the trainer keeps
+    indexing the same tensors).
+    """
+
+    Options = PairedOptions
+    progressive = False
+    max_blocks = 1
+
+    def __init__(
+        self, options: MethodOptions, *, event_shape: tuple[int, ...], num_blocks: int
+    ) -> None:
+        super().__init__(options, event_shape=event_shape, num_blocks=num_blocks)
+        self._source: Flow | None = None
+        self._pool: Pairs | None = None
+        self._calls = 0
+        self._seed = 0
+
+    # -- data -----------------------------------------------------------------------------------
+    def stage_data(
+        self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator
+    ) -> tuple[Tensor, ...]:
+        opts: PairedOptions = self.options  # type: ignore[assignment]
+        if not opts.source and not opts.pairs:
+            fail(
+                "option 'source'",
+                f"method {self.name!r} needs a source run folder or a pairs file",
+                "",
+            )
+        # the noise of the pairs: reproducible per run and source, independent of the step stream
+        self._seed = _seed_from(generator.initial_seed(), opts.source, "pairs")
+        like = particles
+        if opts.warm_start or opts.regenerate_every > 0 or not self._pairs_file_ready():
+            self._source = self._load_source(like)
+        if opts.warm_start:
+            self._warm_start(stage)
+        pairs = self._initial_pairs(like)
+        self._pool = Pairs(
+            data=pairs.data.to(like).contiguous(), noise=pairs.noise.to(like).contiguous()
+        )
+        return (self._pool.data, self._pool.noise)
+
+    def _pairs_file_ready(self) -> bool:
+        opts: PairedOptions = self.options  # type: ignore[assignment]
+        return bool(opts.pairs) and Path(opts.pairs).is_file()
+
+    def _load_source(self, like: Tensor) -> Flow:
+        from ..train import load_run  # late import: the trainer imports the methods
+
+        opts: PairedOptions = self.options  # type: ignore[assignment]
+        if not opts.source:
+            fail(
+                "option 'source'",
+                "must name the source run folder (needed for warm start or new pairs)",
+                opts.source,
+            )
+        flow, _, _ = load_run(opts.source, device=str(like.device))
+        if flow.event_shape != self.event_shape:
+            fail(
+                "option 'source'",
+                f"must be a flow on data of shape {self.event_shape}",
+                flow.event_shape,
+            )
+        flow = flow.to(like.dtype)
+        flow.eval()
+        for p in flow.parameters():
+            p.requires_grad_(False)
+        return flow
+
+    def _warm_start(self, stage: Flow) -> None:
+        src, opts = self._source, self.options
+        source_name = getattr(opts, "source", "")
+        if src is None:  # stage_data loads the source whenever warm_start is set
+            raise RuntimeError("warm start needs the source flow loaded")
+        net = stage.blocks[0].velocity
+        mine = net.config() if hasattr(net, "config") else None
+        theirs = (
+            src.blocks[0].velocity.config() if hasattr(src.blocks[0].velocity, "config") else None
+        )
+        if src.num_blocks != 1 or mine != theirs:
+            fail(
+                "option 'warm_start'",
+                "needs a one-block source with the same network as this run (source: "
+                f"{src.num_blocks} block(s), {theirs}; run: {mine}); pass -o warm_start=false",
+                source_name,
+            )
+        with torch.no_grad():
+            net.load_state_dict(src.blocks[0].velocity.state_dict())
+
+    def _initial_pairs(self, like: Tensor) -> Pairs:
+        opts: PairedOptions = self.options  # type: ignore[assignment]
+        if self._pairs_file_ready():
+            pairs, info = load_pairs(opts.pairs, "option 'pairs'")
+            if tuple(pairs.data.shape[1:]) != self.event_shape:
+                fail(
+                    "option 'pairs'",
+                    f"must hold pairs of shape (n, {self.event_shape})",
+                    tuple(pairs.data.shape),
+                )
+            stale = {
+                k: (info.get(k), v)
+                for k, v in opts.pair_info().items()
+                if k in info and info[k] != v
+            }
+            if stale:
+                fail(
+                    "option 'pairs'",
+                    f"was made with other settings {stale}; use a new file",
+                    opts.pairs,
+                )
+            return pairs
+        pairs = self._simulate(0, like)
+        if opts.pairs:
+            save_pairs(opts.pairs, pairs, opts.pair_info())
+        return pairs
+
+    def _simulate(self, round_: int, like: Tensor) -> Pairs:
+        opts: PairedOptions = self.options  # type: ignore[assignment]
+        if self._source is None:
+            fail(
+                "option 'source'", "must name the source run folder to simulate pairs", opts.source
+            )
+        gen = torch.Generator(device=like.device).manual_seed(_seed_from(self._seed, round_))
+        return simulate_pairs(self._source, opts.n_pairs, spec=opts.pair_spec(), generator=gen)
+
+    def refresh(self) -> None:
+        """Count a training step; every ``regenerate_every`` steps re-simulate the pool in place."""
+        opts: PairedOptions = self.options  # type: ignore[assignment]
+        self._calls += 1
+        if (
+            opts.regenerate_every > 0
+            and self._pool is not None
+            and self._calls % opts.regenerate_every == 0
+        ):
+            new = self._simulate(self._calls // opts.regenerate_every, self._pool.data)
+            self._pool.data.copy_(new.data)
+            self._pool.noise.copy_(new.noise)
+
+    # -- reports --------------------------------------------------------------------------------
+    def stage_report(
+        self, stage: Flow, before: Tensor, after: Tensor, index: int
+    ) -> dict[str, float]:
+        """Straightness and transport cost of the trained block (model units, ``eval``'s budget)."""
+        res = quick_straightness(stage, _seed_from(self._seed, "report"))
+        return {"straightness": res.straightness, "transport_cost": res.transport_cost}
+
+
+@dataclass(frozen=True)
+class ReflowOptions(PairedOptions):
+    """Options of reflow.
+
+    Attributes:
+        sigma: standard deviation of Gaussian noise added around the straight path (0: none).
+    """
+
+    sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self.sigma, "option 'sigma'", allow_zero=True)
+
+
+@METHODS.register("reflow")
+class Reflow(PairedMethod):
+    """Reflow: one-block flow matching on (data, noise) pairs simulated from a source flow."""
+
+    name = "reflow"
+    Options = ReflowOptions
+
+    def loss(
+        self, stage: Flow, batch: tuple[Tensor, ...], index: int, generator: torch.Generator
+    ) -> Loss:
+        self.refresh()
+        data, noise = batch
+        fm = FMOptions(interpolant="straight", coupling="independent", sigma=self.options.sigma)  # type: ignore[attr-defined]
+        return flow_matching_loss(stage.blocks[0], data, noise, fm, generator)  # type: ignore[arg-type]
