@@ -155,8 +155,12 @@ class Flow(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.event_shape = tuple(int(s) for s in event_shape)
-        shift = torch.zeros(self.event_shape) if shift is None else torch.as_tensor(shift).float()
-        scale = torch.ones(self.event_shape) if scale is None else torch.as_tensor(scale).float()
+        shift = torch.zeros(self.event_shape) if shift is None else torch.as_tensor(shift)
+        scale = torch.ones(self.event_shape) if scale is None else torch.as_tensor(scale)
+        if not shift.is_floating_point():
+            shift = shift.float()
+        if not scale.is_floating_point():
+            scale = scale.float()
         if bool((scale <= 0).any()) or not bool(torch.isfinite(scale).all()):
             fail("scale", "must be finite and > 0 everywhere", scale)
         self.register_buffer("shift", torch.broadcast_to(shift, self.event_shape).clone())

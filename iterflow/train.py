@@ -658,7 +658,7 @@ def load_run(path: str | Path, *, device: str = "cpu") -> tuple[Flow, TrainConfi
     dtype = DTYPES[cfg.dtype]
     blocks = []
     for i, net_cfg in enumerate(meta["networks"]):
-        b = Block(build_network(net_cfg))
+        b = Block(build_network(net_cfg)).to(dtype)  # load float64 weights without a float32 detour
         state = load_tensors(run.block(i), "run")
         try:
             b.load_state_dict(state)

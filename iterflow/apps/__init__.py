@@ -1,0 +1,1 @@
+"""Applications built on flows: optimal transport, density ratios, worst-case sampling."""

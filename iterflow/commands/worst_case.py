@@ -1,0 +1,344 @@
+"""``iterflow worst-case``: learn a flow that moves a reference distribution to its worst case.
+
+Maximises ``E R(F(X)) - E|X - F(X)|^2 / (2 gamma)`` (FlowDRO; Xu, Lee, Cheng, Xie, arXiv 2310.19253)
+and compares with per-sample gradient ascent calibrated to the same transport cost. The run folder
+gets the map (``dro.json``, ``blocks/``, ``normalization.safetensors``), the classifier when the risk
+is one, ``metrics.json`` and plots. See :mod:`iterflow.apps.dro`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+
+from ..errors import fail
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``worst-case`` command to the CLI."""
+    app.command(name="worst-case")(worst_case)
+
+
+def worst_case(
+    reference: str = typer.Option(
+        ...,
+        help="Reference P: a run folder, a labelled set (moons, circles, "
+        "sklearn:digits) or a data set name/file.",
+    ),
+    risk: str = typer.Option(
+        ..., help="classifier, linear:a1,...,ad or quadratic:Q[;b] (Q: 1, d or d*d numbers)."
+    ),
+    data: str | None = typer.Option(
+        None,
+        help="Labelled set the classifier is trained on "
+        "(default: the reference, when it is a labelled set).",
+    ),
+    out: Path = typer.Option(Path("runs/worst-case"), help="New (or empty) run folder."),
+    gamma: float = typer.Option(1.0, help="Wasserstein budget parameter (larger: farther moves)."),
+    blocks: int = typer.Option(1, help="ODE blocks in the map."),
+    schedule: str = typer.Option("joint", help="joint or progressive (gamma/blocks per block)."),
+    hidden: str = typer.Option("64,64", help="Hidden widths of each block's MLP."),
+    activation: str = typer.Option("silu"),
+    solver: str = typer.Option("rk4", help="Fixed-step solver: euler, midpoint, heun, rk4."),
+    ode_steps: int = typer.Option(8, help="Solver steps per block."),
+    kinetic: float = typer.Option(
+        0.0, help="Weight of the path-straightness (kinetic) regulariser."
+    ),
+    steps: int = typer.Option(1000, help="Optimiser steps (per block when progressive)."),
+    batch_size: int = typer.Option(256),
+    lr: float = typer.Option(1e-2, help="Peak learning rate (Adam, cosine schedule)."),
+    n_train: int = typer.Option(1000, help="Training points of P."),
+    n_test: int = typer.Option(1000, help="Held-out points of P."),
+    seed: int = typer.Option(0),
+    dtype: str = typer.Option("float32", help="float32 or float64."),
+    classifier_hidden: str = typer.Option("64,64", help="Hidden widths of the classifier."),
+    classifier_steps: int = typer.Option(1500),
+    label_smoothing: float = typer.Option(
+        0.1, help="Label smoothing of the classifier's training."
+    ),
+    baseline: bool = typer.Option(
+        True, help="Also run the gradient-ascent baseline at equal cost."
+    ),
+    ascent_steps: int = typer.Option(100, help="Gradient-ascent steps of the baseline."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Worst-case sampling: a flow map F maximising E R(F(X)) - E|X - F(X)|^2 / (2 gamma)."""
+    from ..apps import dro
+    from ..cli import RichReporter, _console, _parse_hidden
+
+    console = _console(quiet)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fail("--out", "must be a new or empty folder", str(out))
+    config = dro.DROConfig(
+        gamma=gamma,
+        blocks=blocks,
+        schedule=schedule,
+        hidden=_parse_hidden(hidden),
+        activation=activation,
+        solver=solver,
+        ode_steps=ode_steps,
+        kinetic=kinetic,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        dtype=dtype,
+    )
+    ref = dro.load_reference(reference, n_train=n_train, n_test=n_test, seed=seed)
+    dt = dro.DTYPES[dtype]
+    x_train, x_test = ref.train.to(dt), ref.test.to(dt)
+    the_risk, labels_train, labels_test, info = _make_risk(
+        risk,
+        ref,
+        data,
+        x_train,
+        x_test,
+        seed=seed,
+        hidden=_parse_hidden(classifier_hidden),
+        steps=classifier_steps,
+        label_smoothing=label_smoothing,
+        console=console,
+    )
+    if isinstance(the_risk, dro.ClassifierLoss):
+        the_risk = dro.ClassifierLoss(the_risk.classifier.to(dt))
+    t0 = time.perf_counter()
+    with RichReporter(quiet) as rep:
+        rep.stage_start(0, 1, dro._total_steps(config), 0)
+        result = dro.fit_worst_case(
+            x_train,
+            the_risk,
+            labels=labels_train,
+            config=config,
+            progress=lambda s, _n, terms: rep.step(s, terms),
+        )
+    with torch.no_grad():
+        y_test = result.map(x_test)
+    metrics: dict[str, Any] = {
+        "gamma": gamma,
+        "reference": ref.source,
+        "risk": risk,
+        "dim": int(x_train.shape[1]),
+        **info,
+        "flow": {
+            "train": result.train.to_json(),
+            "test": dro.assess(x_test, y_test, the_risk, labels_test, gamma).to_json(),
+            "seconds": result.seconds,
+            "velocity_evaluations_per_sample": _nfe(config),
+        },
+    }
+    if isinstance(the_risk, (dro.LinearRisk, dro.QuadraticRisk)):
+        metrics["closed_form"] = {
+            "relative_rms_error_train": _rel_err(result.map, the_risk, x_train, gamma),
+            "relative_rms_error_test": _rel_err(result.map, the_risk, x_test, gamma),
+        }
+    asc = None
+    if baseline:
+        asc, metrics["baseline"] = _baseline(
+            the_risk,
+            x_train,
+            x_test,
+            labels_train,
+            labels_test,
+            result.train.transport_cost,
+            gamma,
+            ascent_steps,
+        )
+    dro.save_worst_case(result, out)
+    if isinstance(the_risk, dro.ClassifierLoss):
+        dro.save_classifier(the_risk.classifier, out)  # type: ignore[arg-type]
+    from ..io import save_json
+
+    save_json(out / "metrics.json", metrics)
+    plots = _plots(out, ref, x_train, x_test, y_test, labels_test, asc)
+    _summary(console, metrics, time.perf_counter() - t0, out, plots)
+
+
+def _make_risk(
+    spec: str,
+    ref: Any,
+    data: str | None,
+    x_train: torch.Tensor,
+    x_test: torch.Tensor,
+    *,
+    seed: int,
+    hidden: tuple[int, ...],
+    steps: int,
+    label_smoothing: float,
+    console: Any,
+) -> tuple[Any, torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """The risk, the labels of the train/test reference points, and what to record about them."""
+    from ..apps import dro
+
+    if spec != "classifier":
+        return dro.parse_risk(spec, int(x_train.shape[1])), None, None, {}
+    name = data or (ref.source.get("name") if ref.source.get("kind") == "labelled" else None)
+    if name is None:
+        fail(
+            "--data",
+            f"must name a labelled set {list(dro.LABELLED_SETS)} for --risk classifier "
+            "when --reference is not one",
+            data,
+        )
+    same = ref.data is not None and ref.data.name == name
+    ld = ref.data if same else dro.labelled_data(name, x_train.shape[0], x_test.shape[0], seed)
+    if ld.train_x.shape[1] != x_train.shape[1]:
+        fail(
+            "--data",
+            f"must have the reference's dimension {x_train.shape[1]}",
+            f"{name} ({ld.train_x.shape[1]})",
+        )
+    console.print(f"training a classifier on {name} ({ld.train_x.shape[0]} points) ...")
+    clf = dro.train_classifier(
+        ld.train_x,
+        ld.train_y,
+        hidden=hidden,
+        steps=steps,
+        label_smoothing=label_smoothing,
+        seed=seed,
+    )
+    loss = dro.ClassifierLoss(clf)
+    if same:
+        y_tr, y_te, how = ld.train_y, ld.test_y, "true labels"
+    else:  # unlabelled reference: attack the classifier's own predictions
+        y_tr, y_te, how = (
+            loss.predict(x_train.float()),
+            loss.predict(x_test.float()),
+            "classifier predictions",
+        )
+    info = {
+        "classifier": {
+            "data": name,
+            "hidden": list(hidden),
+            "steps": steps,
+            "label_smoothing": label_smoothing,
+            "labels": how,
+            "train_accuracy": dro.accuracy(clf, ld.train_x, ld.train_y),
+            "test_accuracy": dro.accuracy(clf, ld.test_x, ld.test_y),
+        }
+    }
+    return loss, y_tr, y_te, info
+
+
+def _nfe(config: Any) -> int:
+    from ..ode import FIXED_SOLVERS
+
+    return config.blocks * config.ode_steps * len(FIXED_SOLVERS[config.solver].b)
+
+
+def _rel_err(wc_map: Any, risk: Any, x: torch.Tensor, gamma: float) -> float:
+    """``sqrt(E|F(x) - F*(x)|^2 / E|F*(x) - x|^2)`` against the closed-form map ``F*``."""
+    with torch.no_grad():
+        y, ys = wc_map(x), risk.optimal_map(x, gamma)
+    return float(
+        (((y - ys) ** 2).sum(1).mean() / ((ys - x) ** 2).sum(1).mean().clamp_min(1e-30)).sqrt()
+    )
+
+
+def _baseline(
+    risk: Any,
+    x_train: torch.Tensor,
+    x_test: torch.Tensor,
+    labels_train: torch.Tensor | None,
+    labels_test: torch.Tensor | None,
+    target_cost: float,
+    gamma: float,
+    ascent_steps: int,
+) -> tuple[Any, dict[str, Any]]:
+    """Gradient ascent calibrated to the flow's training cost; transferred and re-optimised on test."""
+    from ..apps import dro
+
+    if target_cost <= 0:
+        return None, {"skipped": "the flow did not move (transport cost 0)"}
+    asc = dro.calibrate_ascent(
+        x_train, risk, target_cost, labels=labels_train, steps=ascent_steps, gamma0=gamma
+    )
+    transferred = dro.transfer_displacement(x_train, asc.points, x_test)
+    reopt = dro.gradient_ascent(
+        x_test, risk, gamma=asc.gamma, labels=labels_test, steps=ascent_steps
+    )
+    return asc, {
+        "gamma": asc.gamma,
+        "steps": asc.steps,
+        "step_size": asc.step_size,
+        "adaptive": asc.adaptive,
+        "gradient_evaluations_per_sample": asc.gradient_evaluations,
+        "train": dro.assess(x_train, asc.points, risk, labels_train, gamma).to_json(),
+        "test_transfer": dro.assess(x_test, transferred, risk, labels_test, gamma).to_json(),
+        "test_reoptimised": dro.assess(x_test, reopt.points, risk, labels_test, gamma).to_json(),
+        "transfer": "nearest training point's displacement",
+    }
+
+
+def _plots(
+    out: Path,
+    ref: Any,
+    x_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    labels_test: torch.Tensor | None,
+    asc: Any,
+) -> list[Path]:
+    from ..apps import dro
+
+    plots = []
+    if x_test.shape[1] == 2:
+        plots.append(
+            dro.plot_displacement(
+                x_test, y_test, out / "worst_case.png", labels_test, "flow map on held-out points"
+            )
+        )
+        if asc is not None:
+            plots.append(
+                dro.plot_displacement(
+                    x_train,
+                    asc.points,
+                    out / "baseline.png",
+                    None,
+                    "gradient ascent (training points)",
+                )
+            )
+    elif ref.data is not None and ref.data.image_shape is not None:
+        k = min(32, x_test.shape[0])
+        d = ref.data
+        plots.append(
+            dro.plot_digit_pairs(
+                d.to_pixels(x_test[:k].float()),
+                d.to_pixels(y_test[:k].float()),
+                out / "worst_case_images.png",
+                value_range=d.pixel_range,
+                title="held-out digits (rows 1, 3, ...) above their worst case",
+            )
+        )
+    return plots
+
+
+def _summary(console: Any, m: dict[str, Any], seconds: float, out: Path, plots: list[Path]) -> None:
+    def line(name: str, a: dict[str, Any]) -> str:
+        acc = (
+            f", accuracy {a['accuracy_before']:.3f} -> {a['accuracy_after']:.3f}"
+            if a.get("accuracy_after") is not None
+            else ""
+        )
+        return (
+            f"  {name:<28} cost {a['transport_cost']:.4g}, risk {a['risk_before']:.4g} -> "
+            f"{a['risk_after']:.4g}{acc}"
+        )
+
+    console.print(f"worst case (gamma={m['gamma']}) in {seconds:.1f} s -> {out}")
+    console.print(line("flow, training points", m["flow"]["train"]))
+    console.print(line("flow, held-out points", m["flow"]["test"]))
+    b = m.get("baseline", {})
+    if "train" in b:
+        console.print(line(f"ascent (gamma={b['gamma']:.3g}), training", b["train"]))
+        console.print(line("ascent, held-out (transfer)", b["test_transfer"]))
+        console.print(line("ascent, held-out (re-opt.)", b["test_reoptimised"]))
+    if "closed_form" in m:
+        console.print(
+            f"  closed-form map: relative RMS error {m['closed_form']['relative_rms_error_test']:.3g}"
+        )
+    if plots:
+        console.print("wrote metrics.json, " + ", ".join(p.name for p in plots))

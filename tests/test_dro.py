@@ -1,0 +1,360 @@
+"""Worst-case sampling (FlowDRO): closed-form maps, classifier attacks, baseline, I/O and the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from iterflow.apps.dro import (
+    ClassifierLoss,
+    DROConfig,
+    LinearRisk,
+    QuadraticRisk,
+    accuracy,
+    assess,
+    calibrate_ascent,
+    fit_worst_case,
+    gradient_ascent,
+    labelled_data,
+    load_classifier,
+    load_reference,
+    load_worst_case,
+    parse_risk,
+    plot_digit_pairs,
+    plot_displacement,
+    save_classifier,
+    save_worst_case,
+    train_classifier,
+    transfer_displacement,
+)
+from iterflow.errors import InputError
+
+# small nets, float64, few solver steps: the closed-form maps are smooth (a shift, a linear map)
+FAST = dict(
+    hidden=(32, 32), ode_steps=2, steps=300, batch_size=128, lr=1e-2, dtype="float64", log_every=50
+)
+Q = [[2.0, 0.5], [0.5, 1.0]]
+B = [1.0, -0.5]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second intra-op thread only adds synchronisation (and spins on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def points(n: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor(
+        [1.0, 0.5], dtype=torch.float64
+    )
+
+
+def rel_err(y: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> float:
+    """sqrt(E|y - y*|^2 / E|y* - x|^2): map error relative to the optimal displacement."""
+    y = y.detach()
+    return float((((y - ys) ** 2).sum(1).mean() / ((ys - x) ** 2).sum(1).mean()).sqrt())
+
+
+@pytest.mark.parametrize("kw", [{}, {"kinetic": 1.0}], ids=["plain", "kinetic"])
+def test_linear_risk_gives_the_shift(kw: dict) -> None:
+    gamma, risk = 0.5, LinearRisk([1.0, -2.0])
+    x = points()
+    res = fit_worst_case(x, risk, config=DROConfig(gamma=gamma, **FAST, **kw))
+    x_new = points(128, seed=1)  # the map is a function: it must hold on new points too
+    for z in (x, x_new):
+        assert rel_err(res.map(z), risk.optimal_map(z, gamma), z) < 0.02
+    a2 = float((risk.a**2).sum())
+    assert res.train.transport_cost == pytest.approx(gamma**2 * a2, rel=0.03)  # |gamma a|^2
+    assert res.train.risk_increase == pytest.approx(gamma * a2, rel=0.03)  # a . gamma a
+    assert [h["step"] for h in res.history] == list(range(50, 301, 50))
+
+
+def test_quadratic_risk_gives_the_linear_map() -> None:
+    gamma, risk = 0.5, QuadraticRisk(Q, B)
+    x = points()
+    res = fit_worst_case(x, risk, config=DROConfig(gamma=gamma, **FAST))
+    assert rel_err(res.map(x), risk.optimal_map(x, gamma), x) < 0.03
+    assert (
+        rel_err(res.map(points(128, 1)), risk.optimal_map(points(128, 1), gamma), points(128, 1))
+        < 0.05
+    )
+    # the optimum is a linear map: check it against the formula directly
+    m = torch.linalg.inv(
+        torch.eye(2, dtype=torch.float64) + gamma * torch.tensor(Q, dtype=torch.float64)
+    )
+    assert torch.allclose(
+        risk.optimal_map(x, gamma), (x + gamma * torch.tensor(B, dtype=torch.float64)) @ m.T
+    )
+
+
+def test_progressive_chain_composes_proximal_steps() -> None:
+    gamma, k, risk = 0.6, 2, QuadraticRisk(Q, B)
+    x = points()
+    res = fit_worst_case(
+        x, risk, config=DROConfig(gamma=gamma, blocks=k, schedule="progressive", **FAST)
+    )
+    ys = x
+    for _ in range(k):  # K proximal steps of size gamma / K
+        ys = risk.optimal_map(ys, gamma / k)
+    assert rel_err(res.map(x), ys, x) < 0.04
+    assert (
+        rel_err(res.map(x), risk.optimal_map(x, gamma), x) > 0.05
+    )  # a different map than one step
+
+
+@pytest.mark.parametrize("step_size", [None, 0.1], ids=["adaptive", "fixed"])
+def test_gradient_ascent_reaches_the_proximal_point(step_size: float | None) -> None:
+    gamma, risk = 0.5, QuadraticRisk(Q, B)
+    x = points(64)
+    res = gradient_ascent(x, risk, gamma=gamma, steps=200, step_size=step_size)
+    assert torch.allclose(res.points, risk.optimal_map(x, gamma), atol=1e-10)
+    assert res.adaptive == (step_size is None) and res.gradient_evaluations == 200 + res.adaptive
+
+
+def test_adaptive_ascent_never_decreases_the_objective() -> None:
+    """A sharp risk (R = 50 sin(5 y_1)) makes the fixed step oscillate; per-sample control must not."""
+    x = points(64)
+    gamma = 0.5
+
+    def risk(y: torch.Tensor) -> torch.Tensor:
+        return 50 * torch.sin(5 * y[:, 0])
+
+    def objective(z: torch.Tensor) -> torch.Tensor:
+        return risk(z) - ((z - x) ** 2).sum(1) / (2 * gamma)
+
+    prev = objective(x)
+    for steps in (1, 5, 20):
+        j = objective(gradient_ascent(x, risk, gamma=gamma, steps=steps).points)
+        assert bool((j >= prev - 1e-12).all())
+        prev = j
+    fixed = objective(gradient_ascent(x, risk, gamma=gamma, steps=20, step_size=gamma / 5).points)
+    assert float(prev.mean()) > float(fixed.mean())
+
+
+def test_calibrated_ascent_matches_the_cost_and_transfer_reuses_steps() -> None:
+    risk = LinearRisk([1.0, 0.0])
+    x = points(64)
+    res = calibrate_ascent(x, risk, target_cost=0.09, steps=60)
+    cost = float(((res.points - x) ** 2).sum(1).mean())
+    assert cost == pytest.approx(0.09, rel=1e-3)
+    assert res.gamma == pytest.approx(0.3, rel=1e-3)  # the shift gamma a has cost gamma^2
+    quad = gradient_ascent(x, QuadraticRisk(Q, B), gamma=0.5, steps=50)  # displacements vary with x
+    new = x[:5] + 1e-6  # each new point's nearest training point is its twin
+    assert torch.allclose(transfer_displacement(x, quad.points, new) - new, quad.points[:5] - x[:5])
+
+
+@pytest.fixture(scope="module")
+def moons() -> tuple:
+    data = labelled_data("moons", 300, 300, seed=0)
+    clf = train_classifier(data.train_x, data.train_y, hidden=(32, 32), steps=400, seed=0)
+    return data, clf
+
+
+def test_classifier_accuracy_drops_as_gamma_grows(moons: tuple) -> None:
+    data, clf = moons
+    clean = accuracy(clf, data.test_x, data.test_y)
+    assert clean > 0.95
+    cfg = dict(hidden=(32, 32), ode_steps=2, steps=250, lr=1e-2, batch_size=128)
+    acc, risk, cost = [], [], []
+    for gamma in (0.02, 0.5):
+        res = fit_worst_case(
+            data.train_x, clf, labels=data.train_y, config=DROConfig(gamma=gamma, **cfg)
+        )
+        a = assess(data.test_x, res.map(data.test_x), ClassifierLoss(clf), data.test_y, gamma)
+        acc.append(a.accuracy_after)
+        risk.append(a.risk_after)
+        cost.append(a.transport_cost)
+        assert a.accuracy_before == pytest.approx(clean)
+    assert acc[0] <= clean + 1e-9 and acc[1] < acc[0] - 0.3
+    assert risk[1] > risk[0] and cost[1] > cost[0]
+
+
+def test_classifier_without_labels_attacks_its_predictions(moons: tuple) -> None:
+    data, clf = moons
+    res = fit_worst_case(
+        data.train_x[:64], ClassifierLoss(clf), config=DROConfig(gamma=0.5, steps=5)
+    )
+    assert res.train.accuracy_before == pytest.approx(1.0)  # labels = predictions
+
+
+def test_labelled_sets_are_seeded_and_digits_standardised() -> None:
+    a, b = labelled_data("moons", 50, 20, seed=3), labelled_data("moons", 50, 20, seed=3)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(a.train_x, labelled_data("moons", 50, 20, seed=4).train_x)
+    d = labelled_data("sklearn:digits", 2000, 2000, seed=0)
+    assert d.train_x.shape[1] == 64 and d.classes == 10 and d.image_shape == (1, 8, 8)
+    assert d.train_x.shape[0] + d.test_x.shape[0] == 1797
+    assert torch.allclose(d.train_x.mean(0), torch.zeros(64), atol=1e-5)
+    px = d.to_pixels(d.test_x)
+    assert px.shape[1:] == (1, 8, 8) and float(px.min()) > -1e-4 and float(px.max()) < 16 + 1e-4
+    with pytest.raises(InputError, match="--data"):
+        labelled_data("nope")
+
+
+def test_save_load_round_trip(tmp_path: Path, moons: tuple) -> None:
+    x = points(64)
+    res = fit_worst_case(
+        x, LinearRisk([1.0, 0.0]), config=DROConfig(gamma=0.5, blocks=2, **{**FAST, "steps": 5})
+    )
+    save_worst_case(res, tmp_path / "run")
+    back = load_worst_case(tmp_path / "run")
+    assert (
+        torch.equal(back.map(x), res.map(x))
+        and back.config == res.config
+        and back.train == res.train
+    )
+    assert torch.allclose(back.map.inverse(back.map(x)), x, atol=1e-6)
+    _, clf = moons
+    save_classifier(clf, tmp_path / "run")
+    clf2 = load_classifier(tmp_path / "run")
+    z = torch.randn(8, 2)
+    assert torch.equal(clf(z), clf2(z))
+    (tmp_path / "run" / "blocks" / "block_001.safetensors").write_bytes(b"junk")
+    with pytest.raises(InputError, match="safetensors"):
+        load_worst_case(tmp_path / "run")
+
+
+def test_reference_from_a_trained_run(tmp_path: Path) -> None:
+    from iterflow.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data="8gaussians", steps=5, batch_size=64, hidden=(16,), n_train=200, n_val=20, n_test=20
+    )
+    train(cfg, tmp_path / "run")
+    ref = load_reference(tmp_path / "run", n_train=30, n_test=10, seed=1, solver="rk4", steps=4)
+    assert ref.train.shape == (30, 2) and ref.test.shape == (10, 2) and ref.source["kind"] == "run"
+    again = load_reference(tmp_path / "run", n_train=30, n_test=10, seed=1, solver="rk4", steps=4)
+    assert torch.equal(ref.train, again.train)  # seeded draw
+
+
+def test_reference_from_a_data_set_name_and_risk_parsing() -> None:
+    ref = load_reference("8gaussians", n_train=50, n_test=20, seed=0)
+    assert ref.train.shape == (50, 2) and ref.test.shape == (20, 2) and ref.train_labels is None
+    assert torch.equal(parse_risk("linear:1,2", 2).a, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    q = parse_risk("quadratic:1,2;0,1", 2)
+    assert torch.equal(q.q, torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)))
+    assert torch.equal(parse_risk("quadratic:3", 2).q, 3 * torch.eye(2, dtype=torch.float64))
+    for bad in (
+        "linear:1",
+        "quadratic:1,2,3",
+        "quadratic:-1",
+        "cubic:1",
+        "linear:a,b",
+        "quadratic:1,2;1",
+    ):
+        with pytest.raises(InputError, match="--risk"):
+            parse_risk(bad, 2)
+
+
+def test_input_errors() -> None:
+    x = points(16)
+    with pytest.raises(InputError, match="--gamma"):
+        DROConfig(gamma=0.0)
+    with pytest.raises(InputError, match="--solver"):
+        DROConfig(solver="dopri5")  # training integrates with a fixed-step solver
+    with pytest.raises(InputError, match="risk"):
+        fit_worst_case(x, lambda y: y, config=DROConfig(steps=1))  # (B, d) instead of (B,)
+    with pytest.raises(InputError, match="labels"):
+        fit_worst_case(x, LinearRisk([1.0, 0.0]), labels=torch.zeros(16, dtype=torch.int64))
+    with pytest.raises(InputError, match="Q"):
+        QuadraticRisk([[1.0, 0.0], [0.0, -1.0]])
+    with pytest.raises(InputError, match="reference"):
+        fit_worst_case(x[:, :1].long(), LinearRisk([1.0]))
+
+
+def test_plots(tmp_path: Path) -> None:
+    x = points(50)
+    assert (
+        plot_displacement(x, x + 0.1, tmp_path / "a.png", torch.arange(50) % 2).stat().st_size > 0
+    )
+    img = torch.rand(10, 1, 8, 8)
+    assert plot_digit_pairs(img, img.flip(-1), tmp_path / "b.png", value_range=(0.0, 1.0)).exists()
+
+
+def _cli(argv: list[str]) -> int:
+    from iterflow.cli import app, main
+    from iterflow.commands import worst_case
+
+    if not any(c.name == "worst-case" for c in app.registered_commands):
+        worst_case.register(app)  # until the CLI registers iterflow.commands itself
+    return main(argv)
+
+
+def test_cli_writes_a_run_folder(tmp_path: Path) -> None:
+    out = tmp_path / "wc"
+    code = _cli(
+        [
+            "worst-case",
+            "--reference",
+            "8gaussians",
+            "--risk",
+            "linear:1,0",
+            "--gamma",
+            "0.3",
+            "--steps",
+            "40",
+            "--ode-steps",
+            "2",
+            "--hidden",
+            "16",
+            "--n-train",
+            "200",
+            "--n-test",
+            "100",
+            "--ascent-steps",
+            "20",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"flow", "baseline", "closed_form"} <= set(m) and m["flow"]["test"]["n"] == 100
+    assert m["baseline"]["train"]["transport_cost"] == pytest.approx(
+        m["flow"]["train"]["transport_cost"], rel=1e-2
+    )
+    assert (out / "worst_case.png").exists() and (out / "dro.json").exists()
+    assert load_worst_case(out).config.gamma == 0.3
+
+
+def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        _cli(
+            [
+                "worst-case",
+                "--reference",
+                "8gaussians",
+                "--risk",
+                "linear:1",
+                "--out",
+                str(tmp_path / "x"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "--risk" in capsys.readouterr().err
+    assert (
+        _cli(
+            [
+                "worst-case",
+                "--reference",
+                "8gaussians",
+                "--risk",
+                "classifier",
+                "--out",
+                str(tmp_path / "y"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
