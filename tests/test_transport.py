@@ -1,0 +1,276 @@
+"""Flow-based optimal transport against closed forms between Gaussians, run folders and the CLI.
+
+Between ``N(m1, S1)`` and ``N(m2, S2)`` the optimal map is linear, ``T(x) = m2 + A (x - m1)`` with
+``A = S1^{-1/2} (S1^{1/2} S2 S1^{1/2})^{1/2} S1^{-1/2}``, and
+``W2^2 = |m1 - m2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iterflow.apps.transport import (
+    TransportOptions,
+    fit_transport,
+    gaussian_ot_flow,
+    gaussian_ot_map,
+    gaussian_w2_sq,
+    kinetic_energy,
+    load_transport,
+    save_transport,
+    transport_cost,
+)
+from iterflow.data import GaussianMixture
+from iterflow.errors import InputError
+
+F64 = torch.float64
+M1, M2 = torch.tensor([0.0, 0.0], dtype=F64), torch.tensor([2.0, 1.0], dtype=F64)
+S1 = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=F64)
+S2 = torch.tensor([[0.4, -0.1], [-0.1, 1.5]], dtype=F64)
+
+
+def gaussian_samples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    p, q = GaussianMixture(M1[None], S1[None]), GaussianMixture(M2[None], S2[None])
+    return p.sample(n, g), q.sample(n, g)
+
+
+# ------------------------------------------------------------------------------------------------
+# closed forms
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gaussian_ot_map_pushes_s1_to_s2_and_its_cost_is_w2() -> None:
+    a, c = gaussian_ot_map(M1, S1, M2, S2)
+    assert torch.allclose(a, a.T, atol=1e-12)
+    assert bool((torch.linalg.eigvalsh(a) > 0).all())  # the gradient of a convex potential
+    assert torch.allclose(a @ S1 @ a.T, S2, atol=1e-12)
+    assert torch.allclose(a @ M1 + c, M2, atol=1e-12)
+    eye = torch.eye(2, dtype=F64)
+    cost = (a @ M1 + c - M1).pow(2).sum() + torch.trace((a - eye) @ S1 @ (a - eye).T)
+    assert math.isclose(float(cost), gaussian_w2_sq(M1, S1, M2, S2), rel_tol=1e-12)
+
+
+def test_gaussian_w2_reduces_to_the_one_dimensional_formula() -> None:
+    for m1, s1, m2, s2 in [(0.0, 1.0, 3.0, 2.0), (-1.0, 0.5, 0.5, 0.5)]:
+        got = gaussian_w2_sq(
+            torch.tensor([m1]), torch.tensor([[s1**2]]), torch.tensor([m2]), torch.tensor([[s2**2]])
+        )
+        assert math.isclose(got, (m1 - m2) ** 2 + (s1 - s2) ** 2, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_exact_flow_maps_and_kinetic_energy(blocks: int) -> None:
+    """On the exact OT flow every path is straight at constant speed: kinetic energy =
+    displacement."""
+    flow = gaussian_ot_flow(M1, S1, M2, S2, blocks=blocks)
+    a, c = gaussian_ot_map(M1, S1, M2, S2)
+    x, y = (v.double() for v in gaussian_samples(4000, seed=0))
+    tx = x @ a.T + c
+    with torch.no_grad():
+        assert torch.allclose(flow.encode(x, solver="rk4", steps=8), tx, atol=1e-10)
+        ke = kinetic_energy(flow, x, steps=8)
+        ke_odd = kinetic_energy(flow, x, steps=7)  # trapezoid branch
+    assert torch.allclose(ke, (tx - x).pow(2).sum(1), atol=1e-10)
+    assert torch.allclose(ke_odd, ke, atol=1e-10)
+    cost = transport_cost(flow, x, y, steps=8)
+    assert math.isclose(cost.kinetic_forward, cost.displacement_forward, rel_tol=1e-9)
+    # the Monte Carlo mean of the exact cost approaches the closed form
+    se = float((tx - x).pow(2).sum(1).std()) / math.sqrt(len(x))
+    assert abs(cost.w2_sq - gaussian_w2_sq(M1, S1, M2, S2)) < 5 * se + 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+
+FAST = TransportOptions(
+    blocks=2,
+    hidden=(64, 64),
+    init_steps=500,
+    ot_chunk=128,
+    refine_steps=60,
+    refine_lr=5e-5,
+    classifier_warmup=60,
+    classifier_batch_size=512,
+)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple:
+    x, y = gaussian_samples(20_000, seed=0)
+    res = fit_transport(x, y, FAST, generator=torch.Generator().manual_seed(0))
+    return res, x, y
+
+
+def test_transport_cost_and_map_match_the_closed_form(fitted: tuple) -> None:
+    res, x, y = fitted
+    exact = gaussian_w2_sq(M1, S1, M2, S2)
+    assert abs(res.w2_sq / exact - 1) < 0.05, (res.w2_sq, exact)
+    # also against the closed form of the samples' own Gaussian fits (no sampling error of P, Q)
+    plug_in = gaussian_w2_sq(
+        x.double().mean(0), torch.cov(x.double().T), y.double().mean(0), torch.cov(y.double().T)
+    )
+    assert abs(res.w2_sq / plug_in - 1) < 0.05
+    a, c = gaussian_ot_map(M1, S1, M2, S2)
+    xt, yt = gaussian_samples(2000, seed=1)
+    err = (res.forward(xt).double() - (xt.double() @ a.T + c)).pow(2).sum(1).mean().sqrt()
+    assert float(err) < 0.1 * math.sqrt(exact), float(err)
+    back = res.backward(yt).double()
+    err_back = (back - torch.linalg.solve(a, (yt.double() - c).T).T).pow(2).sum(1).mean().sqrt()
+    assert float(err_back) < 0.1 * math.sqrt(exact), float(err_back)
+    roundtrip = res.backward(res.forward(xt)) - xt
+    assert float(roundtrip.abs().max()) < 1e-2
+    assert [h["phase"] for h in res.history] == ["init", "refine"]
+
+
+def test_save_load_round_trip(fitted: tuple, tmp_path: Path) -> None:
+    res, x, _ = fitted
+    save_transport(res, tmp_path / "run", {"data": {"note": "test"}})
+    back = load_transport(tmp_path / "run")
+    assert back.options == res.options and back.cost == res.cost
+    assert torch.equal(back.forward(x[:50]), res.forward(x[:50]))
+    meta = json.loads((tmp_path / "run" / "transport.json").read_text())
+    assert meta["data"] == {"note": "test"} and meta["kind"] == "transport"
+
+
+def test_load_transport_rejects_other_folders(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="run"):
+        load_transport(tmp_path / "missing")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "transport.json").write_text('{"kind": "something else"}')
+    with pytest.raises(InputError, match="transport run"):
+        load_transport(tmp_path / "other")
+
+
+@pytest.mark.parametrize(
+    "kwargs,argument",
+    [
+        ({"gamma": 0.0}, "gamma"),
+        ({"blocks": 0}, "blocks"),
+        ({"coupling": "nope"}, "coupling"),
+        ({"solver": "dopri5"}, "solver"),
+        ({"hidden": ()}, "hidden"),
+        ({"ema": 1.0}, "ema"),
+        ({"init_steps": 0, "refine_steps": 0}, "init_steps"),
+    ],
+)
+def test_options_are_validated(kwargs: dict, argument: str) -> None:
+    with pytest.raises(InputError, match=argument):
+        TransportOptions(**kwargs)
+
+
+def test_fit_transport_rejects_bad_samples() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 2)
+    with pytest.raises(InputError, match="target"):
+        fit_transport(x, torch.randn(50, 3), generator=g)
+    with pytest.raises(InputError, match="source"):
+        fit_transport(x.numpy(), x, generator=g)  # type: ignore[arg-type]
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(InputError, match="finite"):
+        fit_transport(x, bad, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def cli_main(argv: list[str]) -> int:
+    from iterflow.cli import main
+
+    return main(argv)
+
+
+def test_cli_transport_and_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    code = cli_main(
+        [
+            "transport",
+            "--source",
+            "gmm-2d",
+            "--target",
+            "8gaussians",
+            "--out",
+            str(run),
+            "--n-train",
+            "2000",
+            "--n-test",
+            "300",
+            "--hidden",
+            "32,32",
+            "--init-steps",
+            "60",
+            "--refine-steps",
+            "10",
+            "-o",
+            "classifier_warmup=10",
+            "-o",
+            "ot_chunk=128",
+            "--ratio-steps",
+            "40",
+            "--intervals",
+            "4",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    for name in (
+        "transport.json",
+        "metrics.json",
+        "normalization.safetensors",
+        "blocks/block_000.safetensors",
+        "blocks/block_001.safetensors",
+        "ratio/telescopic/ratio.json",
+        "plots/trajectories.png",
+        "plots/transport.png",
+        "plots/log_ratio.png",
+    ):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("w2_sq", "w2_exact_test", "log_ratio_mse_source", "log_ratio_mse_target"):
+        assert math.isfinite(metrics[key]), key
+    pts = tmp_path / "pts.npy"
+    np.save(pts, np.array([[0.0, 0.0], [2.0, 1.0], [-2.0, -1.5], [0.0, 2.0]]))
+    capsys.readouterr()
+    assert cli_main(["ratio", str(run), "--points", str(pts), "--quiet"]) == 0
+    printed = [float(v) for v in capsys.readouterr().out.split()]
+    out = tmp_path / "lr.npy"
+    assert cli_main(["ratio", str(run), "--points", str(pts), "--out", str(out), "--quiet"]) == 0
+    assert np.allclose(np.load(out), printed, rtol=1e-5)
+    # a baseline is fitted on first use and cached in the run folder
+    assert cli_main(["ratio", str(run), "--points", str(pts), "--estimator", "kde", "--quiet"]) == 0
+    assert (run / "ratio" / "kde" / "ratio.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["transport", "--source", "nope", "--target", "8gaussians"], "--source"),
+        (["transport", "--source", "gmm-2d", "--target", "sklearn:wine"], "--target"),
+        (["transport", "--source", "gmm-2d", "--target", "8gaussians", "-o", "gamma=-1"], "gamma"),
+        (["transport", "--source", "gmm-2d", "--target", "8gaussians", "-o", "nope=1"], "nope"),
+        (
+            ["transport", "--source", "gmm-2d", "--target", "8gaussians", "--intervals", "3"],
+            "--intervals",
+        ),
+        (["ratio", "RUN_MISSING", "--points", "x.npy"], "run"),
+    ],
+)
+def test_cli_bad_input_exits_2(
+    args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [a.replace("RUN_MISSING", str(tmp_path / "missing")) for a in args]
+    if argv[0] == "transport":
+        argv += ["--out", str(tmp_path / "out"), "--quiet"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
