@@ -129,3 +129,6 @@ def build_network(config: dict) -> nn.Module:
         return cls(**cfg)
     except TypeError as e:
         fail("network config", f"must match the constructor of {cls.__name__} ({e})", config)
+
+
+from . import unet  # noqa: E402,F401  (registers the image U-Net in NETWORKS)

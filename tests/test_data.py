@@ -61,7 +61,8 @@ def grid_integral(data: Dataset, lo: float, hi: float, n: int) -> float:
 def test_every_dataset_shapes_dtypes_and_seeding(name: str) -> None:
     data = make_dataset(name)
     x = data.sample(64, seeded(3))
-    assert x.shape == (64, data.dim) and x.dtype == torch.float32 and x.device.type == "cpu"
+    assert x.shape[0] == 64 and x[0].numel() == data.dim  # vectors (n, d) or images (n, C, H, W)
+    assert x.dtype == torch.float32 and x.device.type == "cpu"
     assert torch.isfinite(x).all()
     assert torch.equal(x, data.sample(64, seeded(3)))
     assert not torch.equal(x, data.sample(64, seeded(4)))

@@ -315,6 +315,8 @@ def _dataset_from_path(spec: str) -> Dataset:
 
 _register_all()
 
+from . import images  # noqa: E402,F401  (registers digits8, fashion-mnist and image files)
+
 __all__ = [
     "DATASETS",
     "ArrayDataset",

@@ -1,0 +1,613 @@
+"""Speed of iterflow next to the established flow-matching libraries, in one interleaved run.
+
+    python benchmarks/bench_speed.py [--rounds 5] [--threads 1] [--out bench_out/speed.json]
+    python benchmarks/bench_speed.py --quality 6000   # also: fp32 vs bf16-autocast model quality
+
+What it measures (all on the same network: 3 hidden layers of 256, SiLU, input ``[x, t]``; batch
+1,024; checkerboard data sampled by index from one pre-generated tensor; Adam):
+
+1. GEMM peak of this machine: FLOP/s of a large ``torch.matmul`` in float32 and bfloat16.
+2. Training steps/s, interleaved round by round so that load from other processes hits every
+   contender alike (the median over rounds is reported):
+   * iterflow's trainer (``iterflow.train.train``; includes its EMA, gradient clipping, learning-rate
+     schedule and logging) with its defaults (``autocast=auto``) and with ``autocast=none``;
+     couplings ``independent``, ``ot`` with ``ot_solver=auto`` and exact whole-batch ``ot_solver=emd``;
+   * torchcfm 1.0.7: ``ConditionalFlowMatcher`` and ``ExactOptimalTransportConditionalFlowMatcher``;
+   * Meta's flow_matching 1.0.10: ``AffineProbPath(CondOTScheduler())``, independent and with an exact
+     POT assignment of each batch (the library has no OT coupling of its own).
+   The libraries run in plain training loops written as their documentation shows (float32).
+   The fraction of the GEMM peak reached counts the step's matrix-multiply FLOPs only.
+3. Minibatch-OT couplings: time and quality (transport cost relative to the exact whole-batch
+   assignment) of every solver, per batch size.
+4. Sampling (samples/s at NFE 32, Euler) and likelihood evaluation (points/s, exact trace and
+   Hutchinson) of a flow with the same network, and per-evaluation costs of ways to compute the exact
+   divergence (batched backward as in ``iterflow.ode``, a loop of backward passes, ``torch.func``).
+
+The libraries are optional benchmark extras: ``pip install --no-deps torchcfm flow_matching`` next to
+a CPU build of torch (see ``pyproject.toml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, table, write_json  # noqa: E402
+
+from iterflow.couplings import (  # noqa: E402
+    assignment,
+    chunked_assignment,
+    ot_permutation,
+    sinkhorn_pairing,
+    transport_cost,
+)
+from iterflow.data import get_dataset  # noqa: E402
+from iterflow.flow import Block, Flow  # noqa: E402
+from iterflow.nn import MLPVelocity  # noqa: E402
+from iterflow.ode import divergence_exact, divergence_hutchinson  # noqa: E402
+from iterflow.train import TrainConfig, cpu_has_native_bf16, train  # noqa: E402
+
+HIDDEN = (256, 256, 256)
+BATCH = 1024
+
+
+def step_flops(batch: int = BATCH, dim: int = 2, hidden: tuple[int, ...] = HIDDEN) -> float:
+    """Matrix-multiply FLOPs of one training step of the MLP on ``[x, t]``.
+
+    Forward ``2 B sum(in*out)``; backward the weight gradients (same again) and the input gradients
+    of every layer but the first (whose input needs none).
+    """
+    sizes = [dim + 1, *hidden, dim]
+    layers = list(zip(sizes[:-1], sizes[1:]))
+    fwd = sum(a * b for a, b in layers)
+    return 2.0 * batch * (2 * fwd + sum(a * b for a, b in layers[1:]))
+
+
+def gemm_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+    """Best FLOP/s of square matrix products (2048 rows on a CPU, 8192 on a GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(reps + 1):
+        _sync(device)
+        t = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        _sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class ConcatMLP(nn.Module):
+    """The libraries' network: an MLP on ``[x, t]`` (3 hidden layers of 256, SiLU)."""
+
+    def __init__(self, dim: int = 2, hidden: tuple[int, ...] = HIDDEN) -> None:
+        super().__init__()
+        sizes = [dim + 1, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(hidden[-1], dim))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1)], 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training contenders: each returns a function that runs `steps` optimiser steps and returns seconds
+# ------------------------------------------------------------------------------------------------
+
+
+def library_loop(kind: str, data: Tensor, seed: int) -> Callable[[int], float]:
+    """A plain training loop of torchcfm or flow_matching, as their documentation writes it."""
+    torch.manual_seed(seed)
+    model = ConcatMLP().to(data.device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    if kind.startswith("torchcfm"):
+        from torchcfm.conditional_flow_matching import (
+            ConditionalFlowMatcher,
+            ExactOptimalTransportConditionalFlowMatcher,
+        )
+
+        fm = (
+            ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
+            if kind.endswith("ot")
+            else ConditionalFlowMatcher(sigma=0.0)
+        )
+
+        def loss_fn(x1: Tensor) -> Tensor:
+            x0 = torch.randn_like(x1)
+            t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+            return torch.mean((model(xt, t) - ut) ** 2)
+
+    else:
+        import ot
+        from flow_matching.path import AffineProbPath
+        from flow_matching.path.scheduler import CondOTScheduler
+
+        path = AffineProbPath(scheduler=CondOTScheduler())
+        w = np.full(BATCH, 1.0 / BATCH)
+
+        def loss_fn(x1: Tensor) -> Tensor:
+            x0 = torch.randn_like(x1)
+            if kind.endswith("ot"):
+                cost = torch.cdist(x0, x1).pow(2).double().cpu().numpy()
+                x1 = x1[torch.as_tensor(ot.emd(w, w, cost).argmax(1), device=x1.device)]
+            t = torch.rand(x1.shape[0], device=x1.device)
+            sample = path.sample(t=t, x_0=x0, x_1=x1)
+            return torch.pow(model(sample.x_t, sample.t) - sample.dx_t, 2).mean()
+
+    def run(steps: int) -> float:
+        _sync(data.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(0, data.shape[0], (BATCH,), generator=gen, device=data.device)
+            opt.zero_grad()
+            loss_fn(data[idx]).backward()
+            opt.step()
+        _sync(data.device)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def iterflow_run(
+    options: dict[str, Any], autocast: str, device: str, seed: int
+) -> Callable[[int], float]:
+    """iterflow's trainer on the same network (``time_freqs=0``: the first layer sees ``[x, t]``)."""
+
+    def run(steps: int) -> float:
+        cfg = TrainConfig(
+            data="checkerboard",
+            steps=steps,
+            batch_size=BATCH,
+            hidden=HIDDEN,
+            time_freqs=0,
+            n_train=100_000,
+            n_val=256,
+            n_test=256,
+            checkpoint_every=10**6,
+            seed=seed,
+            device=device,
+            autocast=autocast,
+            options=options,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train(cfg, Path(tmp) / "run")
+        return float(result.history[0]["seconds_optimize"])
+
+    return run
+
+
+def bench_training(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    data = get_dataset("checkerboard").splits(100_000, 10, 10, args.seed).train.to(device)
+    dev = str(device)
+    contenders: dict[str, tuple[Callable[[int], float], int, str, str]] = {
+        "iterflow (defaults)": (
+            iterflow_run({}, "auto", dev, args.seed),
+            args.steps,
+            "independent",
+            "iterflow",
+        ),
+        "iterflow autocast=none": (
+            iterflow_run({}, "none", dev, args.seed),
+            args.steps,
+            "independent",
+            "iterflow",
+        ),
+        "torchcfm ConditionalFlowMatcher": (
+            library_loop("torchcfm", data, args.seed),
+            args.steps,
+            "independent",
+            "torchcfm",
+        ),
+        "flow_matching AffineProbPath": (
+            library_loop("flow_matching", data, args.seed),
+            args.steps,
+            "independent",
+            "flow_matching",
+        ),
+        "iterflow ot (auto)": (
+            iterflow_run({"coupling": "ot"}, "auto", dev, args.seed),
+            args.steps,
+            "ot",
+            "iterflow",
+        ),
+        "iterflow ot (emd, whole batch)": (
+            iterflow_run({"coupling": "ot", "ot_solver": "emd"}, "auto", dev, args.seed),
+            args.ot_steps,
+            "ot (exact)",
+            "iterflow",
+        ),
+        "torchcfm ExactOptimalTransportCFM": (
+            library_loop("torchcfm-ot", data, args.seed),
+            args.ot_steps,
+            "ot (exact)",
+            "torchcfm",
+        ),
+        "flow_matching + POT emd pairing": (
+            library_loop("flow_matching-ot", data, args.seed),
+            args.ot_steps,
+            "ot (exact)",
+            "flow_matching",
+        ),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in contenders}
+    for run, _, _, _ in contenders.values():  # warm-up (imports, allocator, kernels)
+        run(3)
+    for r in range(args.rounds):
+        for name, (run, steps, _, _) in contenders.items():
+            rates[name].append(steps / run(steps))
+        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+    flops = step_flops()
+    rows = []
+    for name, (_, _, coupling, lib) in contenders.items():
+        med = statistics.median(rates[name])
+        rows.append(
+            {
+                "contender": name,
+                "library": lib,
+                "coupling": coupling,
+                "steps_per_s": med,
+                "min": min(rates[name]),
+                "max": max(rates[name]),
+                "gflop_per_s": med * flops / 1e9,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# OT couplings
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_ot(args: argparse.Namespace) -> list[dict[str, Any]]:
+    x = get_dataset("checkerboard").splits(50_000, 10, 10, args.seed).train
+    x = (x - x.mean(0)) / x.std(0)  # the trainer's model units
+    g = torch.Generator().manual_seed(args.seed)
+    solvers: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "emd (POT, whole batch)": lambda a, b: assignment(a, b, "emd"),
+        "lsa (scipy, whole batch)": lambda a, b: assignment(a, b, "lsa"),
+        "lsa, random chunks of 128": lambda a, b: chunked_assignment(a, b, 128, "lsa"),
+        "lsa, random chunks of 64": lambda a, b: chunked_assignment(a, b, 64, "lsa"),
+        "auto (iterflow default)": lambda a, b: ot_permutation(a, b),
+        "auto + 8 refinement passes": lambda a, b: ot_permutation(a, b, refine=8),
+        "sinkhorn (POT, reg 0.05, sampled)": lambda a, b: sinkhorn_pairing(a, b, 0.05, g),
+    }
+    rows = []
+    for n in args.ot_sizes:
+        problems = []
+        for _ in range(args.ot_reps):
+            a = x[torch.randint(0, len(x), (n,), generator=g)]
+            problems.append((a, torch.randn(n, 2, generator=g)))
+        exact = [transport_cost(a, b[assignment(a, b, "emd")]) for a, b in problems]
+        for name, solve in solvers.items():
+            if name.startswith("lsa (") and n > 2048:
+                continue  # minutes per batch
+            times, ratios = [], []
+            solve(*problems[0])  # warm-up: imports, caches
+            for (a, b), c in zip(problems, exact):
+                t = time.perf_counter()
+                perm = solve(a, b)
+                times.append(time.perf_counter() - t)
+                ratios.append(transport_cost(a, b[perm]) / c)
+            rows.append(
+                {
+                    "batch": n,
+                    "solver": name,
+                    "ms": 1e3 * statistics.median(times),
+                    "cost_vs_exact": float(np.mean(ratios)),
+                    "independent_cost_vs_exact": float(
+                        np.mean([transport_cost(a, b) / c for (a, b), c in zip(problems, exact)])
+                    ),
+                }
+            )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling and likelihood
+# ------------------------------------------------------------------------------------------------
+
+
+def _rate(fn: Callable[[], Any], count: int, device: torch.device, reps: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return count / best
+
+
+def bench_inference(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    torch.manual_seed(args.seed)
+    flow = Flow([Block(MLPVelocity(2, HIDDEN, time_freqs=0))], (2,)).to(device).eval()
+    n, m = args.n_sample, args.n_nll
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    x = torch.randn(m, 2, device=device, generator=g)
+    rows = []
+
+    def sample() -> Tensor:
+        with torch.no_grad():
+            return flow.sample(n, generator=g, solver="euler", steps=32)
+
+    rows.append(
+        {"task": "sample, Euler NFE 32", "unit": "samples/s", "rate": _rate(sample, n, device)}
+    )
+    if device.type == "cpu" and cpu_has_native_bf16():
+
+        def sample_bf16() -> Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return sample()
+
+        rows.append(
+            {
+                "task": "sample, Euler NFE 32, bf16 autocast (velocity only)",
+                "unit": "samples/s",
+                "rate": _rate(sample_bf16, n, device),
+            }
+        )
+    try:
+        from flow_matching.solver import ODESolver
+
+        class Wrapped(nn.Module):
+            def __init__(self, net: nn.Module) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, x: Tensor, t: Tensor) -> Tensor:
+                return self.net(x, t)
+
+        solver = ODESolver(velocity_model=Wrapped(flow.blocks[0].velocity))
+        z = torch.randn(n, 2, device=device, generator=g)
+        grid = torch.tensor([1.0, 0.0], device=device)
+        rows.append(
+            {
+                "task": "sample, Euler NFE 32 (flow_matching ODESolver, same network)",
+                "unit": "samples/s",
+                "rate": _rate(
+                    lambda: solver.sample(z, step_size=1 / 32, method="euler", time_grid=grid),
+                    n,
+                    device,
+                ),
+            }
+        )
+    except ImportError:
+        pass
+    for div, probes in (("exact", 1), ("hutchinson", 1), ("hutchinson", 4)):
+        label = f"log_prob, {div}" + (f" ({probes} probe(s))" if div == "hutchinson" else "")
+        rows.append(
+            {
+                "task": label + ", RK4 8 steps (NFE 32)",
+                "unit": "points/s",
+                "rate": _rate(
+                    lambda div=div, probes=probes: flow.log_prob(
+                        x, divergence=div, probes=probes, generator=g, solver="rk4", steps=8
+                    ).detach(),
+                    m,
+                    device,
+                ),
+            }
+        )
+    rows += bench_divergence(flow.blocks[0].velocity, x, device)
+    return rows
+
+
+def bench_divergence(net: nn.Module, x: Tensor, device: torch.device) -> list[dict[str, Any]]:
+    """Cost of one exact divergence of the velocity at ``len(x)`` points, by several methods."""
+    from torch.func import jacfwd, jacrev, vmap
+
+    t = torch.tensor(0.5, device=device)
+
+    def batched() -> Tensor:
+        xs = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return divergence_exact(net(xs, t), xs, create_graph=False)
+
+    def loop() -> Tensor:
+        xs = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            v = net(xs, t)
+            return sum(
+                torch.autograd.grad(v[:, i].sum(), xs, retain_graph=True)[0][:, i]
+                for i in range(x.shape[1])
+            )
+
+    def single(xi: Tensor) -> Tensor:
+        return net(xi[None], t)[0]
+
+    def func_rev() -> Tensor:
+        return vmap(jacrev(single))(x).diagonal(dim1=1, dim2=2).sum(-1)
+
+    def func_fwd() -> Tensor:
+        return vmap(jacfwd(single))(x).diagonal(dim1=1, dim2=2).sum(-1)
+
+    def hutch() -> Tensor:
+        xs = x.detach().requires_grad_(True)
+        eps = torch.randint(0, 2, (1, *x.shape), device=device).to(x.dtype) * 2 - 1
+        with torch.enable_grad():
+            return divergence_hutchinson(net(xs, t), xs, eps, create_graph=False)
+
+    ref = batched()
+    rows = []
+    for name, fn in (
+        ("batched backward (iterflow.ode.divergence_exact)", batched),
+        ("loop of d backward passes", loop),
+        ("torch.func vmap(jacrev)", func_rev),
+        ("torch.func vmap(jacfwd) (forward mode)", func_fwd),
+        ("Hutchinson, 1 probe (estimate)", hutch),
+    ):
+        try:
+            out = fn()
+        except RuntimeError as e:  # an op without a vmap rule
+            rows.append({"task": f"divergence: {name}", "unit": "error", "rate": str(e)[:60]})
+            continue
+        agree = float((out - ref).detach().abs().max()) if "Hutchinson" not in name else None
+        rows.append(
+            {
+                "task": f"divergence + velocity: {name}",
+                "unit": "points/s",
+                "rate": _rate(fn, len(x), device),
+                "max_abs_diff_vs_batched": agree,
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Quality of the fast defaults
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_quality(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The default recipe trained with ``autocast=none`` and ``auto``: test NLL and W2."""
+    from iterflow.evaluate import evaluate
+
+    ds = get_dataset("checkerboard")
+    rows = []
+    for coupling in ("independent", "ot"):
+        for autocast in ("none", "auto"):
+            cfg = TrainConfig(
+                data="checkerboard",
+                steps=args.quality,
+                seed=args.seed,
+                device=str(device),
+                autocast=autocast,
+                options={"coupling": coupling},
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                res = train(cfg, Path(tmp) / "run")
+            m = evaluate(res.flow, res.splits.test, entropy=ds.entropy(), n=2000, seed=args.seed)
+            rows.append(
+                {
+                    "coupling": coupling,
+                    "autocast": f"{autocast} ({res.history[0]['autocast']})",
+                    "steps_per_s": args.quality / res.history[0]["seconds_optimize"],
+                    "nll": m["nll"],
+                    "nll_stderr": m["nll_stderr"],
+                    "w2": m["w2"],
+                    "w2@8": m["w2_by_nfe"].get("8", m["w2_by_nfe"].get(8)),
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every contender")
+    ap.add_argument("--steps", type=int, default=100, help="steps per round (fast contenders)")
+    ap.add_argument("--ot-steps", type=int, default=8, help="steps per round with exact OT")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for every contender")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ot-sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--ot-reps", type=int, default=5)
+    ap.add_argument("--n-sample", type=int, default=20_000)
+    ap.add_argument("--n-nll", type=int, default=4_096)
+    ap.add_argument("--quality", type=int, default=0, help="steps of the quality runs (0: skip)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["train", "ot", "inference"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    info = machine()
+    info["native_bf16"] = cpu_has_native_bf16()
+    print("machine:", info)
+    peak = {
+        "float32": gemm_peak(torch.float32, device),
+        "bfloat16": gemm_peak(torch.bfloat16, device),
+    }
+    print(
+        f"\nGEMM peak (large square matmul): fp32 {peak['float32'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s; one training step = "
+        f"{step_flops() / 1e6:.1f} MFLOP of matrix products"
+    )
+    result: dict[str, Any] = {"machine": info, "gemm_peak_flops": peak, "step_flops": step_flops()}
+    if "train" not in args.skip:
+        rows = bench_training(args, device)
+        for r in rows:
+            bf16 = r["contender"].startswith("iterflow") and "none" not in r["contender"]
+            bf16 = bf16 and info["native_bf16"] and device.type == "cpu"
+            r["precision"] = "bf16 autocast" if bf16 else "fp32"
+            r["peak_fraction"] = r["gflop_per_s"] * 1e9 / peak["bfloat16" if bf16 else "float32"]
+        best_lib = max(
+            r["steps_per_s"]
+            for r in rows
+            if r["library"] != "iterflow" and r["coupling"] == "independent"
+        )
+        ours = {r["contender"]: r["steps_per_s"] for r in rows}
+        summary = {
+            "iterflow_vs_fastest_library_independent": ours["iterflow (defaults)"] / best_lib,
+            "iterflow_fp32_vs_fastest_library_independent": ours["iterflow autocast=none"]
+            / best_lib,
+            "iterflow_ot_auto_vs_own_independent": ours["iterflow ot (auto)"]
+            / ours["iterflow (defaults)"],
+        }
+        print(
+            f"\n## Training steps/s (batch {BATCH}, median of {args.rounds} interleaved rounds)\n"
+        )
+        print(
+            table(
+                rows,
+                [
+                    "contender",
+                    "coupling",
+                    "precision",
+                    "steps_per_s",
+                    "min",
+                    "max",
+                    "gflop_per_s",
+                    "peak_fraction",
+                ],
+            )
+        )
+        print("\n" + "\n".join(f"- {k}: {v:.2f}" for k, v in summary.items()))
+        result["training"], result["summary"] = rows, summary
+    if "ot" not in args.skip:
+        rows = bench_ot(args)
+        print("\n## Minibatch OT couplings (checkerboard data vs Gaussian noise, one thread)\n")
+        print(table(rows, ["batch", "solver", "ms", "cost_vs_exact", "independent_cost_vs_exact"]))
+        result["ot"] = rows
+    if "inference" not in args.skip:
+        rows = bench_inference(args, device)
+        print("\n## Sampling and likelihood (same network, float32)\n")
+        print(table(rows, ["task", "unit", "rate", "max_abs_diff_vs_batched"]))
+        result["inference"] = rows
+    if args.quality:
+        rows = bench_quality(args, device)
+        print(f"\n## Quality of the defaults ({args.quality} steps, default recipe)\n")
+        print(
+            table(rows, ["coupling", "autocast", "steps_per_s", "nll", "nll_stderr", "w2", "w2@8"])
+        )
+        result["quality"] = rows
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

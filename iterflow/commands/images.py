@@ -1,0 +1,173 @@
+"""``iterflow image-eval RUN``: bits/dim, FD (local classifier features) against NFE,
+nearest-training-image distances, a sample grid and a noise-to-image strip of an image run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import fail
+
+
+def _parse_ints(text: str, argument: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(argument, "must be comma-separated positive integers like 1,2,4,8", text)
+    if any(v <= 0 for v in vals):
+        fail(argument, "must be comma-separated positive integers like 1,2,4,8", text)
+    return vals
+
+
+def image_eval(
+    run: Path = typer.Argument(..., help="Run folder of a model trained on an image data set."),
+    n_bpd: int = typer.Option(256, help="Test images for bits/dim (0 skips it)."),
+    bpd_solver: str = typer.Option("dopri5", help="Solver of the likelihood ODE."),
+    bpd_steps: int = typer.Option(16, help="Fixed steps per block (fixed-step solvers)."),
+    bpd_tol: float = typer.Option(1e-4, help="atol = rtol of adaptive solvers for bits/dim."),
+    divergence: str = typer.Option("hutchinson", help="hutchinson, exact or auto."),
+    probes: int = typer.Option(1, help="Hutchinson probes per image."),
+    n_samples: int = typer.Option(
+        1000, help="Model samples for the Fréchet distance and NN check."
+    ),
+    solver: str = typer.Option("dopri5", help="Reference sampler."),
+    steps: int = typer.Option(16, help="Fixed steps per block of the reference sampler."),
+    tol: float = typer.Option(1e-4, help="atol = rtol of an adaptive reference sampler."),
+    nfe: str = typer.Option("1,2,4,8,16", help="NFE budgets (Euler) for FD against NFE."),
+    classifier_steps: int = typer.Option(800, help="Training steps of the feature classifier."),
+    cache_dir: Path | None = typer.Option(
+        None,
+        help="Classifier cache (default $ITERFLOW_CACHE_DIR/classifiers or ~/.cache/iterflow).",
+    ),
+    grid: Path | None = typer.Option(
+        None, help="PNG of 64 samples (default RUN/plots/samples.png)."
+    ),
+    trajectory: Path | None = typer.Option(
+        None, help="PNG of noise-to-image paths (default RUN/plots/trajectories.png)."
+    ),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Image metrics of a run: bits/dim, FD (local classifier features) by NFE, NN distance, grids.
+
+    Writes ``RUN/image_metrics.json`` and the two PNGs.
+    """
+    from ..images import ClassifierConfig, ImageEvalOptions, evaluate_images
+    from ..io import save_json
+    from ..train import load_run
+
+    flow, cfg, _ = load_run(run, device=device)
+    ds = load_image_dataset(cfg.data)
+    if tuple(ds.event_shape) != flow.event_shape:
+        fail(
+            "run",
+            f"must model images of shape {ds.event_shape} like its data set",
+            flow.event_shape,
+        )
+    sp = ds.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+    labels = (
+        ds.label_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+        if ds.labels is not None
+        else None
+    )
+    opts = ImageEvalOptions(
+        n_bpd=n_bpd,
+        bpd_solver=bpd_solver,
+        bpd_steps=bpd_steps,
+        bpd_tol=bpd_tol,
+        divergence=divergence,
+        probes=probes,
+        n_samples=n_samples,
+        solver=solver,
+        steps=steps,
+        tol=tol,
+        nfes=_parse_ints(nfe, "--nfe"),
+        seed=seed,
+        classifier=ClassifierConfig(steps=classifier_steps),
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )
+    plots = Path(run) / "plots"
+    out = evaluate_images(
+        flow,
+        ds,
+        sp.train,
+        sp.test,
+        train_y=None if labels is None else labels.train,
+        val_x=sp.val,
+        val_y=None if labels is None else labels.val,
+        options=opts,
+        grid=grid or plots / "samples.png",
+        trajectory=trajectory or plots / "trajectories.png",
+        title=f"{cfg.method} on {ds.name}",
+    )
+    out["method"] = cfg.method
+    save_json(Path(run) / "image_metrics.json", out)
+    if as_json:
+        print(json.dumps(out))
+        return
+    _print_table(run, out)
+
+
+def load_image_dataset(spec: str) -> Any:
+    """The :class:`~iterflow.data.images.ImageDataset` named by ``spec`` (a name or a path)."""
+    from ..data import DATASETS, get_dataset
+    from ..data.images import ImageDataset, image_dataset_from_path
+
+    ds = get_dataset(spec) if spec in DATASETS else image_dataset_from_path(spec)
+    if not isinstance(ds, ImageDataset):
+        fail(
+            "--data",
+            "must be an image data set (digits8, fashion-mnist, an IDX file, a folder of "
+            "images or a .npy of integer images)",
+            spec,
+        )
+    return ds
+
+
+def _print_table(run: Path, m: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{run}")
+    t.add_column("metric")
+    t.add_column("value")
+    if "bits_per_dim" in m:
+        b = m["bits_per_dim"]
+        t.add_row(
+            "bits/dim",
+            f"{b['bpd']:.4f} ± {b['stderr']:.4f} ({b['solver']}, {b['divergence']} "
+            f"x{b['probes']}, n={b['n']})",
+        )
+    t.add_row(
+        f"{m['fd_label']}",
+        f"{m['fd_local_classifier']:.4g} ({m['sampler']['solver']}, "
+        f"{m['sampler']['nfe_per_image']} NFE)",
+    )
+    for k, v in m["fd_local_classifier_by_nfe"].items():
+        t.add_row(f"  FD at {k} Euler NFE", f"{v:.4g}")
+    t.add_row("  FD test vs train (floor)", f"{m['fd_test_vs_train']:.4g}")
+    nn = m["nearest_train"]
+    t.add_row(
+        "NN distance to train (RMS/pixel)",
+        f"samples {nn['samples_mean']:.4f}, test {nn['test_mean']:.4f}, ratio {nn['ratio']:.3f}",
+    )
+    t.add_row(
+        "classifier",
+        f"{m['classifier']['task']}, val accuracy {m['classifier']['val_accuracy']:.3f}",
+    )
+    for key in ("grid", "trajectory"):
+        if key in m:
+            t.add_row(key, m[key])
+    Console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``image-eval`` to the CLI (and make the image data sets and the U-Net known)."""
+    from .. import unet  # noqa: F401  (registers the "unet" network)
+    from ..data import images  # noqa: F401  (registers digits8, fashion-mnist, fashion-mnist-14)
+
+    app.command(name="image-eval")(image_eval)
