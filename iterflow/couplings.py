@@ -94,6 +94,7 @@ def chunked_assignment(
     Returns:
         ``(B,)`` long permutation ``pi``: row ``i`` is paired with ``x1[pi[i]]``.
     """
+    check_positive(chunk, "ot_chunk", integer=True)
     n = x0.shape[0]
     a, b = _flat(x0), _flat(x1)
     if stratify and chunk < n:
@@ -124,9 +125,14 @@ def chunked_assignment(
 
 @functools.lru_cache(maxsize=64)
 def _frames(dim: int, count: int) -> tuple[np.ndarray, ...]:
-    """Fixed random orthonormal 2-frames ``(dim, 2)`` of ``R^dim`` (seeded: refinement is deterministic)."""
-    rng = np.random.default_rng(20_240_611 + dim)
-    return tuple(np.linalg.qr(rng.standard_normal((dim, 2)))[0] for _ in range(count))
+    """Fixed random orthonormal 2-frames ``(dim, 2)`` of ``R^dim`` (seeded: refinement is
+    deterministic); for ``dim = 1`` the second direction is zero."""
+    g = torch.Generator().manual_seed(20_240_611 + dim)
+    frames = []
+    for _ in range(count):
+        q = torch.linalg.qr(torch.randn(dim, 2, generator=g, dtype=torch.float64))[0].numpy()
+        frames.append(q if q.shape[1] == 2 else np.concatenate([q, np.zeros((dim, 1))], 1))
+    return tuple(frames)
 
 
 def _local_order(p: np.ndarray, frame: np.ndarray, strips: int) -> np.ndarray:

@@ -16,6 +16,12 @@ For stage ``k`` the trainer
 Run-folder layout: ``config.json``, ``meta.json``, ``blocks/block_XXX.safetensors``,
 ``normalization.safetensors``, ``particles.safetensors`` (cache), ``progress.*`` (inside a stage),
 ``log.jsonl``.
+
+Speed: the hot loop samples minibatches by index from tensors prepared once per stage, runs the loss
+under bf16 autocast where that is measured to keep results (``TrainConfig.autocast``), uses the fused
+Adam kernel, and updates the EMA with one foreach call. Under ``torchrun`` the same function trains
+data-parallel with DDP and gives the one-process model (:mod:`iterflow.distributed`): every rank
+draws the global batch, computes its shard, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -510,6 +516,7 @@ def train(
             save_json(run.meta, meta)
             for p in (run.progress, run.progress_meta):
                 p.unlink(missing_ok=True)
+        ddp.barrier(ctx)  # no rank looks for the next stage's progress file before this commit
         reporter.stage_end(record)
         cur_val = new_val
         cur_train = new_train if new_train is not None else cur_train

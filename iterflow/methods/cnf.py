@@ -215,7 +215,10 @@ def kl_proxy_report(
     return {"logdet": logdet, "kl_proxy": energy - (logdet_before + logdet)}
 
 
-def _check_solver(solver: str, steps: int, atol: float, rtol: float, prefix: str = "") -> None:
+def check_solver_option(
+    solver: str, steps: int, atol: float, rtol: float, prefix: str = ""
+) -> None:
+    """Validate a method's solver options, naming them as ``option '<prefix>solver'`` etc."""
     try:
         SolverSpec(solver, steps, atol, rtol)
     except ValueError as e:
@@ -250,8 +253,8 @@ class CNFOptions(MethodOptions):
     jacobian: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_solver(self.solver, self.steps, self.atol, self.rtol)
-        _check_solver(self.push_solver, self.push_steps, 1.0, 1.0, prefix="push_")
+        check_solver_option(self.solver, self.steps, self.atol, self.rtol)
+        check_solver_option(self.push_solver, self.push_steps, 1.0, 1.0, prefix="push_")
         check_choice(self.divergence, DIVERGENCES, "option 'divergence'")
         check_positive(self.probes, "option 'probes'", integer=True)
         check_choice(self.probe_kind, PROBE_KINDS, "option 'probe_kind'")

@@ -43,7 +43,7 @@ from .base import METHODS, Loss, Method, MethodOptions
 from .cnf import (
     DIVERGENCES,
     PROBE_KINDS,
-    _check_solver,
+    check_solver_option,
     draw_probes,
     integrate_path,
     kl_proxy_report,
@@ -67,8 +67,8 @@ class JKOOptions(MethodOptions):
         divergence: ``auto`` (exact trace up to 16 dimensions), ``exact`` or ``hutchinson``.
         probes, probe_kind: Hutchinson probes per sample and their law.
         kinetic: weight of ``int |v|^2 ds`` added to the objective (0: off).
-        jacobian: weight of ``int |eps^T dv/dx|^2 ds`` (0: off; smoother, cheaper-to-solve blocks,
-            as in the authors' code).
+        jacobian: weight of ``int |eps^T dv/dx|^2 ds`` (0: off); keeps each block's field smooth
+            enough for ``substeps`` steps of the training solver (see the module docstring).
         stop_tol: stop adding blocks once a block's movement ``E|x_n - x_{n-1}|^2`` is below this
             (0: train every block).
         push_solver, push_steps: solver carrying the particles to the next block (and of the report).
@@ -99,7 +99,7 @@ class JKOOptions(MethodOptions):
                 self.solver,
             )
         check_positive(self.substeps, "option 'substeps'", integer=True)
-        _check_solver(self.push_solver, self.push_steps, 1.0, 1.0, prefix="push_")
+        check_solver_option(self.push_solver, self.push_steps, 1.0, 1.0, prefix="push_")
         check_choice(self.divergence, DIVERGENCES, "option 'divergence'")
         check_positive(self.probes, "option 'probes'", integer=True)
         check_choice(self.probe_kind, PROBE_KINDS, "option 'probe_kind'")
