@@ -98,17 +98,8 @@ def chunked_assignment(
     n = x0.shape[0]
     a, b = _flat(x0), _flat(x1)
     if stratify and chunk < n:
-        groups = math.ceil(n / chunk)
-        frame = _frames(a.shape[1], 1)[0]
-        strips = max(1, round(math.sqrt(n / 4)))
-        an, bn = a.double().cpu().numpy(), b.double().cpu().numpy()
-        oa, ob = _local_order(an, frame, strips), _local_order(bn, frame, strips)
-        perm_np = np.empty(n, dtype=np.int64)
-        for c in range(groups):  # chunk c: every groups-th point along each serpentine
-            ia, ib = oa[c::groups], ob[c::groups]
-            diff = an[ia][:, None, :] - bn[ib][None, :, :]
-            perm_np[ia] = ib[_solve(np.einsum("ijk,ijk->ij", diff, diff), solver)]
-        return torch.from_numpy(perm_np).to(x0.device)
+        an, bn = _numpy(a), _numpy(b)
+        return torch.from_numpy(_stratified_np(an, bn, chunk, solver)).to(x0.device)
     perm = torch.empty(n, dtype=torch.long)
     full = (n // chunk) * chunk
     if full:
@@ -121,6 +112,37 @@ def chunked_assignment(
     if full < n:
         perm[full:] = torch.from_numpy(_solve(_cost(a[full:], b[full:]), solver) + full)
     return perm.to(x0.device)
+
+
+def _numpy(x: Tensor) -> np.ndarray:
+    return x.detach().reshape(x.shape[0], -1).double().cpu().numpy()
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched squared distances ``(G, m, D) x (G, m, D) -> (G, m, m)``."""
+    cross = np.matmul(a, b.transpose(0, 2, 1))
+    return (a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :] - 2 * cross
+
+
+def _stratified_np(a: np.ndarray, b: np.ndarray, chunk: int, solver: str) -> np.ndarray:
+    """:func:`chunked_assignment` with ``stratify``: chunk ``c`` holds the points ``c, c + G, ...``
+    of each set's serpentine order (``G`` chunks; the first ``n mod G`` chunks have one more)."""
+    n = a.shape[0]
+    groups = math.ceil(n / chunk)
+    frame = _frames(a.shape[1], 1)[0]
+    strips = max(1, round(math.sqrt(n / 4)))
+    oa, ob = _local_order(a, frame, strips), _local_order(b, frame, strips)
+    q, r = divmod(n, groups)
+    perm = np.empty(n, dtype=np.int64)
+    for first, count, size in ((0, r, q + 1), (r, groups - r, q)):
+        if count == 0 or size == 0:
+            continue
+        pos = np.arange(size)[None, :] * groups + np.arange(first, first + count)[:, None]
+        ia, ib = oa[pos], ob[pos]  # (count, size) rows of a and b
+        costs = _sq_dists(a[ia], b[ib])
+        for c in range(count):
+            perm[ia[c]] = ib[c][_solve(costs[c], solver)]
+    return perm
 
 
 @functools.lru_cache(maxsize=64)
@@ -171,27 +193,32 @@ def refine_assignment(
         The improved ``(B,)`` permutation (on ``perm``'s device).
     """
     check_positive(passes, "ot_refine", integer=True, allow_zero=True)
-    n = x0.shape[0]
-    if passes == 0 or n < 4:
+    if passes == 0 or x0.shape[0] < 4:
         return perm
-    a = _flat(x0).double().cpu().numpy()
-    b = _flat(x1).double().cpu().numpy()
-    p = perm.cpu().numpy().copy()
+    p = _refine_np(_numpy(x0), _numpy(x1), perm.cpu().numpy().copy(), passes, offsets)
+    return torch.from_numpy(p).to(perm.device)
+
+
+def _refine_np(
+    a: np.ndarray, b: np.ndarray, p: np.ndarray, passes: int, offsets: tuple[int, ...]
+) -> np.ndarray:
+    """:func:`refine_assignment` on NumPy arrays (``p`` is modified in place and returned)."""
+    n = a.shape[0]
     strips = max(1, round(math.sqrt(n / 4)))
     for it, frame in enumerate(_frames(a.shape[1], passes)):
         order = _local_order(a if it % 2 == 0 else b[p], frame, strips)
-        for k in offsets:
-            m = (n // (2 * k)) * 2 * k
+        for t, k in enumerate(offsets):
+            o = order[(t % 2) * k :]  # alternate the alignment: new neighbours for the next offset
+            m = (len(o) // (2 * k)) * 2 * k
             if m == 0:
                 continue
-            pairs = order[:m].reshape(-1, 2, k)
-            i, j = pairs[:, 0].reshape(-1), pairs[:, 1].reshape(-1)
+            pairs = o[:m].reshape(-1, 2, k)
+            i, j = pairs[:, 0].ravel(), pairs[:, 1].ravel()
             pi, pj = p[i], p[j]
             swap = np.einsum("nd,nd->n", a[i] - a[j], b[pi] - b[pj]) < 0
             p[i[swap]] = pj[swap]
             p[j[swap]] = pi[swap]
-            order = np.roll(order, k)  # the next offset meets new neighbours
-    return torch.from_numpy(p).to(perm.device)
+    return p
 
 
 def sinkhorn_pairing(
@@ -241,13 +268,17 @@ def ot_permutation(
     check_positive(chunk, "ot_chunk", integer=True, allow_zero=True)
     check_positive(refine, "ot_refine", integer=True, allow_zero=True)
     n = x0.shape[0]
-    auto = solver == "auto"
-    if auto:
-        chunk = chunk or auto_chunk(n)
-        refine = refine or (AUTO_REFINE if chunk < n else 0)
-    size = min(chunk or n, n)
-    perm = chunked_assignment(x0, x1, size, solver, stratify=auto)
-    return refine_assignment(x0, x1, perm, refine) if size < n else perm
+    if solver != "auto":
+        size = min(chunk or n, n)
+        perm = chunked_assignment(x0, x1, size, solver)
+        return refine_assignment(x0, x1, perm, refine) if size < n else perm
+    chunk = chunk or auto_chunk(n)
+    if chunk >= n:
+        return assignment(x0, x1, "auto")
+    a, b = _numpy(x0), _numpy(x1)
+    p = _stratified_np(a, b, chunk, "auto")
+    p = _refine_np(a, b, p, refine or AUTO_REFINE, (1, 2, 3, 4))
+    return torch.from_numpy(p).to(x0.device)
 
 
 def transport_cost(x0: Tensor, x1: Tensor) -> float:

@@ -15,8 +15,7 @@ Rank 0 alone writes the run folder.
 
 GPUs (one process per GPU; the global batch is ``--batch-size``, split across the ranks)::
 
-    torchrun --standalone --nproc_per_node 8 "$(which iterflow)" train --method fm --device cuda \
-        --out run
+    torchrun --standalone --nproc_per_node 8 "$(which iterflow)" train --device cuda --out run
 
 Several machines: ``torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d
 --rdzv-endpoint HOST:29400 "$(which iterflow)" train ...`` with the run folder on a shared file

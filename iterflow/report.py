@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,11 @@ def eval_run(
             tuple(test.shape[1:]),
         )
     out = evaluate(flow, test, entropy=entropy, n=n, seed=cfg.seed, **kwargs)
+    quantization = getattr(ds, "quantization", None)  # dequantized images: bits/dim of the pixels
+    if quantization is not None and math.isfinite(out["nll"]):
+        from .images import bits_per_dim
+
+        out["bits_per_dim"] = bits_per_dim(out["nll"], flow.dim, quantization)
     out["data"] = data or cfg.data
     out["method"] = cfg.method
     out["train_seconds"] = meta.get("train_seconds")

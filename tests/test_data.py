@@ -42,6 +42,11 @@ def make_dataset(name: str) -> Dataset:
         if not HAS_IMG2D:
             pytest.skip(f"img2d folder absent: {IMG2D_DIR}")
         return get_dataset(name, img2d_dir=IMG2D_DIR)
+    if name.startswith("fashion-mnist"):
+        from iterflow.data.images import fashion_mnist_dir
+
+        if not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").exists():
+            pytest.skip("Fashion-MNIST files absent (Debian package dataset-fashion-mnist)")
     return get_dataset(name)
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import gzip
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +39,6 @@ from iterflow.nn import NETWORKS, build_network
 from iterflow.unet import UNet
 
 TINY_NET = {"channels": 8, "channel_mult": [1, 2]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small convolutions on a busy 2-core machine run many times faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -301,6 +301,11 @@ def get_dataset(spec: str | os.PathLike[str], *, img2d_dir: str | Path | None = 
 
 def _dataset_from_path(spec: str) -> Dataset:
     path = Path(spec).expanduser()
+    from iterflow.data.images import image_dataset_from_path
+
+    image_set = image_dataset_from_path(path)  # IDX files, image folders, .npy arrays of images
+    if image_set is not None:
+        return image_set
     known = f"must be one of {DATASETS.names()} or an existing .npy/.csv/.png file"
     if path.suffix.lower() in _FILE_SUFFIXES:
         if not path.is_file():
