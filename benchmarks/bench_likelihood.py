@@ -73,12 +73,12 @@ TWO_D = {
                                  "--lr", "2e-3", "--activation", "silu"]},
 }  # fmt: skip
 
-TABULAR = {
-    "common": ["--batch-size", "256", "--hidden", "128,128", "--activation", "gelu",
-               "--time-freqs", "4", "--lr", "2e-3"],
+TABULAR = {  # 569 rows of 30 features: train 455, val 57, test 57 (NLL in the data's units)
+    "common": ["--batch-size", "256", "--hidden", "64,64", "--activation", "gelu",
+               "--time-freqs", "4", "--lr", "1e-3"],
     "jko": {"blocks": 4, "steps": 300,
-            "args": ["-o", "gamma=1.0", "-o", "substeps=3", "-o", "jacobian=0.2"]},
-    "cnf": {"blocks": 1, "args": ["-o", "steps=8", "-o", "jacobian=0.2"]},
+            "args": ["-o", "gamma=0.5", "-o", "substeps=3", "-o", "jacobian=0.5"]},
+    "cnf": {"blocks": 1, "args": ["-o", "steps=8", "-o", "jacobian=0.5"]},
     "fm": {"blocks": 1, "args": ["--hidden", "256,256,256", "--activation", "silu"]},
 }  # fmt: skip
 

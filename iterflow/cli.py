@@ -35,32 +35,36 @@ def _console(quiet: bool):  # noqa: ANN202
     return Console(stderr=True, quiet=quiet)
 
 
+def progress_bar(console: Any, quiet: bool) -> Any:
+    """The CLI's rich progress bar: description, bar, n/total, a free ``info`` field, elapsed, ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    )
+
+
 class RichReporter:
     """Progress bar with loss, steps/s and ETA for each stage."""
 
     def __init__(self, quiet: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.console = _console(quiet)
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=quiet,
-            transient=False,
-        )
+        self.progress = progress_bar(self.console, quiet)
         self.task: Any = None
 
     def __enter__(self) -> RichReporter:

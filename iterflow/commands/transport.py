@@ -38,29 +38,10 @@ class PhaseProgress:
     """A rich progress bar per training phase, fed by ``progress(phase, step, total, terms)``."""
 
     def __init__(self, quiet: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        from ..cli import _console
+        from ..cli import _console, progress_bar
 
         self.console = _console(quiet)
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=quiet,
-        )
+        self.progress = progress_bar(self.console, quiet)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> PhaseProgress:
