@@ -8,6 +8,7 @@ the same command again).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -163,6 +164,12 @@ def train(
     checkpoint_every: int = typer.Option(
         _D.checkpoint_every, help="Steps between in-stage checkpoints."
     ),
+    autocast: str = typer.Option(
+        _D.autocast, help="Mixed precision of the loss: auto (bf16 where measured to help), none, bf16."
+    ),
+    compile_: bool = typer.Option(
+        _D.compile, "--compile/--no-compile", help="torch.compile the velocity networks while training."
+    ),
     option: list[str] = typer.Option(
         [], "--option", "-o", help="Method option KEY=VALUE (repeatable); see `iterflow methods`."
     ),
@@ -206,7 +213,11 @@ def train(
         img2d_dir=img2d_dir,
         network=network,
         net_options=_parse_net_options(net_option),
+        autocast=autocast,
+        compile=compile_,
     )
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    quiet = quiet or not main_rank
     console = _console(quiet)
     t0 = time.perf_counter()
     try:
@@ -218,7 +229,7 @@ def train(
         f"trained {cfg.method} ({result.flow.num_blocks} block(s)) in {time.perf_counter() - t0:.1f} s "
         f"-> {out}"
     )
-    if report:
+    if report and main_rank:
         _write_report(out, eval_n, device, console)
 
 

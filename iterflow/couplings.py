@@ -12,9 +12,9 @@ Exact assignment costs grow about cubically (on one core of an AMD EPYC, ``ot.em
 256 rows and ~0.2 s at 1,024, many times a training step), so ``ot_solver="auto"`` solves batches of
 up to :data:`AUTO_EXACT_MAX` rows exactly and larger ones on spatially stratified chunks of about
 :data:`AUTO_CHUNK` rows followed by :data:`AUTO_REFINE` 2-opt passes: linear in the batch size (a few
-ms per 1,024 rows), about 1.3x the exact transport cost on 2-D data. ``benchmarks/bench_speed.py``
-measures the time and the quality (transport cost relative to the exact whole-batch assignment) of
-every choice.
+ms per 1,024 rows), 1.1-1.4x the exact transport cost on 2-D data at 256-2,048 rows.
+``benchmarks/bench_speed.py`` measures the time and the quality (transport cost relative to the exact
+whole-batch assignment) of every choice.
 """
 
 from __future__ import annotations

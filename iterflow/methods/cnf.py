@@ -215,6 +215,15 @@ def kl_proxy_report(
     return {"logdet": logdet, "kl_proxy": energy - (logdet_before + logdet)}
 
 
+@torch.no_grad()
+def solver_gap(stage: Flow, before: Tensor, after: Tensor, spec: SolverSpec) -> float:
+    """``E|F_train(x) - F_push(x)|^2``: end points of the training solver ``spec`` against ``after``
+    (the same particles carried by the accurate push solver). A large gap flags a field too stiff for
+    the training solver, whose loss may then have exploited the discretisation."""
+    coarse = stage.encode(before, solver=spec)
+    return float((coarse - after).pow(2).reshape(after.shape[0], -1).sum(1).mean())
+
+
 def check_solver_option(
     solver: str, steps: int, atol: float, rtol: float, prefix: str = ""
 ) -> None:
@@ -322,7 +331,7 @@ class CNF(Method):
         self, stage: Flow, before: Tensor, after: Tensor, index: int
     ) -> dict[str, float]:
         o: CNFOptions = self.options  # type: ignore[assignment]
-        return kl_proxy_report(
+        rep = kl_proxy_report(
             stage,
             before,
             o.push_spec(),
@@ -332,3 +341,4 @@ class CNF(Method):
             logdet_before=0.0,
             seed=index,
         )
+        return {**rep, "solver_gap": solver_gap(stage, before, after, o.train_spec())}

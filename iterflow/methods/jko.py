@@ -47,6 +47,7 @@ from .cnf import (
     draw_probes,
     integrate_path,
     kl_proxy_report,
+    solver_gap,
 )
 
 GAMMA_SCHEDULES = ("constant", "geometric")
@@ -210,9 +211,7 @@ class JKOFlow(Method):
             seed=index,
         )
         self._logdet_before += rep["logdet"]
-        with torch.no_grad():
-            coarse = stage.encode(before, solver=o.train_spec())
-        gap = float((coarse - after).pow(2).reshape(after.shape[0], -1).sum(1).mean())
+        gap = solver_gap(stage, before, after, o.train_spec())
         out = {"gamma": o.gamma_at(index), **rep, "solver_gap": gap}
         if after[0].numel() <= KNN_MAX_DIM and after.shape[0] > 10:
             out["kl_to_normal"] = kl_to_standard_normal(after.detach().double().cpu())
