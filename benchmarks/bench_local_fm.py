@@ -69,7 +69,7 @@ from iterflow.train import TrainConfig, load_run, train  # noqa: E402
 
 TREE_RECIPE: dict[str, Any] = {
     "blocks": 6,
-    "steps": 1500,
+    "steps": 3000,
     "hidden": (128, 128, 128),
     "activation": "relu",
     "time_freqs": 4,
