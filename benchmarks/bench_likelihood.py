@@ -88,6 +88,7 @@ TABULAR = {  # 569 rows of 30 features: train 455, val 57, test 57 (NLL in the d
 
 RECIPES = {"rose": TWO_D, "checkerboard": TWO_D, "sklearn:breast_cancer": TABULAR}
 PROBE_STEPS = 100
+PROBE_SECONDS = 5.0
 
 
 @dataclass
@@ -135,16 +136,24 @@ def calibrate(data: str, method: str, recipe: dict, budget: float, clock: str, e
               threads: int | None) -> int:  # fmt: skip
     """Steps that make ``method``'s training command last about ``budget`` seconds of ``clock``.
 
-    A probe of ``PROBE_STEPS`` steps gives the optimisation's share of the command's time (the
-    trainer's ``seconds_optimize`` over the wall-clock time); the rest is the fixed overhead
-    (start-up, data, pushes, per-stage report).
+    A probe run gives the optimisation's share of the command's time (the trainer's
+    ``seconds_optimize`` over the wall-clock time) and its cost per step; the rest is the fixed
+    overhead (start-up, data, pushes, per-stage report). A probe whose optimisation took under
+    ``PROBE_SECONDS`` (cheap steps, whose first ones are dominated by warm-up) is repeated with
+    proportionally more steps.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "probe"
-        t = cli(train_args(data, method, recipe, PROBE_STEPS, run, extra), threads)
-        share = min(1.0, sum(r["seconds_optimize"] for r in meta(run)["history"]) / t.wall)
+    steps = PROBE_STEPS
+    for _ in range(2):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp) / "probe"
+            t = cli(train_args(data, method, recipe, steps, run, extra), threads)
+            opt = sum(r["seconds_optimize"] for r in meta(run)["history"])
+        if opt >= PROBE_SECONDS:
+            break
+        steps = int(steps * 2 * PROBE_SECONDS / max(opt, 1e-3))
+    share = min(1.0, opt / t.wall)
     total = t.of(clock)
-    per_step = share * total / PROBE_STEPS
+    per_step = share * total / steps
     overhead = (1 - share) * total
     return max(PROBE_STEPS, int((budget - overhead) / per_step))
 

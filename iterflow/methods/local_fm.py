@@ -156,7 +156,7 @@ class LocalFlowMatching(Method):
     Example:
         >>> from iterflow.train import TrainConfig, train  # doctest: +SKIP
         >>> cfg = TrainConfig(method="local-fm", data="tree", blocks=6,  # doctest: +SKIP
-        ...                   options={"h": 0.1, "final_block": True})
+        ...                   activation="relu", options={"h": 0.002, "h_growth": 4.0})
         >>> flow = train(cfg, "runs/lfm").flow  # doctest: +SKIP
     """
 
