@@ -7,7 +7,8 @@ tensor (one time per sample, as in flow-matching training).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +49,10 @@ class MLPVelocity(nn.Module):
 
     The first layer acts on ``[x, time features]``; it is split into an ``x`` part and a time part so
     that the time term, identical for the whole batch inside an ODE solver, is computed once and
-    broadcast instead of concatenated to every row.
+    broadcast instead of concatenated to every row. With ``num_classes > 0`` a learned class embedding
+    (one ``hidden[0]`` vector per class, i.e. a first-layer term for a one-hot label) is added too;
+    labels come with ``forward(x, t, y)`` or, for code that calls ``model(x, t)`` only (ODE solvers),
+    from :meth:`condition`.
 
     Arguments:
         dim: data dimension.
@@ -56,11 +60,16 @@ class MLPVelocity(nn.Module):
         activation: name in :data:`ACTIVATIONS`.
         time_freqs: number of Fourier frequencies of the time embedding (0: raw ``t`` only).
         zero_init: initialise the output layer to zero (the block starts as the identity map).
+        num_classes: number of classes of the label conditioning (0: unconditional).
 
     Example:
         >>> v = MLPVelocity(2, hidden=(32, 32))
         >>> v(torch.zeros(5, 2), torch.tensor(0.5)).shape
         torch.Size([5, 2])
+        >>> c = MLPVelocity(2, hidden=(32,), num_classes=3)
+        >>> with c.condition(torch.tensor([0, 2])):
+        ...     c(torch.zeros(2, 2), torch.tensor(0.5)).shape
+        torch.Size([2, 2])
     """
 
     def __init__(
@@ -70,9 +79,11 @@ class MLPVelocity(nn.Module):
         activation: str = "silu",
         time_freqs: int = 0,
         zero_init: bool = False,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         check_positive(dim, "dim", integer=True)
+        check_positive(num_classes, "num_classes", integer=True, allow_zero=True)
         if len(hidden) == 0:
             fail("hidden", "must list at least one hidden width", hidden)
         for h in hidden:
@@ -89,6 +100,13 @@ class MLPVelocity(nn.Module):
         n_time = self.time.out_features if self.time is not None else 1
         self.inp = nn.Linear(dim, hidden[0])
         self.inp_t = nn.Linear(n_time, hidden[0], bias=False)
+        self.num_classes = int(num_classes)
+        self.inp_y: nn.Embedding | None = None
+        if self.num_classes > 0:  # = a bias-free Linear on one-hot labels, initialised like one
+            self.inp_y = nn.Embedding(self.num_classes, hidden[0])
+            bound = 1.0 / math.sqrt(dim + n_time + self.num_classes)
+            nn.init.uniform_(self.inp_y.weight, -bound, bound)
+        self._label: Tensor | None = None
         layers: list[nn.Module] = [act()]
         for a, b in zip(hidden[:-1], hidden[1:]):
             layers += [nn.Linear(a, b), act()]
@@ -98,15 +116,62 @@ class MLPVelocity(nn.Module):
             nn.init.zeros_(out.weight)
             nn.init.zeros_(out.bias)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    @contextmanager
+    def condition(self, labels: Tensor | None) -> Iterator[None]:
+        """Use ``labels`` (``(B,)`` integers in ``[0, num_classes)``) when ``forward`` gets none.
+
+        ``None`` clears them. Labels on an unconditional network (``num_classes=0``) are an error.
+        """
+        if labels is not None:
+            self._check_labels(labels, None)
+        old, self._label = self._label, labels
+        try:
+            yield
+        finally:
+            self._label = old
+
+    def _check_labels(self, y: Tensor, batch: int | None) -> None:
+        if self.num_classes == 0:
+            fail("labels", "need a network built with num_classes > 0", tuple(y.shape))
+        if not isinstance(y, Tensor) or y.ndim != 1 or y.is_floating_point() or y.is_complex():
+            fail("labels", "must be a (B,) integer tensor", getattr(y, "shape", type(y).__name__))
+        if batch is not None and y.shape[0] != batch:
+            fail("labels", f"must hold one label per sample, shape ({batch},)", tuple(y.shape))
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            fail(
+                "labels",
+                f"must lie in [0, {self.num_classes})",
+                (int(y.min()), int(y.max())),
+            )
+
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         tc = time_column(t, x)  # (B, 1) or (1, 1)
         tf = self.time(tc) if self.time is not None else tc
         h = self.inp(x) + self.inp_t(tf)  # (B, H); the time term broadcasts
+        if self.inp_y is not None:
+            y = self._label if y is None else y
+            if y is None:
+                fail(
+                    "labels",
+                    f"are required by a network with num_classes={self.num_classes} "
+                    "(pass y or use model.condition(labels))",
+                    None,
+                )
+            if y.shape != (x.shape[0],):
+                fail(
+                    "labels",
+                    f"must hold one label per sample, shape ({x.shape[0]},)",
+                    tuple(y.shape),
+                )
+            h = h + self.inp_y(y.to(device=x.device, dtype=torch.long)).to(h.dtype)
+        elif y is not None:
+            self._check_labels(y, x.shape[0])  # raises: unconditional network
         return self.body(h)
 
     def config(self) -> dict:
-        """JSON-serialisable constructor arguments (saved with checkpoints)."""
-        return {
+        """JSON-serialisable constructor arguments (saved with checkpoints; ``num_classes`` only when
+        conditional, so unconditional configs read as before)."""
+        cfg = {
             "kind": "mlp",
             "dim": self.dim,
             "hidden": list(self.hidden),
@@ -114,6 +179,9 @@ class MLPVelocity(nn.Module):
             "time_freqs": self.time_freqs,
             "zero_init": self.zero_init,
         }
+        if self.num_classes > 0:
+            cfg["num_classes"] = self.num_classes
+        return cfg
 
 
 NETWORKS: Registry[type[nn.Module]] = Registry("network")

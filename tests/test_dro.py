@@ -12,6 +12,7 @@ import torch
 from iterflow.apps.dro import (
     ClassifierLoss,
     DROConfig,
+    LabelledLinearRisk,
     LinearRisk,
     QuadraticRisk,
     accuracy,
@@ -75,6 +76,53 @@ def test_linear_risk_gives_the_shift(kw: dict) -> None:
     assert res.train.transport_cost == pytest.approx(gamma**2 * a2, rel=0.03)  # |gamma a|^2
     assert res.train.risk_increase == pytest.approx(gamma * a2, rel=0.03)  # a . gamma a
     assert [h["step"] for h in res.history] == list(range(50, 301, 50))
+    gammas = [h["gamma"] for h in res.history]  # warmed up geometrically from gamma / 16
+    assert gammas[0] < gammas[1] < gamma and gammas[-1] == gamma
+
+
+def labelled_pairs(n: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every point twice, once with label 0 and once with label 1 (labels independent of x)."""
+    x = points(n, seed)
+    return torch.cat([x, x]), torch.cat([torch.zeros(n), torch.ones(n)]).long()
+
+
+A2 = [[1.0, 0.0], [-1.0, 0.5]]
+
+
+def test_conditioned_map_moves_labels_apart() -> None:
+    """R(y; c) = a_c . y: the optimum x + gamma a_c moves two labels at one place in two directions."""
+    gamma, risk = 0.5, LabelledLinearRisk(A2)
+    x, c = labelled_pairs()
+    res = fit_worst_case(x, risk, labels=c, config=DROConfig(gamma=gamma, **FAST))
+    assert res.map.num_classes == 2
+    x_new, c_new = labelled_pairs(64, seed=1)
+    for z, lab in ((x, c), (x_new, c_new)):
+        assert rel_err(res.map(z, lab), risk.optimal_map(z, gamma, lab), z) < 0.03
+    z = points(64, seed=2)
+    zero, one = torch.zeros(64).long(), torch.ones(64).long()
+    gap = res.map(z, zero) - res.map(z, one)  # same points, different labels
+    want = gamma * (risk.a[0] - risk.a[1])
+    assert torch.allclose(gap.detach(), want.expand_as(gap), atol=0.03)
+    gain = res.train.risk_increase - res.train.transport_cost / (2 * gamma)
+    assert gain == pytest.approx(gamma * 1.125 / 2, rel=0.03)  # gamma E|a_c|^2 / 2
+    # a map of x alone can only take the label-averaged step x + gamma (a_0 + a_1) / 2
+    plain = fit_worst_case(
+        x, risk, labels=c, config=DROConfig(gamma=gamma, condition="none", **FAST)
+    )
+    assert plain.map.num_classes == 0
+    avg = x + gamma * risk.a.mean(0)
+    assert torch.allclose(plain.map(x).detach(), avg, atol=0.03)  # not x + gamma a_c: off by 0.56
+    assert plain.train.objective < res.train.objective - 0.2  # gamma |E a_c|^2 / 2 = 0.016
+    with pytest.raises(InputError, match=r"labels.*num_classes=2"):
+        res.map(z)
+    with pytest.raises(InputError, match=r"labels.*\(64,\)"):
+        res.map(z, zero[:5])
+    with pytest.raises(InputError, match=r"labels.*\[0, 2\)"):
+        res.map(z, zero + 2)
+    with pytest.raises(InputError, match="labels"):
+        fit_worst_case(
+            x, risk, config=DROConfig(gamma=gamma, steps=1)
+        )  # a labelled risk needs them
 
 
 def test_quadratic_risk_gives_the_linear_map() -> None:
@@ -168,7 +216,8 @@ def test_classifier_accuracy_drops_as_gamma_grows(moons: tuple) -> None:
         res = fit_worst_case(
             data.train_x, clf, labels=data.train_y, config=DROConfig(gamma=gamma, **cfg)
         )
-        a = assess(data.test_x, res.map(data.test_x), ClassifierLoss(clf), data.test_y, gamma)
+        y = res.map(data.test_x, labels=data.test_y)
+        a = assess(data.test_x, y, ClassifierLoss(clf), data.test_y, gamma)
         acc.append(a.accuracy_after)
         risk.append(a.risk_after)
         cost.append(a.transport_cost)
@@ -220,6 +269,37 @@ def test_save_load_round_trip(tmp_path: Path, moons: tuple) -> None:
     (tmp_path / "run" / "blocks" / "block_001.safetensors").write_bytes(b"junk")
     with pytest.raises(InputError, match="safetensors"):
         load_worst_case(tmp_path / "run")
+
+
+def test_conditioned_save_load_round_trip(tmp_path: Path) -> None:
+    from iterflow.nn import MLPVelocity, build_network
+
+    x, c = labelled_pairs(32)
+    cfg = DROConfig(gamma=0.5, blocks=2, schedule="progressive", **{**FAST, "steps": 5})
+    res = fit_worst_case(x, LabelledLinearRisk(A2), labels=c, config=cfg)
+    save_worst_case(res, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "dro.json").read_text())
+    assert [n["num_classes"] for n in meta["networks"]] == [2, 2]
+    back = load_worst_case(tmp_path / "run")
+    assert back.map.num_classes == 2 and back.config == res.config and back.train == res.train
+    assert torch.equal(back.map(x, c), res.map(x, c))
+    assert torch.allclose(back.map.inverse(back.map(x, c), c), x, atol=1e-6)
+    assert back.map.trajectory(x, c).shape == (2 * FAST["ode_steps"] + 1, 64, 2)
+    with pytest.raises(InputError, match="labels"):
+        back.map(x)
+    # the network config round-trips; configs written before conditioning load unconditional
+    net = MLPVelocity(3, hidden=(8,), num_classes=4)
+    assert build_network(net.config()).config() == net.config()
+    old = {"kind": "mlp", "dim": 3, "hidden": [8], "activation": "silu", "time_freqs": 0}
+    assert build_network(old).num_classes == 0 and "num_classes" not in build_network(old).config()
+    with pytest.raises(InputError, match="labels"):
+        build_network(old)(torch.zeros(2, 3), 0.5, torch.zeros(2).long())
+    # a run saved before these options existed: a map of x alone at a fixed gamma
+    legacy = {
+        k: v for k, v in res.config.to_json().items() if k not in ("condition", "gamma_warmup")
+    }
+    assert DROConfig.from_json(legacy).condition == "none"
+    assert DROConfig.from_json(legacy).gamma_warmup == 0.0
 
 
 def test_reference_from_a_trained_run(tmp_path: Path) -> None:
@@ -324,6 +404,29 @@ def test_cli_writes_a_run_folder(tmp_path: Path) -> None:
     )
     assert (out / "worst_case.png").exists() and (out / "dro.json").exists()
     assert load_worst_case(out).config.gamma == 0.3
+    assert not m["flow"]["conditioned_on_labels"]
+
+
+def test_cli_classifier_map_is_conditioned(tmp_path: Path) -> None:
+    out = tmp_path / "wc"
+    args = ["--gamma", "0.2", "--steps", "30", "--ode-steps", "2", "--hidden", "16"]
+    args += ["--n-train", "200", "--n-test", "100", "--classifier-steps", "100"]
+    args += ["--classifier-hidden", "16", "--ascent-steps", "10", "--no-baseline"]
+    code = _cli(
+        ["worst-case", "--reference", "moons", "--risk", "classifier", *args]
+        + ["--out", str(out), "--quiet"]
+    )
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["flow"]["conditioned_on_labels"] and m["flow"]["test"]["n"] == 100
+    back = load_worst_case(out)
+    assert back.map.num_classes == 2 and back.config.condition == "auto"
+    ref = load_reference("moons", n_train=200, n_test=100, seed=0)
+    clf = load_classifier(out)
+    held = assess(
+        ref.test, back.map(ref.test, ref.test_labels), ClassifierLoss(clf), ref.test_labels
+    )
+    assert held.risk_after == pytest.approx(m["flow"]["test"]["risk_after"], rel=1e-5)
 
 
 def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -358,3 +461,9 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
         )
         == 2
     )
+    capsys.readouterr()
+    for flag, value in (("--condition", "labels"), ("--gamma-warmup", "1.5")):
+        argv = ["worst-case", "--reference", "8gaussians", "--risk", "linear:1,0", flag, value]
+        assert _cli([*argv, "--out", str(tmp_path / "z"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and len(err.strip().splitlines()) == 1

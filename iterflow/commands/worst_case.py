@@ -1,7 +1,10 @@
 """``iterflow worst-case``: learn a flow that moves a reference distribution to its worst case.
 
 Maximises ``E R(F(X)) - E|X - F(X)|^2 / (2 gamma)`` (FlowDRO; Xu, Lee, Cheng, Xie, arXiv 2310.19253)
-and compares with per-sample gradient ascent calibrated to the same transport cost. The run folder
+and compares with per-sample gradient ascent calibrated to the same transport cost. With
+``--risk classifier`` the map is conditioned on the points' labels (``--condition auto``, the default):
+the held-out points are moved with their own labels (true labels, or the classifier's predictions when
+the reference is unlabelled). The run folder
 gets the map (``dro.json``, ``blocks/``, ``normalization.safetensors``), the classifier when the risk
 is one, ``metrics.json`` and plots. See :mod:`iterflow.apps.dro`.
 """
@@ -51,6 +54,17 @@ def worst_case(
     steps: int = typer.Option(1000, help="Optimiser steps (per block when progressive)."),
     batch_size: int = typer.Option(256),
     lr: float = typer.Option(1e-2, help="Peak learning rate (Adam, cosine schedule)."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay of the map's networks."),
+    gamma_warmup: float = typer.Option(
+        0.6,
+        help="Fraction of the steps over which gamma grows geometrically from "
+        "gamma * gamma-start to gamma (0: off).",
+    ),
+    gamma_start: float = typer.Option(1 / 16, help="Starting fraction of gamma of the warm-up."),
+    condition: str = typer.Option(
+        "auto",
+        help="auto: condition the map on the labels for a classifier risk; none: a map of x alone.",
+    ),
     n_train: int = typer.Option(1000, help="Training points of P."),
     n_test: int = typer.Option(1000, help="Held-out points of P."),
     seed: int = typer.Option(0),
@@ -85,6 +99,10 @@ def worst_case(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        weight_decay=weight_decay,
+        gamma_warmup=gamma_warmup,
+        gamma_start=gamma_start,
+        condition=condition,
         seed=seed,
         dtype=dtype,
     )
@@ -116,7 +134,7 @@ def worst_case(
             progress=lambda s, _n, terms: rep.step(s, terms),
         )
     with torch.no_grad():
-        y_test = result.map(x_test)
+        y_test = result.map(x_test, labels_test)
     metrics: dict[str, Any] = {
         "gamma": gamma,
         "reference": ref.source,
@@ -128,6 +146,7 @@ def worst_case(
             "test": dro.assess(x_test, y_test, the_risk, labels_test, gamma).to_json(),
             "seconds": result.seconds,
             "velocity_evaluations_per_sample": _nfe(config),
+            "conditioned_on_labels": result.map.num_classes > 0,
         },
     }
     if isinstance(the_risk, (dro.LinearRisk, dro.QuadraticRisk)):
@@ -328,7 +347,8 @@ def _summary(console: Any, m: dict[str, Any], seconds: float, out: Path, plots: 
             f"{a['risk_after']:.4g}{acc}"
         )
 
-    console.print(f"worst case (gamma={m['gamma']}) in {seconds:.1f} s -> {out}")
+    cond = ", map conditioned on labels" if m["flow"].get("conditioned_on_labels") else ""
+    console.print(f"worst case (gamma={m['gamma']}{cond}) in {seconds:.1f} s -> {out}")
     console.print(line("flow, training points", m["flow"]["train"]))
     console.print(line("flow, held-out points", m["flow"]["test"]))
     b = m.get("baseline", {})
