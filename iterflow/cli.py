@@ -350,14 +350,36 @@ def plot(
 
 
 @app.command()
-def info(run: Path = typer.Argument(..., help="Run folder.")) -> None:
-    """Print a run's config, data, blocks and training history."""
+def info(
+    run: Path = typer.Argument(
+        ..., help="Folder of `iterflow train` (and reflow/distill), transport, ratio or worst-case."
+    ),
+) -> None:
+    """Print a folder's config and history as JSON (training runs: config, data, blocks, per-block
+    history; transport, ratio and worst-case folders: their config and metrics)."""
     from .io import load_json
     from .train import RunDir, load_run
 
-    load_run(run)  # validates the folder
+    if not (run / "config.json").is_file():
+        for kind, marker in _APP_FOLDERS:
+            if (run / marker).is_file():
+                out = {"kind": kind, "config": load_json(run / marker, "run")}
+                if (run / "metrics.json").is_file():
+                    out["metrics"] = load_json(run / "metrics.json", "run")
+                print(json.dumps(out, indent=2))
+                return
+    load_run(run)  # validates the folder (and names what is missing or corrupt)
     rd = RunDir(run)
-    print(json.dumps({"config": load_json(rd.config), "meta": load_json(rd.meta)}, indent=2))
+    out = {"kind": "train", "config": load_json(rd.config), "meta": load_json(rd.meta)}
+    print(json.dumps(out, indent=2))
+
+
+# folders written by the application commands: (kind, the JSON file that marks them)
+_APP_FOLDERS = (
+    ("transport", "transport.json"),
+    ("ratio", "ratio.json"),
+    ("worst-case", "dro.json"),
+)
 
 
 @app.command()
