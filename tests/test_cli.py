@@ -203,6 +203,8 @@ def test_method_recommendations_fill_only_what_is_not_given(tmp_path: Path) -> N
     assert cfg.steps == 7 and cfg.blocks == rec["blocks"] and cfg.hidden == rec["hidden"]
     assert cfg.options == {**rec["options"], "gamma": "0.3"}
     assert TrainConfig.for_method("fm") == TrainConfig()  # flow matching's are the plain defaults
+    unet = TrainConfig.for_method("jko", network="unet")  # tuned for the MLP: only the options
+    assert unet.blocks == TrainConfig().blocks and unet.options == rec["options"]
 
     out = tmp_path / "jko"
     args = ["--blocks", "1", "--steps", "2", "--n-train", "300", "--n-val", "50", "--n-test", "50"]
