@@ -21,6 +21,7 @@ from .errors import InputError, fail
 from .train import TrainConfig  # noqa: E402
 
 _D = TrainConfig()  # the CLI's defaults are the library's
+_PER_METHOD = " [default: the method's recommendation, see `iterflow methods`]"
 
 app = typer.Typer(
     add_completion=False,
@@ -130,25 +131,29 @@ def train(
     out: Path = typer.Option(
         Path("runs/default"), help="Run folder (resumed if it holds the same config)."
     ),
-    steps: int = typer.Option(
-        _D.steps, help="Optimiser steps per stage (per block for progressive methods)."
+    steps: int | None = typer.Option(
+        None, help=f"Optimiser steps per stage (per block for progressive methods).{_PER_METHOD}"
     ),
-    blocks: int = typer.Option(_D.blocks, help="Number of blocks in the chain."),
-    batch_size: int = typer.Option(_D.batch_size, help="Minibatch size."),
-    lr: float = typer.Option(_D.lr, help="Peak learning rate (Adam)."),
+    blocks: int | None = typer.Option(None, help=f"Number of blocks in the chain.{_PER_METHOD}"),
+    batch_size: int | None = typer.Option(None, help=f"Minibatch size.{_PER_METHOD}"),
+    lr: float | None = typer.Option(None, help=f"Peak learning rate (Adam).{_PER_METHOD}"),
     lr_schedule: str = typer.Option(_D.lr_schedule, help="cosine or constant."),
-    hidden: str = typer.Option(
-        ",".join(map(str, _D.hidden)), help="Hidden widths of each block's MLP."
+    hidden: str | None = typer.Option(
+        None, help=f"Hidden widths of each block's MLP, e.g. 256,256,256.{_PER_METHOD}"
     ),
-    activation: str = typer.Option(_D.activation, help="silu, tanh, softplus, relu, gelu."),
-    time_freqs: int = typer.Option(
-        _D.time_freqs, help="Fourier frequencies of the time embedding."
+    activation: str | None = typer.Option(
+        None, help=f"silu, tanh, softplus, relu, gelu.{_PER_METHOD}"
+    ),
+    time_freqs: int | None = typer.Option(
+        None, help=f"Fourier frequencies of the time embedding.{_PER_METHOD}"
     ),
     ema: float = typer.Option(_D.ema, help="EMA decay of weights (0 disables)."),
     weight_decay: float = typer.Option(_D.weight_decay),
     grad_clip: float = typer.Option(_D.grad_clip, help="Gradient-norm clip (0 disables)."),
     warm_start: bool = typer.Option(_D.warm_start, help="Initialise block n from block n-1."),
-    n_train: int = typer.Option(_D.n_train),
+    n_train: int | None = typer.Option(
+        None, help=f"Training points (a cap for file-backed data).{_PER_METHOD}"
+    ),
     n_val: int = typer.Option(_D.n_val),
     n_test: int = typer.Option(_D.n_test),
     standardize: str = typer.Option(
@@ -165,17 +170,18 @@ def train(
         _D.checkpoint_every, help="Steps between in-stage checkpoints."
     ),
     autocast: str = typer.Option(
-        _D.autocast, help="Mixed precision of the loss: auto (bf16 where measured to help), none, bf16."
+        _D.autocast,
+        help="Mixed precision of the loss: auto (bf16 where measured to help), none, bf16.",
     ),
     compile_: bool = typer.Option(
-        _D.compile, "--compile/--no-compile", help="torch.compile the velocity networks while training."
+        _D.compile,
+        "--compile/--no-compile",
+        help="torch.compile the velocity networks while training.",
     ),
     option: list[str] = typer.Option(
         [], "--option", "-o", help="Method option KEY=VALUE (repeatable); see `iterflow methods`."
     ),
-    img2d_dir: str | None = typer.Option(
-        None, help="Folder holding img_rose.png / img_tree.png."
-    ),
+    img2d_dir: str | None = typer.Option(None, help="Folder holding img_rose.png / img_tree.png."),
     report: bool = typer.Option(
         True, help="After training write samples.npy, metrics.json and plots."
     ),
@@ -186,8 +192,8 @@ def train(
     from .train import TrainConfig
     from .train import train as run_train
 
-    cfg = TrainConfig(
-        method=method,
+    cfg = TrainConfig.for_method(
+        method,
         data=data,
         blocks=blocks,
         steps=steps,
@@ -197,7 +203,7 @@ def train(
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         ema=ema,
-        hidden=_parse_hidden(hidden),
+        hidden=None if hidden is None else _parse_hidden(hidden),
         activation=activation,
         time_freqs=time_freqs,
         warm_start=warm_start,
@@ -344,14 +350,36 @@ def plot(
 
 
 @app.command()
-def info(run: Path = typer.Argument(..., help="Run folder.")) -> None:
-    """Print a run's config, data, blocks and training history."""
+def info(
+    run: Path = typer.Argument(
+        ..., help="Folder of `iterflow train` (and reflow/distill), transport, ratio or worst-case."
+    ),
+) -> None:
+    """Print a folder's config and history as JSON (training runs: config, data, blocks, per-block
+    history; transport, ratio and worst-case folders: their config and metrics)."""
     from .io import load_json
     from .train import RunDir, load_run
 
-    load_run(run)  # validates the folder
+    if not (run / "config.json").is_file():
+        for kind, marker in _APP_FOLDERS:
+            if (run / marker).is_file():
+                out = {"kind": kind, "config": load_json(run / marker, "run")}
+                if (run / "metrics.json").is_file():
+                    out["metrics"] = load_json(run / "metrics.json", "run")
+                print(json.dumps(out, indent=2))
+                return
+    load_run(run)  # validates the folder (and names what is missing or corrupt)
     rd = RunDir(run)
-    print(json.dumps({"config": load_json(rd.config), "meta": load_json(rd.meta)}, indent=2))
+    out = {"kind": "train", "config": load_json(rd.config), "meta": load_json(rd.meta)}
+    print(json.dumps(out, indent=2))
+
+
+# folders written by the application commands: (kind, the JSON file that marks them)
+_APP_FOLDERS = (
+    ("transport", "transport.json"),
+    ("ratio", "ratio.json"),
+    ("worst-case", "dro.json"),
+)
 
 
 @app.command()
@@ -366,6 +394,18 @@ def methods() -> None:
         print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(cls.Options):
             print(f"    {f.name} = {f.default!r}")
+        rec = dict(cls.recommended)
+        rec_options = rec.pop("options", {})
+        if rec or rec_options:
+            settings = [f"--{k.replace('_', '-')} {_cli_value(v)}" for k, v in rec.items()]
+            settings += [f"-o {k}={_cli_value(v)}" for k, v in rec_options.items()]
+            print(f"    recommended (used where not given): {' '.join(settings)}")
+
+
+def _cli_value(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(map(str, v))
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 @app.command()

@@ -77,7 +77,7 @@ class FlowDensity:
         atomic_write_bytes(data_path, buf.getvalue())
         n = arr.shape[0]
         sizes = {"n_train": n, "n_val": max(1, n // 10), "n_test": max(1, n // 10)}
-        cfg = TrainConfig(method=self.method, data=str(data_path), **{**sizes, **self.config})
+        cfg = TrainConfig.for_method(self.method, data=str(data_path), **{**sizes, **self.config})
         self.flow_: Flow = train(cfg, run / "run").flow
         self.run_dir_ = run
         return self

@@ -47,10 +47,32 @@ def nll(
     return float(v.mean()), float(v.std() / math.sqrt(len(v))), c.nfe
 
 
+def euler_steps_per_block(nfes: tuple[int, ...], blocks: int) -> list[int]:
+    """Euler steps per block at which :func:`evaluate` compares samples, for total budgets ``nfes``.
+
+    One block: the budgets themselves. A chain of ``B`` blocks spends ``B`` evaluations per step
+    (one per block), so budget ``n`` becomes ``max(1, n // B)`` steps per block, and 1, 2, 4 and
+    8 steps per block are always added, so that a chain's curve keeps several points (five blocks:
+    ``(1, 2, 4, 8, 32)`` -> 1, 2, 4, 6, 8 steps, i.e. NFE 5, 10, 20, 30, 40).
+
+    Example:
+        >>> euler_steps_per_block((1, 2, 4, 8, 32), 1), euler_steps_per_block((1, 2, 4, 8, 32), 5)
+        ([1, 2, 4, 8, 32], [1, 2, 4, 6, 8])
+    """
+    if blocks <= 1:
+        return sorted({max(1, int(n)) for n in nfes})
+    return sorted({max(1, n // blocks) for n in nfes} | {1, 2, 4, 8})
+
+
 @torch.no_grad()
 def samples_at_nfe(flow: Flow, n: int, nfe: int, seed: int) -> tuple[Tensor, int]:
     """Euler samples using about ``nfe`` evaluations in total (at least one step per block)."""
-    steps = max(1, nfe // max(1, flow.num_blocks))
+    return euler_samples(flow, n, max(1, nfe // max(1, flow.num_blocks)), seed)
+
+
+@torch.no_grad()
+def euler_samples(flow: Flow, n: int, steps: int, seed: int) -> tuple[Tensor, int]:
+    """``n`` samples by ``steps`` Euler steps per block; returns them and the evaluations used."""
     gen = torch.Generator(device=flow.shift.device).manual_seed(seed)
     with flow.count_nfe() as c:
         x = flow.sample(n, generator=gen, solver="euler", steps=steps)
@@ -82,7 +104,8 @@ def evaluate(
         seed: seeds sampling and Hutchinson probes.
         solver, steps, atol, rtol: integration for the NLL and the reference samples.
         divergence, probes: exact trace or Hutchinson (see :meth:`Flow.log_prob`).
-        nfes: total function-evaluation budgets at which Euler samples are compared (W2).
+        nfes: total function-evaluation budgets at which Euler samples are compared (W2); for a
+            chain they become steps per block by :func:`euler_steps_per_block`.
 
     Returns:
         A JSON-serialisable dict with ``nll``, ``nll_stderr``, ``entropy``, ``nll_gap``, ``bits_per_dim``,
@@ -121,8 +144,8 @@ def evaluate(
     out["w2"] = w2(sf, xf, seed=seed)
     out["mmd"] = mmd(sf, xf)
     by_nfe = {}
-    for k in nfes:
-        s_k, used = samples_at_nfe(flow, x.shape[0], k, seed + 2)
+    for k in euler_steps_per_block(tuple(nfes), flow.num_blocks):
+        s_k, used = euler_samples(flow, x.shape[0], k, seed + 2)
         by_nfe[str(used)] = w2(s_k.flatten(1).cpu(), xf, seed=seed)
     out["w2_by_nfe"] = by_nfe
     import iterflow.methods  # noqa: F401  (methods register their extras on import)

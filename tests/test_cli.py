@@ -191,3 +191,29 @@ def test_corrupt_checkpoint_via_cli(
     shutil.copytree(run_dir, copy)
     (copy / "blocks" / "block_000.safetensors").write_bytes(b"garbage" * 10)
     bad(["eval", str(copy)], capsys, "block_000.safetensors")
+
+
+def test_method_recommendations_fill_only_what_is_not_given(tmp_path: Path) -> None:
+    """`iterflow train --method jko` takes JKO's tuned settings where the user gave none."""
+    from iterflow.methods import METHODS
+    from iterflow.train import TrainConfig
+
+    rec = METHODS["jko"].recommended
+    cfg = TrainConfig.for_method("jko", steps=7, options={"gamma": "0.3"})
+    assert cfg.steps == 7 and cfg.blocks == rec["blocks"] and cfg.hidden == rec["hidden"]
+    assert cfg.options == {**rec["options"], "gamma": "0.3"}
+    assert TrainConfig.for_method("fm") == TrainConfig()  # flow matching's are the plain defaults
+    unet = TrainConfig.for_method("jko", network="unet")  # tuned for the MLP: only the options
+    assert unet.blocks == TrainConfig().blocks and unet.options == rec["options"]
+
+    out = tmp_path / "jko"
+    args = ["--blocks", "1", "--steps", "2", "--n-train", "300", "--n-val", "50", "--n-test", "50"]
+    p = run_cli("train", "--method", "jko", "--data", "moons", "-o", "substeps=1", "--out", str(out),
+                "--no-report", "--quiet", *args)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["blocks"], cfg["steps"], cfg["n_train"]) == (1, 2, 300)  # given
+    assert cfg["hidden"] == list(rec["hidden"]) and cfg["batch_size"] == rec["batch_size"]
+    assert cfg["lr"] == rec["lr"] and cfg["activation"] == rec["activation"]
+    assert cfg["options"]["jacobian"] == rec["options"]["jacobian"]
+    assert cfg["options"]["substeps"] == "1"  # the user's option wins

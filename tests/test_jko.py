@@ -277,6 +277,8 @@ def test_cli_train_eval_plot(
     report = json.loads(capsys.readouterr().out)
     assert math.isfinite(report["nll"]) and report["inversion_error"] >= 0
     assert report["method"] == method and report["blocks"] == 2
+    # W2 by NFE: 1, 2, 4, 8, 16 Euler steps per block of the two blocks
+    assert sorted(int(k) for k in report["w2_by_nfe"]) == [2, 4, 8, 16, 32]
     assert all("kl_proxy" in r and "movement" in r for r in report["per_block"])
     assert main(["plot", str(out), "--n", "200"]) == 0
     assert (out / "plots" / "samples.png").exists()

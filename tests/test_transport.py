@@ -238,6 +238,10 @@ def test_cli_transport_and_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[s
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("w2_sq", "w2_exact_test", "log_ratio_mse_source", "log_ratio_mse_target"):
         assert math.isfinite(metrics[key]), key
+    capsys.readouterr()
+    assert cli_main(["info", str(run)]) == 0  # `iterflow info` reads transport folders too
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "transport" and shown["metrics"]["w2_sq"] == metrics["w2_sq"]
     pts = tmp_path / "pts.npy"
     np.save(pts, np.array([[0.0, 0.0], [2.0, 1.0], [-2.0, -1.5], [0.0, 2.0]]))
     capsys.readouterr()

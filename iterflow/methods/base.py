@@ -50,6 +50,11 @@ class Method(ABC):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     progressive: ClassVar[bool] = True
     max_blocks: ClassVar[int | None] = None
+    #: Training settings this method is tuned for: :class:`~iterflow.train.TrainConfig` fields, and
+    #: ``options`` merged under the user's, that apply wherever the user leaves a field unset
+    #: (``iterflow train``, :meth:`TrainConfig.for_method <iterflow.train.TrainConfig.for_method>`,
+    #: :class:`~iterflow.FlowDensity`). Empty: the plain ``TrainConfig`` defaults (flow matching's).
+    recommended: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self, options: MethodOptions, *, event_shape: tuple[int, ...], num_blocks: int
