@@ -225,6 +225,45 @@ def test_interrupted_run_resumes_to_the_same_chain(tmp_path: Path) -> None:
     )
 
 
+def test_kill_9_then_the_same_command_resumes_to_the_same_chain(tmp_path: Path) -> None:
+    """A real SIGKILL of `iterflow train --method jko` (not a simulated interrupt): re-running the
+    command resumes from the last checkpoint and ends with the chain of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from iterflow.train import load_run
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "iterflow.cli", "train", "--method", "jko", "--out", str(out),
+                *CLI_COMMON, "--blocks", "3", "--steps", "40", "--checkpoint-every", "5",
+                "-o", "substeps=1", "--no-report"]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    assert subprocess.run(command(ref), env=env, capture_output=True).returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        command(cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not (cut / "blocks" / "block_000.safetensors").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no block checkpoint within 120 s"
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL) if killed else None
+    proc.wait()
+    if killed:
+        assert not (cut / "blocks" / "block_002.safetensors").exists()
+    assert subprocess.run(command(cut), env=env, capture_output=True).returncode == 0
+    a, _, _ = load_run(ref)
+    b, _, _ = load_run(cut)
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0)
+
+
 def test_movement_tolerance_stops_the_chain(tmp_path: Path) -> None:
     cfg = _small_cfg(
         _gaussian_file(tmp_path), steps=10, options={"gamma": 0.5, "substeps": 1, "stop_tol": 1e6}
