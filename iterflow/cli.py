@@ -31,7 +31,8 @@ app = typer.Typer(
 )
 
 
-def _console(quiet: bool):  # noqa: ANN202
+def make_console(quiet: bool):  # noqa: ANN202
+    """The rich console every command prints its progress and summaries to (stderr; silent if quiet)."""
     from rich.console import Console
 
     return Console(stderr=True, quiet=quiet)
@@ -65,7 +66,7 @@ class RichReporter:
     """Progress bar with loss, steps/s and ETA for each stage."""
 
     def __init__(self, quiet: bool) -> None:
-        self.console = _console(quiet)
+        self.console = make_console(quiet)
         self.progress = progress_bar(self.console, quiet)
         self.task: Any = None
 
@@ -93,7 +94,8 @@ class RichReporter:
         self.console.print(f"  block(s) {record.get('blocks')}: {shown}")
 
 
-def _parse_options(items: list[str]) -> dict[str, str]:
+def parse_key_values(items: list[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` (the repeatable ``-o`` flags) -> ``{"key": "VALUE"}`` (``-`` -> ``_``)."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -106,7 +108,7 @@ def _parse_options(items: list[str]) -> dict[str, str]:
 def _parse_net_options(items: list[str]) -> dict[str, Any]:
     """KEY=VALUE pairs; values are parsed as JSON when possible (numbers, lists), else kept as text."""
     out: dict[str, Any] = {}
-    for k, v in _parse_options(items).items():
+    for k, v in parse_key_values(items).items():
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
@@ -114,7 +116,8 @@ def _parse_net_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _parse_hidden(text: str) -> tuple[int, ...]:
+def parse_hidden(text: str) -> tuple[int, ...]:
+    """``"256,256,256"`` -> ``(256, 256, 256)``; an error names ``--hidden`` otherwise."""
     try:
         vals = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -203,7 +206,7 @@ def train(
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         ema=ema,
-        hidden=None if hidden is None else _parse_hidden(hidden),
+        hidden=None if hidden is None else parse_hidden(hidden),
         activation=activation,
         time_freqs=time_freqs,
         warm_start=warm_start,
@@ -215,7 +218,7 @@ def train(
         device=device,
         dtype=dtype,
         checkpoint_every=checkpoint_every,
-        options=_parse_options(option),
+        options=parse_key_values(option),
         img2d_dir=img2d_dir,
         network=network,
         net_options=_parse_net_options(net_option),
@@ -224,22 +227,24 @@ def train(
     )
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     quiet = quiet or not main_rank
-    console = _console(quiet)
+    console = make_console(quiet)
     t0 = time.perf_counter()
     try:
         with RichReporter(quiet) as rep:
             result = run_train(cfg, out, reporter=rep)
     except KeyboardInterrupt:
-        raise typer.Exit(_interrupted()) from None
+        raise typer.Exit(interrupted()) from None
     console.print(
         f"trained {cfg.method} ({result.flow.num_blocks} block(s)) in {time.perf_counter() - t0:.1f} s "
         f"-> {out}"
     )
     if report and main_rank:
-        _write_report(out, eval_n, device, console)
+        write_report(out, eval_n, device, console)
 
 
-def _write_report(out: Path, n: int, device: str, console: Any) -> None:
+def write_report(out: Path, n: int, device: str, console: Any) -> None:
+    """The report every training command writes into its run folder: ``metrics.json`` (``n`` test
+    points), ``samples.npy`` (5,000 samples) and the plots; prints a one-line summary."""
     import numpy as np
 
     from .io import atomic_write_bytes, save_json
@@ -433,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iterflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return _interrupted()
+        return interrupted()
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         print(
@@ -443,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupted() -> int:
+def interrupted() -> int:
+    """Tell the user how to resume after Ctrl-C; returns the exit status 130."""
     print(
         "iterflow: interrupted; run the same command again to resume from the last checkpoint",
         file=sys.stderr,

@@ -64,7 +64,7 @@ def _pair_options(
     warm_start: bool,
     extra: list[str],
 ) -> dict[str, Any]:
-    from ..cli import _parse_options
+    from ..cli import parse_key_values
 
     opts: dict[str, Any] = {
         "source": str(source),
@@ -75,7 +75,7 @@ def _pair_options(
         "regenerate_every": regenerate_every,
         "warm_start": warm_start,
     }
-    opts.update(_parse_options(extra))
+    opts.update(parse_key_values(extra))
     return opts
 
 
@@ -152,12 +152,12 @@ def reflow(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """k-reflow: retrain on the (noise, data) coupling of the previous flow, k times."""
-    from ..cli import _console, _interrupted, _write_report
+    from ..cli import interrupted, make_console, write_report
 
     check_positive(rounds, "--rounds", integer=True)
     check_positive(steps, "--steps", integer=True)
     _check_new_out(run, out)
-    console = _console(quiet)
+    console = make_console(quiet)
     src_cfg = _source_config(run)
     folders = [out / "rounds" / f"round_{j}" for j in range(1, rounds)] + [out]
     sources = [run, *folders[:-1]]
@@ -186,10 +186,10 @@ def reflow(
             result = _train_run(cfg, folder, quiet)
             console.print(f"round {j}/{rounds} -> {folder}: {_figures(result.history)}")
     except KeyboardInterrupt:
-        raise typer.Exit(_interrupted()) from None
+        raise typer.Exit(interrupted()) from None
     console.print(f"reflow: {rounds} round(s) in {time.perf_counter() - t0:.1f} s -> {out}")
     if report:
-        _write_report(out, eval_n, device, console)
+        write_report(out, eval_n, device, console)
 
 
 def distill(
@@ -218,12 +218,12 @@ def distill(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Distil a flow into a k-step Euler sampler (sample it with --solver euler --steps K)."""
-    from ..cli import _console, _interrupted, _write_report
+    from ..cli import interrupted, make_console, write_report
 
     check_positive(k_steps, "--k-steps", integer=True)
     check_positive(steps, "--steps", integer=True)
     _check_new_out(run, out)
-    console = _console(quiet)
+    console = make_console(quiet)
     opts = _pair_options(
         run,
         out / "pairs.safetensors",
@@ -248,13 +248,13 @@ def distill(
     try:
         result = _train_run(cfg, out, quiet)
     except KeyboardInterrupt:
-        raise typer.Exit(_interrupted()) from None
+        raise typer.Exit(interrupted()) from None
     console.print(
         f"distilled {run} into a {k_steps}-step sampler in {time.perf_counter() - t0:.1f} s "
         f"-> {out}: {_figures(result.history)}"
     )
     if report:
-        _write_report(out, eval_n, device, console)
+        write_report(out, eval_n, device, console)
 
 
 def register(app: typer.Typer) -> None:

@@ -38,9 +38,9 @@ class PhaseProgress:
     """A rich progress bar per training phase, fed by ``progress(phase, step, total, terms)``."""
 
     def __init__(self, quiet: bool) -> None:
-        from ..cli import _console, progress_bar
+        from ..cli import make_console, progress_bar
 
-        self.console = _console(quiet)
+        self.console = make_console(quiet)
         self.progress = progress_bar(self.console, quiet)
         self.tasks: dict[str, Any] = {}
 
@@ -171,7 +171,7 @@ def transport(
 ) -> None:
     """Optimal transport from P to Q by a flow (kinetic energy + classifier KLs); W2 estimate."""
     from ..apps.transport import fit_transport, save_transport
-    from ..cli import _parse_hidden
+    from ..cli import parse_hidden
 
     check_choice(dtype, list(DTYPES), "--dtype")
     if isinstance(seed, bool) or seed < 0:
@@ -182,7 +182,7 @@ def transport(
         option,
         {
             "blocks": blocks,
-            "hidden": _parse_hidden(hidden),
+            "hidden": parse_hidden(hidden),
             "init_steps": init_steps,
             "refine_steps": refine_steps,
             "gamma": gamma,

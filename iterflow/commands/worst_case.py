@@ -82,16 +82,16 @@ def worst_case(
 ) -> None:
     """Worst-case sampling: a flow map F maximising E R(F(X)) - E|X - F(X)|^2 / (2 gamma)."""
     from ..apps import dro
-    from ..cli import RichReporter, _console, _parse_hidden
+    from ..cli import RichReporter, make_console, parse_hidden
 
-    console = _console(quiet)
+    console = make_console(quiet)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail("--out", "must be a new or empty folder", str(out))
     config = dro.DROConfig(
         gamma=gamma,
         blocks=blocks,
         schedule=schedule,
-        hidden=_parse_hidden(hidden),
+        hidden=parse_hidden(hidden),
         activation=activation,
         solver=solver,
         ode_steps=ode_steps,
@@ -116,7 +116,7 @@ def worst_case(
         x_train,
         x_test,
         seed=seed,
-        hidden=_parse_hidden(classifier_hidden),
+        hidden=parse_hidden(classifier_hidden),
         steps=classifier_steps,
         label_smoothing=label_smoothing,
         console=console,
