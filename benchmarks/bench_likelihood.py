@@ -260,6 +260,7 @@ def main() -> None:
         ap.error(f"--scale: must be > 0 (got {args.scale})")
     args.methods = [m for m in args.methods.split(",") if m]
     info = machine()
+    info["run_threads"] = args.threads  # OMP_NUM_THREADS of the training commands (None: default)
     info["load_before"] = os.getloadavg()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
