@@ -1,6 +1,7 @@
 """Data-parallel training: two gloo processes under ``torchrun`` train the same model as one process
-with the same global batch (flow matching with a global-batch OT coupling, and a progressive method
-whose particle pushes are sharded), plus the sharding arithmetic on its own.
+with the same global batch (flow matching with a global-batch OT coupling, a progressive method
+whose particle pushes are sharded, CNF and JKO-flow whose ODE integrations are sharded), plus the
+sharding arithmetic on its own.
 
 The worker half of this file runs under ``python -m torch.distributed.run`` (``--worker``).
 """
@@ -59,7 +60,12 @@ CONFIGS = {
     # 63 rows: shards of 32 and 31 rows; the OT coupling is solved on the global batch.
     "fm_ot": TrainConfig(**BASE, batch_size=63, options={"coupling": "ot"}),
     "progressive": TrainConfig(**BASE, method=PROGRESSIVE, blocks=2, batch_size=64),
-}
+    # likelihood methods shard their ODE integrations too (exact trace, regularisers on)
+    "cnf": TrainConfig(**{**BASE, "steps": 12, "hidden": (16, 16)}, method="cnf", batch_size=63,
+                       options={"steps": 2, "kinetic": 0.1, "jacobian": 0.1}),
+    "jko": TrainConfig(**{**BASE, "steps": 12, "hidden": (16, 16)}, method="jko", blocks=2,
+                       batch_size=63, options={"substeps": 1, "jacobian": 0.1}),
+}  # fmt: skip
 
 
 def _weights(path: Path) -> list[torch.Tensor]:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import local_rows, shard_mean
 from ..errors import check_choice, check_positive, fail
 from ..flow import EXACT_DIVERGENCE_MAX_DIM, Block, Flow, standard_normal_log_prob
 from ..ode import SolverSpec, integrate, make_probes
@@ -296,7 +297,14 @@ def likelihood_loss(
     Returns:
         :class:`Loss` with terms ``nll`` (``-mean log p``), ``kinetic`` and ``jacobian`` (summed
         over blocks, before weighting).
+
+    Under data-parallel training each rank integrates only its rows of the global batch
+    (:func:`iterflow.distributed.local_rows`) and returns its share of the mean
+    (:func:`iterflow.distributed.shard_mean`), so DDP's gradient average is the one-process gradient.
     """
+    n = x.shape[0]
+    rows = local_rows(n)
+    x, probes = x[rows], None if probes is None else probes[:, rows]
     logdet = x.new_zeros(x.shape[0])
     kin = x.new_zeros(x.shape[0])
     jac = x.new_zeros(x.shape[0])
@@ -304,9 +312,15 @@ def likelihood_loss(
     for b in stage.blocks:
         r = integrate_path(b, z, spec, probes=probes, create_graph=True)
         z, logdet, kin, jac = r.z, logdet + r.div, kin + r.kinetic, jac + r.jacobian
-    nll = -(standard_normal_log_prob(z) + logdet).mean()
-    value = nll + kinetic * kin.mean() + jacobian * jac.mean() if (kinetic or jacobian) else nll
-    terms = {"nll": nll.detach(), "kinetic": kin.mean().detach(), "jacobian": jac.mean().detach()}
+    nll_rows = -(standard_normal_log_prob(z) + logdet)
+    total = nll_rows
+    if kinetic:
+        total = total + kinetic * kin
+    if jacobian:
+        total = total + jacobian * jac
+    value = shard_mean(total, n)
+    terms = {"nll": shard_mean(nll_rows, n).detach(), "kinetic": shard_mean(kin, n).detach(),
+             "jacobian": shard_mean(jac, n).detach()}  # fmt: skip
     return Loss(value, terms)
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import local_rows, shard_mean
 from ..errors import check_choice, check_positive, fail
 from ..flow import Flow
 from ..ode import FIXED_SOLVERS, SolverSpec
@@ -142,16 +143,21 @@ def jko_loss(
         regularisers) with terms ``kl`` (the first expectation), ``w2`` (``E|x(1) - x(0)|^2``),
         ``kinetic`` and ``jacobian``.
     """
+    n = x.shape[0]
+    rows = local_rows(n)  # data-parallel: this rank's rows of the global batch (all rows otherwise)
+    x, probes = x[rows], None if probes is None else probes[:, rows]
     r = integrate_path(block_stage.blocks[0], x, spec, probes=probes, create_graph=True)  # type: ignore[arg-type]
     b = x.shape[0]
-    kl = (0.5 * r.z.pow(2).reshape(b, -1).sum(1) - r.div).mean()
-    w2 = (r.z - x).pow(2).reshape(b, -1).sum(1).mean()
-    kin, jac = r.kinetic.mean(), r.jacobian.mean()
-    value = kl + w2 / (2 * gamma)
+    kl_rows = 0.5 * r.z.pow(2).reshape(b, -1).sum(1) - r.div
+    w2_rows = (r.z - x).pow(2).reshape(b, -1).sum(1)
+    total = kl_rows + w2_rows / (2 * gamma)
     if kinetic > 0:
-        value = value + kinetic * kin
+        total = total + kinetic * r.kinetic
     if jacobian > 0:
-        value = value + jacobian * jac
+        total = total + jacobian * r.jacobian
+    value = shard_mean(total, n)  # averaged over ranks by DDP: the global mean
+    kl, w2 = shard_mean(kl_rows, n), shard_mean(w2_rows, n)
+    kin, jac = shard_mean(r.kinetic, n), shard_mean(r.jacobian, n)
     terms = {
         "kl": kl.detach(),
         "w2": w2.detach(),
