@@ -154,16 +154,21 @@ def plot_run(
                 )
             )
     series: dict[str, list[float]] = {}
+    xs: dict[str, list[float]] = {}
+    labels: dict[str, str] = {}
     rows = _read_log(rd)
-    if rows:
+    if rows:  # x: optimiser steps counted over all stages (blocks of a progressive chain in turn)
         series["training loss"] = [r["loss"] for r in rows]
+        xs["training loss"] = [int(r.get("stage", 0)) * cfg.steps + int(r["step"]) for r in rows]
+        labels["training loss"] = "optimiser step" + (
+            " (all blocks)" if len(meta["history"]) > 1 else ""
+        )
     if len(meta["history"]) > 1:
         series["movement per block"] = [r["movement"] for r in meta["history"]]
         for key in ("kl_proxy", "mmd_to_normal", "kl_to_normal"):
             if all(key in r for r in meta["history"]):
                 series[f"{key} per block"] = [r[key] for r in meta["history"]]
+        labels.update({name: "block" for name in series if name.endswith("per block")})
     if series:
-        paths.append(
-            viz.plot_curves(series, out_dir / "training.png", xlabel="log step / block", logy=False)
-        )
+        paths.append(viz.plot_curves(series, out_dir / "training.png", xlabel=labels, x=xs))
     return paths

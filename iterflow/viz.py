@@ -471,7 +471,7 @@ def _series(name: str, values: Sequence[float] | ArrayLike) -> np.ndarray:
 def plot_curves(
     series: Mapping[str, Sequence[float] | ArrayLike],
     path: PathLike,
-    xlabel: str,
+    xlabel: str | Mapping[str, str],
     title: str | None = None,
     logy: bool = False,
     x: Mapping[str, Sequence[float]] | None = None,
@@ -481,7 +481,7 @@ def plot_curves(
     Arguments:
         series: ``name -> values``; panels wrap after 4 per row. Non-finite values leave gaps.
         path: output PNG.
-        xlabel: label of the x axis (shared by all panels).
+        xlabel: label of the x axes: one for all panels, or ``name -> label`` per panel.
         title: figure title.
         logy: logarithmic y axes (non-positive values are not drawn).
         x: optional ``name -> x values`` (same length as the series); default ``1, 2, ..., len``.
@@ -503,7 +503,7 @@ def plot_curves(
         if np.allclose(xs, np.round(xs)):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name, fontsize=11)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel.get(name, ""))
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
     return _save(fig, path, title)
