@@ -43,7 +43,7 @@ entropy is about 2.487 nats.
 Measured on the project's 2-core AMD EPYC (Nov 2026) with ``--threads 1 --clock cpu``: each command
 on one thread, budgets in CPU seconds (equal wall-clock on an otherwise idle core; it keeps the
 comparison fair while other jobs share the machine). The JKO-flow rose command then takes about 185 s
-wall (about 105 s with both cores, the default) for a test NLL of 2.893.
+wall (103 s with both cores, the default) for a test NLL of 2.893.
 
 References: Xu, Cheng, Xie, arXiv 2212.14424 (JKO-flow); Grathwohl et al., arXiv 1810.01367 (FFJORD);
 Lipman et al., arXiv 2210.02747 (flow matching).
