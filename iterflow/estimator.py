@@ -35,7 +35,8 @@ class FlowDensity:
             there as ``data.npy`` so the run can be evaluated and resumed from the CLI as well.
         solver, steps_per_block: integration used by :meth:`sample` and :meth:`score_samples`.
         **config: any :class:`~iterflow.train.TrainConfig` field (``steps``, ``blocks``, ``hidden``,
-            ``batch_size``, ``lr``, ``seed``, ``device``, ``options``, ...).
+            ``batch_size``, ``lr``, ``seed``, ``device``, ``options``, ...); fields left out take the
+            method's recommended settings (:meth:`~iterflow.train.TrainConfig.for_method`).
 
     Attributes:
         flow_: the trained :class:`~iterflow.flow.Flow` (after :meth:`fit`).
