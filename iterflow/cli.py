@@ -193,7 +193,6 @@ def train(
 ) -> None:
     """Train a flow into a run folder (resumes an interrupted run with the same config)."""
     from .train import TrainConfig
-    from .train import train as run_train
 
     cfg = TrainConfig.for_method(
         method,
@@ -229,17 +228,25 @@ def train(
     quiet = quiet or not main_rank
     console = make_console(quiet)
     t0 = time.perf_counter()
-    try:
-        with RichReporter(quiet) as rep:
-            result = run_train(cfg, out, reporter=rep)
-    except KeyboardInterrupt:
-        raise typer.Exit(interrupted()) from None
+    result = train_with_progress(cfg, out, quiet)
     console.print(
         f"trained {cfg.method} ({result.flow.num_blocks} block(s)) in {time.perf_counter() - t0:.1f} s "
         f"-> {out}"
     )
     if report and main_rank:
         write_report(out, eval_n, device, console)
+
+
+def train_with_progress(cfg: TrainConfig, out: Path, quiet: bool) -> Any:
+    """Train ``cfg`` into ``out`` (resuming a run of the same config) with the progress bar; Ctrl-C
+    exits with status 130 and the hint to resume. Returns the trainer's result."""
+    from .train import train as run_train
+
+    try:
+        with RichReporter(quiet) as rep:
+            return run_train(cfg, out, reporter=rep)
+    except KeyboardInterrupt:
+        raise typer.Exit(interrupted()) from None
 
 
 def write_report(out: Path, n: int, device: str, console: Any) -> None:

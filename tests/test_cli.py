@@ -217,3 +217,16 @@ def test_method_recommendations_fill_only_what_is_not_given(tmp_path: Path) -> N
     assert cfg["lr"] == rec["lr"] and cfg["activation"] == rec["activation"]
     assert cfg["options"]["jacobian"] == rec["options"]["jacobian"]
     assert cfg["options"]["substeps"] == "1"  # the user's option wins
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    import iterflow.train
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(iterflow.train, "train", interrupted)
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err

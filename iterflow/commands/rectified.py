@@ -79,15 +79,6 @@ def _pair_options(
     return opts
 
 
-def _train_run(cfg: Any, out: Path, quiet: bool) -> Any:
-    """Train ``cfg`` into ``out`` with the CLI's progress bar (resumes a run of the same config)."""
-    from ..cli import RichReporter
-    from ..train import train as run_train
-
-    with RichReporter(quiet) as rep:
-        return run_train(cfg, out, reporter=rep)
-
-
 def _figures(history: list[dict[str, Any]]) -> str:
     rec = history[-1] if history else {}
     keys = ("straightness", "transport_cost", "endpoint_mse", "seconds")
@@ -125,6 +116,18 @@ def _claim(out: Path, cfg: Any) -> None:
     save_json(path, cfg.to_json())
 
 
+# Options shared by `reflow` and `distill` (typer only reads these declarations).
+_PAIR_SOLVER = typer.Option("rk4", help="Solver that simulates the source flow.")
+_PAIR_STEPS = typer.Option(32, help="Fixed steps of that solver.")
+_REGENERATE_EVERY = typer.Option(0, help="Re-simulate the pairs every N steps (0: offline).")
+_BATCH_SIZE = typer.Option(None, help="Minibatch size (default: the source's).")
+_LR = typer.Option(None, help="Peak learning rate (default: the source's).")
+_DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:N or auto.")
+_REPORT = typer.Option(True, help="After training write metrics.json, samples.npy and plots.")
+_EVAL_N = typer.Option(2000, help="Test points for the report's metrics.")
+_QUIET = typer.Option(False, "--quiet", "-q", help="No progress output.")
+
+
 def reflow(
     run: Path = typer.Argument(..., help="Source run folder (e.g. a flow-matching run)."),
     out: Path = typer.Option(
@@ -133,26 +136,22 @@ def reflow(
     rounds: int = typer.Option(1, help="Reflow rounds k (RUN 1-rectified -> OUT (k+1)-rectified)."),
     steps: int = typer.Option(2000, help="Optimiser steps per round."),
     n_pairs: int = typer.Option(20_000, help="Simulated (data, noise) pairs per round."),
-    pair_solver: str = typer.Option("rk4", help="Solver that simulates the source flow."),
-    pair_steps: int = typer.Option(32, help="Fixed steps of that solver."),
-    regenerate_every: int = typer.Option(
-        0, help="Re-simulate the pairs every N steps (0: offline)."
-    ),
-    batch_size: int | None = typer.Option(None, help="Minibatch size (default: the source's)."),
-    lr: float | None = typer.Option(None, help="Peak learning rate (default: the source's)."),
+    pair_solver: str = _PAIR_SOLVER,
+    pair_steps: int = _PAIR_STEPS,
+    regenerate_every: int = _REGENERATE_EVERY,
+    batch_size: int | None = _BATCH_SIZE,
+    lr: float | None = _LR,
     warm_start: bool = typer.Option(
         True, help="Start each round from the previous round's weights."
     ),
     option: list[str] = typer.Option([], "--option", "-o", help="Other reflow option KEY=VALUE."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    report: bool = typer.Option(
-        True, help="After training write metrics.json, samples.npy and plots."
-    ),
-    eval_n: int = typer.Option(2000, help="Test points for the report's metrics."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    device: str = _DEVICE,
+    report: bool = _REPORT,
+    eval_n: int = _EVAL_N,
+    quiet: bool = _QUIET,
 ) -> None:
     """k-reflow: retrain on the (noise, data) coupling of the previous flow, k times."""
-    from ..cli import interrupted, make_console, write_report
+    from ..cli import make_console, train_with_progress, write_report
 
     check_positive(rounds, "--rounds", integer=True)
     check_positive(steps, "--steps", integer=True)
@@ -181,12 +180,9 @@ def reflow(
     if rounds > 1:
         _claim(out, cfgs[-1])
     t0 = time.perf_counter()
-    try:
-        for j, (cfg, folder) in enumerate(zip(cfgs, folders, strict=True), start=1):
-            result = _train_run(cfg, folder, quiet)
-            console.print(f"round {j}/{rounds} -> {folder}: {_figures(result.history)}")
-    except KeyboardInterrupt:
-        raise typer.Exit(interrupted()) from None
+    for j, (cfg, folder) in enumerate(zip(cfgs, folders, strict=True), start=1):
+        result = train_with_progress(cfg, folder, quiet)
+        console.print(f"round {j}/{rounds} -> {folder}: {_figures(result.history)}")
     console.print(f"reflow: {rounds} round(s) in {time.perf_counter() - t0:.1f} s -> {out}")
     if report:
         write_report(out, eval_n, device, console)
@@ -198,27 +194,23 @@ def distill(
     k_steps: int = typer.Option(1, help="Euler steps of the distilled sampler."),
     steps: int = typer.Option(2000, help="Optimiser steps."),
     n_pairs: int = typer.Option(20_000, help="Simulated (data, noise) pairs."),
-    pair_solver: str = typer.Option("rk4", help="Solver that simulates the source flow."),
-    pair_steps: int = typer.Option(32, help="Fixed steps of that solver."),
-    regenerate_every: int = typer.Option(
-        0, help="Re-simulate the pairs every N steps (0: offline)."
-    ),
+    pair_solver: str = _PAIR_SOLVER,
+    pair_steps: int = _PAIR_STEPS,
+    regenerate_every: int = _REGENERATE_EVERY,
     fm_weight: float = typer.Option(
         0.1, help="Weight of the flow-matching term on the same pairs."
     ),
-    batch_size: int | None = typer.Option(None, help="Minibatch size (default: the source's)."),
-    lr: float | None = typer.Option(None, help="Peak learning rate (default: the source's)."),
+    batch_size: int | None = _BATCH_SIZE,
+    lr: float | None = _LR,
     warm_start: bool = typer.Option(True, help="Start from the source's weights."),
     option: list[str] = typer.Option([], "--option", "-o", help="Other distill option KEY=VALUE."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    report: bool = typer.Option(
-        True, help="After training write metrics.json, samples.npy and plots."
-    ),
-    eval_n: int = typer.Option(2000, help="Test points for the report's metrics."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    device: str = _DEVICE,
+    report: bool = _REPORT,
+    eval_n: int = _EVAL_N,
+    quiet: bool = _QUIET,
 ) -> None:
     """Distil a flow into a k-step Euler sampler (sample it with --solver euler --steps K)."""
-    from ..cli import interrupted, make_console, write_report
+    from ..cli import make_console, train_with_progress, write_report
 
     check_positive(k_steps, "--k-steps", integer=True)
     check_positive(steps, "--steps", integer=True)
@@ -245,10 +237,7 @@ def distill(
         device=device,
     )
     t0 = time.perf_counter()
-    try:
-        result = _train_run(cfg, out, quiet)
-    except KeyboardInterrupt:
-        raise typer.Exit(interrupted()) from None
+    result = train_with_progress(cfg, out, quiet)
     console.print(
         f"distilled {run} into a {k_steps}-step sampler in {time.perf_counter() - t0:.1f} s "
         f"-> {out}: {_figures(result.history)}"
