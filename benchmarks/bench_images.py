@@ -47,8 +47,7 @@ import torch
 
 import iterflow.data.images  # noqa: F401  (registers the image data sets)
 import iterflow.unet  # noqa: F401  (registers the U-Net)
-from iterflow.data import get_dataset
-from iterflow.images import ClassifierConfig, ImageEvalOptions, evaluate_images
+from iterflow.images import ClassifierConfig, ImageEvalOptions, evaluate_image_run
 from iterflow.methods import METHODS
 from iterflow.train import TrainConfig, load_run, train
 
@@ -193,14 +192,6 @@ def evaluate_run(
     device: str,
     train_cpu: float | None = None,
 ) -> dict[str, Any]:
-    flow, cfg, meta = load_run(run, device=device)
-    ds = get_dataset(cfg.data)
-    sp = ds.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-    lab = (
-        ds.label_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-        if ds.labels is not None
-        else None
-    )
     opts = ImageEvalOptions(
         nfes=NFES,
         seed=seed,
@@ -209,25 +200,21 @@ def evaluate_run(
         **recipe["eval"],
     )
     t0, c0 = time.perf_counter(), time.process_time()
-    m = evaluate_images(
-        flow,
-        ds,
-        sp.train,
-        sp.test,
-        train_y=None if lab is None else lab.train,
-        val_x=sp.val,
-        val_y=None if lab is None else lab.val,
-        options=opts,
+    ev = evaluate_image_run(
+        run,
+        opts,
         grid=grids / f"{data}_{label}.png",
         trajectory=grids / f"{data}_{label}_traj.png",
         title=f"{label} on {data}",
+        device=device,
     )
+    m, flow, cfg, meta = ev.metrics, ev.flow, ev.config, ev.meta
     m.update(
         method=cfg.method,
         label=label,
         run=str(run),
         train_steps=cfg.steps * flow.num_blocks,
-        n_train=int(sp.train.shape[0]),
+        n_train=ev.n_train,
         event_shape=list(flow.event_shape),
         train_seconds=meta.get("train_seconds"),
         eval_wall_seconds=time.perf_counter() - t0,
@@ -309,7 +296,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke test: a few steps everywhere")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    ap.add_argument("--render", type=Path, default=None, help="only print the table of a saved JSON")
+    ap.add_argument(
+        "--render", type=Path, default=None, help="only print the table of a saved JSON"
+    )
     args = ap.parse_args()
     if args.render is not None:
         saved = json.loads(args.render.read_text())

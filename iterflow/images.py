@@ -164,18 +164,15 @@ def image_bits_per_dim(
     check_positive(chunk, "chunk", integer=True)
     if x.shape[0] < 1:
         fail("x", "must hold at least one image", tuple(x.shape))
+    from .evaluate import nll_per_sample
+
     x = x.to(device=flow.shift.device, dtype=flow.shift.dtype)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
     spec = SolverSpec(solver, steps, atol, rtol)
-    vals = []
-    with flow.count_nfe() as c, torch.no_grad(), full_precision(flow):
-        for part in x.split(chunk):
-            vals.append(
-                -flow.log_prob(
-                    part, divergence=divergence, probes=probes, generator=gen, solver=spec
-                )
-            )
-    nll = torch.cat(vals).double().cpu()
+    with full_precision(flow):
+        nll, nfe = nll_per_sample(
+            flow, x, spec=spec, divergence=divergence, probes=probes, seed=seed, chunk=chunk
+        )
+    nll = nll.cpu()
     per_image = bits_per_dim(nll, flow.dim, quantization)
     stderr = float(per_image.std() / math.sqrt(len(nll))) if len(nll) > 1 else math.nan
     return BitsPerDim(
@@ -184,7 +181,7 @@ def image_bits_per_dim(
         float(nll.mean()),
         int(len(nll)),
         flow.dim,
-        c.nfe,
+        nfe,
         divergence,
         probes,
         solver,
@@ -769,6 +766,80 @@ def evaluate_images(
             save_trajectory_strip(flow, trajectory, q, seed=o.seed + 2, title=title)
         )
     return out
+
+
+def load_image_dataset(spec: str) -> ImageDataset:
+    """The :class:`~iterflow.data.images.ImageDataset` named by ``spec`` (a name or a path)."""
+    from .data import DATASETS, get_dataset
+    from .data.images import image_dataset_from_path
+
+    ds = get_dataset(spec) if spec in DATASETS else image_dataset_from_path(spec)
+    if not isinstance(ds, ImageDataset):
+        fail(
+            "--data",
+            "must be an image data set (digits8, fashion-mnist, an IDX file, a folder of "
+            "images or a .npy of integer images)",
+            spec,
+        )
+    return ds
+
+
+@dataclass
+class ImageRunEvaluation:
+    """What :func:`evaluate_image_run` returns: the metrics and the run they were computed on."""
+
+    metrics: dict[str, Any]
+    flow: Flow
+    config: Any  # iterflow.train.TrainConfig
+    meta: dict[str, Any]
+    n_train: int
+
+
+def evaluate_image_run(
+    run: str | Path,
+    options: ImageEvalOptions = ImageEvalOptions(),
+    *,
+    grid: str | Path | None = None,
+    trajectory: str | Path | None = None,
+    title: str | None = None,
+    device: str = "cpu",
+) -> ImageRunEvaluation:
+    """:func:`evaluate_images` of a run folder on its own data set and splits (training images and
+    labels for the feature classifier and the nearest-neighbour check, test images for bits/dim).
+
+    ``title`` defaults to ``"METHOD on DATA"``; ``metrics["method"]`` is the run's method.
+    """
+    from .train import load_run
+
+    flow, cfg, meta = load_run(run, device=device)
+    ds = load_image_dataset(cfg.data)
+    if tuple(ds.event_shape) != flow.event_shape:
+        fail(
+            "run",
+            f"must model images of shape {ds.event_shape} like its data set",
+            flow.event_shape,
+        )
+    sp = ds.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+    labels = (
+        ds.label_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+        if ds.labels is not None
+        else None
+    )
+    metrics = evaluate_images(
+        flow,
+        ds,
+        sp.train,
+        sp.test,
+        train_y=None if labels is None else labels.train,
+        val_x=sp.val,
+        val_y=None if labels is None else labels.val,
+        options=options,
+        grid=grid,
+        trajectory=trajectory,
+        title=title or f"{cfg.method} on {ds.name}",
+    )
+    metrics["method"] = cfg.method
+    return ImageRunEvaluation(metrics, flow, cfg, meta, int(sp.train.shape[0]))
 
 
 def _per_image(nfe: int, n: int, flow: Flow, chunk: int = 256) -> int:

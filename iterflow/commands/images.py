@@ -56,24 +56,9 @@ def image_eval(
 
     Writes ``RUN/image_metrics.json`` and the two PNGs.
     """
-    from ..images import ClassifierConfig, ImageEvalOptions, evaluate_images
+    from ..images import ClassifierConfig, ImageEvalOptions, evaluate_image_run
     from ..io import save_json
-    from ..train import load_run
 
-    flow, cfg, _ = load_run(run, device=device)
-    ds = load_image_dataset(cfg.data)
-    if tuple(ds.event_shape) != flow.event_shape:
-        fail(
-            "run",
-            f"must model images of shape {ds.event_shape} like its data set",
-            flow.event_shape,
-        )
-    sp = ds.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-    labels = (
-        ds.label_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-        if ds.labels is not None
-        else None
-    )
     opts = ImageEvalOptions(
         n_bpd=n_bpd,
         bpd_solver=bpd_solver,
@@ -91,41 +76,18 @@ def image_eval(
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
     plots = Path(run) / "plots"
-    out = evaluate_images(
-        flow,
-        ds,
-        sp.train,
-        sp.test,
-        train_y=None if labels is None else labels.train,
-        val_x=sp.val,
-        val_y=None if labels is None else labels.val,
-        options=opts,
+    out = evaluate_image_run(
+        run,
+        opts,
         grid=grid or plots / "samples.png",
         trajectory=trajectory or plots / "trajectories.png",
-        title=f"{cfg.method} on {ds.name}",
-    )
-    out["method"] = cfg.method
+        device=device,
+    ).metrics
     save_json(Path(run) / "image_metrics.json", out)
     if as_json:
         print(json.dumps(out))
         return
     _print_table(run, out)
-
-
-def load_image_dataset(spec: str) -> Any:
-    """The :class:`~iterflow.data.images.ImageDataset` named by ``spec`` (a name or a path)."""
-    from ..data import DATASETS, get_dataset
-    from ..data.images import ImageDataset, image_dataset_from_path
-
-    ds = get_dataset(spec) if spec in DATASETS else image_dataset_from_path(spec)
-    if not isinstance(ds, ImageDataset):
-        fail(
-            "--data",
-            "must be an image data set (digits8, fashion-mnist, an IDX file, a folder of "
-            "images or a .npy of integer images)",
-            spec,
-        )
-    return ds
 
 
 def _print_table(run: Path, m: dict[str, Any]) -> None:
