@@ -32,6 +32,26 @@ def nll(
     chunk: int = 4096,
 ) -> tuple[float, float, int]:
     """Mean negative log-likelihood in nats per sample, its standard error, and the NFE used."""
+    v, nfe = nll_per_sample(
+        flow, x, spec=spec, divergence=divergence, probes=probes, seed=seed, chunk=chunk
+    )
+    if not bool(torch.isfinite(v).all()):
+        return math.inf, math.nan, nfe
+    return float(v.mean()), float(v.std() / math.sqrt(len(v))), nfe
+
+
+def nll_per_sample(
+    flow: Flow,
+    x: Tensor,
+    *,
+    spec: SolverSpec,
+    divergence: str = "auto",
+    probes: int = 1,
+    seed: int = 0,
+    chunk: int = 4096,
+) -> tuple[Tensor, int]:
+    """``-log p(x_i)`` in nats (float64, on ``x``'s device) in chunks of ``chunk`` rows, with one
+    probe generator seeded by ``seed``; and the number of velocity evaluations it took."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     vals = []
     with flow.count_nfe() as c, torch.no_grad():
@@ -41,10 +61,7 @@ def nll(
                     part, divergence=divergence, probes=probes, generator=gen, solver=spec
                 )
             )
-    v = torch.cat(vals).double()
-    if not bool(torch.isfinite(v).all()):
-        return math.inf, math.nan, c.nfe
-    return float(v.mean()), float(v.std() / math.sqrt(len(v))), c.nfe
+    return torch.cat(vals).double(), c.nfe
 
 
 def euler_steps_per_block(nfes: tuple[int, ...], blocks: int) -> list[int]:
