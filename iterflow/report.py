@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -64,18 +63,6 @@ def sample_run(
     flow, _, _ = load_run(run, device=device)
     gen = torch.Generator(device=flow.shift.device).manual_seed(seed)
     return flow.sample(n, generator=gen, solver=solver, steps=steps).cpu().numpy()
-
-
-def _read_log(run: RunDir) -> list[dict[str, Any]]:
-    if not run.log.exists():
-        return []
-    rows = []
-    for line in run.log.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def plot_run(
@@ -156,7 +143,7 @@ def plot_run(
     series: dict[str, list[float]] = {}
     xs: dict[str, list[float]] = {}
     labels: dict[str, str] = {}
-    rows = _read_log(rd)
+    rows = rd.read_log()
     if rows:  # x: optimiser steps counted over all stages (blocks of a progressive chain in turn)
         series["training loss"] = [r["loss"] for r in rows]
         xs["training loss"] = [int(r.get("stage", 0)) * cfg.steps + int(r["step"]) for r in rows]

@@ -367,19 +367,28 @@ class RunDir:
                 for r in rows:
                     fh.write(json.dumps(r) + "\n")
 
-    def trim_log(self, stage: int, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from."""
+    def read_log(self) -> list[dict[str, Any]]:
+        """The rows of ``log.jsonl`` (a line cut short by a kill is skipped)."""
         if not self.log.exists():
-            return
-        keep = []
+            return []
+        rows = []
         for line in self.log.read_text().splitlines():
             try:
-                r = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            if r.get("stage", -1) < stage or (r.get("stage") == stage and r.get("step", 0) <= step):
-                keep.append(line)
-        self.log.write_text("".join(k + "\n" for k in keep))
+        return rows
+
+    def trim_log(self, stage: int, step: int) -> list[dict[str, Any]]:
+        """Drop log lines written after the checkpoint we resume from; return the rows kept."""
+        keep = [
+            r
+            for r in self.read_log()
+            if r.get("stage", -1) < stage or (r.get("stage") == stage and r.get("step", 0) <= step)
+        ]
+        if self.log.exists():
+            self.log.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        return keep
 
 
 def _prepare_run_dir(
@@ -638,17 +647,22 @@ def _optimize_stage(
     live = [p.detach() for p in params]  # EMA sources, built once (not per step)
     start = 0
     seconds = 0.0
+    acc: dict[str, float] = {}  # sums of the logged terms of this stage, for the record's means
+    acc_n = 0
     if run.progress_meta.exists():
         start, seconds = _load_progress(run, k, params, ema, opt, gen, cfg)
-        if main:
-            run.trim_log(k, start)
+        if main:  # the stage's means count the rows logged before the interruption too
+            for r in run.trim_log(k, start):
+                if r.get("stage") == k:
+                    for name, v in r.items():
+                        if name not in ("stage", "step", "lr"):
+                            acc[name] = acc.get(name, 0.0) + v
+                    acc_n += 1
     reporter.stage_start(k, n_stages, cfg.steps, start)
     view = _training_view(stage, cfg, ctx, device)
     view.train()
     autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
     log_rows: list[dict[str, Any]] = []
-    acc: dict[str, float] = {}
-    acc_n = 0
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         if budget[0] is not None:

@@ -65,6 +65,12 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path: Path, stop_aft
         for line in (tmp_path / "int" / "log.jsonl").read_text().splitlines()
     ]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines
+    # the stage record's means count the steps logged before the interruption too
+    def means(run: Path) -> dict[str, float]:
+        (record,) = load_run(run)[2]["history"]
+        return {k: v for k, v in record.items() if k.startswith(("mean_", "final_"))}
+
+    assert means(tmp_path / "int") == pytest.approx(means(tmp_path / "ref"), rel=1e-9, abs=1e-12)
 
 
 def test_run_folder_rules(tmp_path: Path) -> None:
