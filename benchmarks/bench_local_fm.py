@@ -30,14 +30,14 @@ of the same size and budget)::
         --out runs/lfm-tree --no-report
     OMP_NUM_THREADS=1 iterflow eval runs/lfm-tree --json
 
-Why these settings: ReLU blocks resolve the tree's thin branches far better than smooth activations
-(with 6 x 1000 batches of 1024: SiLU 3.05 nats, ReLU 2.75); the OU steps grow
+Why these settings: ReLU blocks resolved the tree's thin branches far better than smooth
+activations while the recipe was tuned (a shorter run, not reproduced by this script); the OU steps grow
 geometrically (``h_n = 0.002 * 4^(n-1)``: the blur ``sqrt(1 - e^{-2 T_n})`` roughly doubles per
 block, so every block bridges two distributions of similar resolution), and the last block maps the
-nearly Gaussian remainder to N(0, I). Measured on the 2-core AMD EPYC (Nov 2026, lightly loaded):
-the recipe trains in 106-120 s (``train_seconds``; the evaluation takes another 30 s) to a test NLL
-of 2.474 (seed 0) and 2.471 (seed 1), entropy floor 1.955; this script's global FM of the same size
-(3 x 319) and the same 18,000 batches: 2.506 in 317 s. The nearest-neighbour ``kl_to_normal`` of the
+nearly Gaussian remainder to N(0, I). Measured by this script on the 2-core AMD EPYC (Nov 2026;
+``benchmarks/results/local_fm.json``): the recipe trains in 91 s (``train_seconds``) to a test NLL
+of 2.474, entropy floor 1.955; the global FM of the same size (3 x 319) and the same 18,000
+batches: 2.506 in 317 s. The nearest-neighbour ``kl_to_normal`` of the
 pushed particles falls block after block (data 1.442, then 1.144, 0.715, 0.431, 0.197, 0.104,
 0.097); the
 squared MMD falls to its noise floor (about 1e-3) by block 5.
@@ -51,7 +51,7 @@ fewer blocks help but do not close the gap.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_local_fm.py --out benchmarks/bench_local_fm.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_local_fm.py --out benchmarks/results/local_fm.json
     OMP_NUM_THREADS=1 python benchmarks/bench_local_fm.py --data tree --quick   # smoke run
 """
 

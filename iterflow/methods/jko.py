@@ -174,7 +174,7 @@ class JKOFlow(Method):
     name = "jko"
     Options = JKOOptions
     progressive = True
-    # the rose recipe of benchmarks/bench_likelihood.py (test NLL 2.89 in ~105 s on 2 CPU cores);
+    # the rose recipe of benchmarks/bench_likelihood.py (test NLL 2.893 in 103 s on 2 CPU cores);
     # the Jacobian weight keeps each block smooth enough for 3 RK4 sub-steps (module docstring)
     recommended = {
         "blocks": 5,

@@ -163,7 +163,7 @@ class LocalFlowMatching(Method):
     name = "local-fm"
     Options = LocalFMOptions
     progressive = True
-    # the tree recipe of benchmarks/bench_local_fm.py (test NLL 2.47 in ~110 s on one CPU thread)
+    # the tree recipe of benchmarks/bench_local_fm.py (test NLL 2.474 in 91 s on one CPU thread)
     recommended = {
         "blocks": 6,
         "steps": 3000,
