@@ -77,6 +77,7 @@ from ..flow import Block, Flow
 from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
 from ..nn import ACTIVATIONS, build_network
 from ..ode import FIXED_SOLVERS, SolverSpec, integrate
+from ..train import DTYPES, RunDir, stage_seed, standardization
 
 __all__ = [
     "LABELLED_SETS",
@@ -112,7 +113,6 @@ __all__ = [
     "uses_labels",
 ]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 Risk = Callable[[Tensor], Tensor]
 
 
@@ -467,6 +467,14 @@ def _check_labelled(x: Tensor, labels: Tensor, argument: str = "labels") -> None
         fail(argument, f"must have shape ({x.shape[0]},), one label per point", tuple(labels.shape))
 
 
+def _check_label_range(labels: Tensor, k: int, rule: str) -> None:
+    """Fail unless every label lies in ``[0, k)``; ``rule`` is the message."""
+    if labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= k:
+            fail("labels", rule, (lo, hi))
+
+
 def _cosine_lr(lr: float, step: int, steps: int) -> float:
     """Linear warm-up over ``min(100, steps // 10)`` steps, then cosine decay to 5% of ``lr``."""
     warm = min(100, steps // 10)
@@ -806,17 +814,11 @@ class WorstCaseMap:
                     None,
                 )
             return None
-        if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32):
-            fail(
-                "labels",
-                "must be an integer tensor",
-                getattr(labels, "dtype", type(labels).__name__),
-            )
-        if tuple(labels.shape) != (x.shape[0],):
-            fail("labels", f"must have shape ({x.shape[0]},), one per point", tuple(labels.shape))
-        if k > 0 and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            fail("labels", f"must lie in [0, {k})", (int(labels.min()), int(labels.max())))
-        return labels.to(x.device) if k > 0 else None
+        _check_labelled(x, labels)
+        if k == 0:
+            return None
+        _check_label_range(labels, k, f"must lie in [0, {k})")
+        return labels.to(x.device)
 
     def __call__(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """``F(x)``, shape ``(B, d)``, in ``x``'s dtype; differentiable when grad mode is on."""
@@ -888,26 +890,20 @@ def _push(
 ) -> tuple[Tensor, Tensor | None]:
     """``(F(x), sum_k int |v_k|^2 ds)`` in data units through ``blocks`` (default: all); ``labels``
     condition the velocities (conditional blocks only)."""
-    with _conditioned(flow, labels):
-        return _push_plain(flow, x, spec, kinetic=kinetic, blocks=blocks)
-
-
-def _push_plain(
-    flow: Flow, x: Tensor, spec: SolverSpec, *, kinetic: bool, blocks: Sequence[Block] | None
-) -> tuple[Tensor, Tensor | None]:
     u = flow.normalize(x)
     chain = list(flow.blocks) if blocks is None else list(blocks)
-    if not kinetic:
+    with _conditioned(flow, labels):
+        if not kinetic:
+            for b in chain:
+                u = b.encode(u, spec)
+            return flow.denormalize(u), None
+        scale = flow.scale.to(u.dtype)
+        total = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
         for b in chain:
-            u = b.encode(u, spec)
-        return flow.denormalize(u), None
-    scale = flow.scale.to(u.dtype)
-    total = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
-    for b in chain:
-        zero = torch.zeros_like(total)
-        u, kin = integrate(_block_field(b, scale), (u, zero), 0.0, 1.0, spec)  # type: ignore[misc]
-        total = total + kin
-    return flow.denormalize(u), total
+            zero = torch.zeros_like(total)
+            u, kin = integrate(_block_field(b, scale), (u, zero), 0.0, 1.0, spec)  # type: ignore[misc]
+            total = total + kin
+        return flow.denormalize(u), total
 
 
 @dataclass(frozen=True)
@@ -978,8 +974,6 @@ class WorstCaseResult:
 
 
 def _new_flow(x: Tensor, config: DROConfig, num_classes: int = 0) -> Flow:
-    from ..train import stage_seed, standardization
-
     d = x.shape[1]
     xd = x.detach().cpu().double()
     shift, scale = standardization(xd, config.standardize)
@@ -1014,12 +1008,10 @@ def _objective(
     risk: Risk | ClassifierLoss,
     gamma: float,
     config: DROConfig,
-    cond_labels: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Loss ``-E R(F x) + E|x - F x|^2 / (2 gamma) + kinetic excess`` of one minibatch."""
-    y, kin = _push(
-        flow, x, config.spec, kinetic=config.kinetic > 0, blocks=blocks, labels=cond_labels
-    )
+    """Loss ``-E R(F x) + E|x - F x|^2 / (2 gamma) + kinetic excess`` of one minibatch; ``labels``
+    go to the risk and to the velocities of a conditioned map."""
+    y, kin = _push(flow, x, config.spec, kinetic=config.kinetic > 0, blocks=blocks, labels=labels)
     r = risk_values(risk, y, labels).mean()
     cost = ((y - x) ** 2).sum(1)
     loss = -r + cost.mean() / (2 * gamma)
@@ -1048,8 +1040,6 @@ def _optimise(
     index: int,
     progress: Callable[[int, int, dict[str, float]], None] | None,
 ) -> list[dict[str, float]]:
-    from ..train import stage_seed
-
     params = [p for b in blocks for p in b.parameters()]
     opt_cls = torch.optim.AdamW if config.weight_decay > 0 else torch.optim.Adam
     opt = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -1066,7 +1056,7 @@ def _optimise(
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen).to(x.device)
         lab = None if labels is None else labels[idx]
         g_step = _annealed_gamma(gamma, step, config)
-        loss, terms = _objective(flow, blocks, x[idx], lab, risk, g_step, config, lab)
+        loss, terms = _objective(flow, blocks, x[idx], lab, risk, g_step, config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -1140,12 +1130,7 @@ def _num_classes(risk: Any, x: Tensor, labels: Tensor) -> int:
             k = int(risk.classifier(x[:1]).shape[1])
     else:
         k = int(getattr(risk, "classes", 0)) or int(labels.max()) + 1
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-        fail(
-            "labels",
-            f"must lie in [0, {k}) (the risk's classes)",
-            (int(labels.min()), int(labels.max())),
-        )
+    _check_label_range(labels, k, f"must lie in [0, {k}) (the risk's classes)")
     return k
 
 
@@ -1380,13 +1365,13 @@ def transfer_displacement(train_x: Tensor, train_points: Tensor, new_x: Tensor) 
 def save_worst_case(result: WorstCaseResult, folder: str | Path) -> Path:
     """Write ``dro.json`` (config, networks, assessment, history), ``blocks/block_XXX.safetensors`` and
     ``normalization.safetensors`` into ``folder`` (``dro.json`` last: it is the commit record)."""
-    folder = Path(folder)
+    folder, run = Path(folder), RunDir(folder)
     flow = result.map.flow
     nets = []
     for i, b in enumerate(flow.blocks):
-        save_tensors(folder / "blocks" / f"block_{i:03d}.safetensors", b.state_dict())
+        save_tensors(run.block(i), b.state_dict())
         nets.append(b.velocity.config())  # type: ignore[operator]
-    save_tensors(folder / "normalization.safetensors", {"shift": flow.shift, "scale": flow.scale})
+    save_tensors(run.normalization, {"shift": flow.shift, "scale": flow.scale})
     save_json(
         folder / "dro.json",
         {
@@ -1405,7 +1390,7 @@ def save_worst_case(result: WorstCaseResult, folder: str | Path) -> Path:
 
 def load_worst_case(folder: str | Path, *, device: str = "cpu") -> WorstCaseResult:
     """Load what :func:`save_worst_case` wrote (never unpickles; mismatches raise InputError)."""
-    folder = Path(folder)
+    folder, run = Path(folder), RunDir(folder)
     meta = load_json(folder / "dro.json", "run")
     if not isinstance(meta, dict) or not {"config", "networks", "event_shape", "train"} <= set(
         meta
@@ -1422,20 +1407,17 @@ def load_worst_case(folder: str | Path, *, device: str = "cpu") -> WorstCaseResu
     for i, net_cfg in enumerate(meta["networks"]):
         b = Block(build_network(net_cfg)).to(DTYPES[config.dtype])  # load without rounding
         try:
-            b.load_state_dict(load_tensors(folder / "blocks" / f"block_{i:03d}.safetensors", "run"))
+            b.load_state_dict(load_tensors(run.block(i), "run"))
         except RuntimeError as e:
             fail(
                 "run",
-                f"block_{i:03d}.safetensors must match dro.json ({str(e).splitlines()[0]})",
+                f"{run.block(i).name} must match dro.json ({str(e).splitlines()[0]})",
                 str(folder),
             )
         blocks.append(b)
-    norm = load_tensors(folder / "normalization.safetensors", "run")
+    norm = load_tensors(run.normalization, "run")
     flow = Flow(blocks, meta["event_shape"], shift=norm["shift"], scale=norm["scale"])
     flow = flow.to(device=device, dtype=DTYPES[config.dtype]).eval()
-    with torch.no_grad():  # Flow() stores its normalisation in float32; restore the saved precision
-        flow.shift.copy_(norm["shift"])
-        flow.scale.copy_(norm["scale"])
     train_fields = {f.name for f in dataclasses.fields(Assessment)}
     train = Assessment(**{k: v for k, v in meta["train"].items() if k in train_fields})
     return WorstCaseResult(

@@ -84,6 +84,7 @@ from ..errors import Registry, check_choice, check_finite, check_positive, fail
 from ..flow import Flow
 from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
 from ..nn import ACTIVATIONS, FourierTime, time_column
+from ..train import standardization
 
 ProgressFn = Callable[[str, int, int, dict[str, float]], None]
 """``progress(phase, step, total, terms)``: called during training (the CLI draws a bar from it)."""
@@ -240,14 +241,8 @@ def optimize(
     tail, tail_n = 0.0, 0
     every = max(1, options.steps // 100)
     for step in range(options.steps):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(options.lr, step, options.steps)
         loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if options.grad_clip > 0:
-            nn.utils.clip_grad_norm_(params, options.grad_clip)
-        opt.step()
+        _step(opt, params, loss, cosine_lr(options.lr, step, options.steps), options.grad_clip)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"{phase}: loss became {value} at step {step + 1}; lower lr")
@@ -256,6 +251,26 @@ def optimize(
         if progress is not None and ((step + 1) % every == 0 or step + 1 == options.steps):
             progress(phase, step + 1, options.steps, {"loss": value})
     return tail / max(tail_n, 1)
+
+
+def _step(
+    opt: torch.optim.Optimizer, params: list[Tensor], loss: Tensor, lr: float, clip: float
+) -> None:
+    """One optimiser step on ``loss`` at learning rate ``lr``, clipping the gradient norm to ``clip``
+    (0: no clipping)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def _draw(bank: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` rows of ``bank`` drawn uniformly with replacement."""
+    idx = torch.randint(0, bank.shape[0], (n,), generator=generator, device=generator.device)
+    return bank[idx.to(bank.device)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,8 +292,7 @@ def _check_points(x: Any, argument: str, dim: int | None = None) -> Tensor:
 
 def pooled_standardization(source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Per-dimension mean and standard deviation of the pooled samples (floored at 1e-6)."""
-    both = torch.cat([source, target])
-    return both.mean(0), both.std(0).clamp_min(1e-6)
+    return standardization(torch.cat([source, target]), "dim")
 
 
 class RatioEstimator(ABC):
@@ -619,13 +633,9 @@ def fit_telescopic(
     logits = logits.to(device=source.device, dtype=source.dtype)
     k_index = torch.arange(kk, device=source.device).repeat_interleave(b)  # (K b,)
 
-    def draw(bank: Tensor) -> Tensor:
-        idx = torch.randint(0, bank.shape[0], (b,), generator=generator, device=generator.device)
-        return bank[idx.to(bank.device)]
-
     def loss_fn(step: int) -> Tensor:
-        lo = torch.cat([draw(chain[k]) for k in range(kk)])  # rho_k, label 0
-        hi = torch.cat([draw(chain[k + 1]) for k in range(kk)])  # rho_{k+1}, label 1
+        lo = torch.cat([_draw(chain[k], b, generator) for k in range(kk)])  # rho_k, label 0
+        hi = torch.cat([_draw(chain[k + 1], b, generator) for k in range(kk)])  # rho_{k+1}, label 1
         return logistic_loss(logits(lo, k_index), logits(hi, k_index))
 
     logits.train()
@@ -703,12 +713,8 @@ def fit_classifier(
     net = net.to(device=source.device, dtype=source.dtype).train()
     b = options.batch_size
 
-    def draw(bank: Tensor) -> Tensor:
-        idx = torch.randint(0, bank.shape[0], (b,), generator=generator, device=generator.device)
-        return bank[idx.to(bank.device)]
-
     def loss_fn(step: int) -> Tensor:
-        return logistic_loss(net(draw(u_p)), net(draw(u_q)))
+        return logistic_loss(net(_draw(u_p, b, generator)), net(_draw(u_q, b, generator)))
 
     optimize(list(net.parameters()), loss_fn, options, phase="single classifier", progress=progress)
     return ClassifierRatio(net, shift, scale)  # type: ignore[arg-type]

@@ -66,12 +66,16 @@ from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensor
 from ..methods.fm import FMOptions, flow_matching_loss
 from ..nn import ACTIVATIONS, NETWORKS, MLPVelocity, build_network
 from ..ode import FIXED_SOLVERS, SolverSpec
+from ..train import DTYPES, RunDir
 from .ratio import (
     LogitNet,
     ProgressFn,
     _check_hidden,
     _check_points,
+    _draw,
+    _evenly,
     _seeded,
+    _step,
     cosine_lr,
     logistic_loss,
 )
@@ -376,20 +380,27 @@ def kinetic_energy(flow: Flow, x: Tensor, *, direction: str = "forward", steps: 
     check_choice(direction, ("forward", "backward"), "direction")
     check_positive(steps, "steps", integer=True)
     x = _check_points(x, "x", flow.dim)
-    reverse = direction == "backward"
+    return _kinetic_and_end(flow, x, direction == "backward", steps)[0]
+
+
+@torch.no_grad()
+def _kinetic_and_end(flow: Flow, x: Tensor, reverse: bool, steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`kinetic_energy` of checked points ``x`` and where their paths end, in data units
+    (the forward map of ``x``, or the backward map when ``reverse``: the same ``rk4`` integration
+    as :class:`TransportMap` with ``steps`` steps)."""
     spec = SolverSpec("rk4", steps)
     u = flow.normalize(x)
     scale = flow.scale.to(x)
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x.dtype, device=x.device)
+    times = grid.flip(0) if reverse else grid
     weights = _quadrature(steps, x)
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for b in reversed(flow.blocks) if reverse else flow.blocks:
         states = b.path(u, spec, reverse=reverse)
-        times = grid.flip(0) if reverse else grid
         e = torch.stack([(b.velocity(s, t) * scale).pow(2).sum(-1) for s, t in zip(states, times)])
         total = total + flow.num_blocks * (weights[:, None] * e).sum(0)
         u = states[-1]
-    return total
+    return total, flow.denormalize(u)
 
 
 def _quadrature(steps: int, like: Tensor) -> Tensor:
@@ -404,11 +415,12 @@ def _quadrature(steps: int, like: Tensor) -> Tensor:
 
 def transport_cost(flow: Flow, source: Tensor, target: Tensor, *, steps: int = 16) -> TransportCost:
     """Kinetic energies and displacements of ``flow`` on samples of ``P`` and ``Q`` (data units)."""
-    spec = SolverSpec("rk4", steps)
-    kf = kinetic_energy(flow, source, direction="forward", steps=steps)
-    kb = kinetic_energy(flow, target, direction="backward", steps=steps)
-    fwd = TransportMap(flow, "forward", spec)(source)
-    bwd = TransportMap(flow, "backward", spec)(target)
+    check_positive(steps, "steps", integer=True)
+    source = _check_points(source, "x", flow.dim)
+    target = _check_points(target, "x", flow.dim)
+    # the kinetic-energy paths end at the maps' images: one integration per side gives both
+    kf, fwd = _kinetic_and_end(flow, source, False, steps)
+    kb, bwd = _kinetic_and_end(flow, target, True, steps)
     return TransportCost(
         w2_sq=float(0.5 * (kf.mean() + kb.mean())),
         kinetic_forward=float(kf.mean()),
@@ -428,35 +440,19 @@ class _EMA:
 
     def __init__(self, params: list[Tensor], decay: float) -> None:
         self.params, self.decay = params, decay
+        self.live = [p.detach() for p in params]  # lerp sources, built once (not per step)
         self.shadow = [p.detach().clone() for p in params] if decay > 0 else None
 
     def update(self, step: int) -> None:
         if self.shadow is not None:
             d = min(self.decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+            torch._foreach_lerp_(self.shadow, self.live, 1 - d)
 
     def finish(self) -> None:
         if self.shadow is not None:
             with torch.no_grad():
                 for p, s in zip(self.params, self.shadow):
                     p.copy_(s)
-
-
-def _draw(bank: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    idx = torch.randint(0, bank.shape[0], (n,), generator=generator, device=generator.device)
-    return bank[idx.to(bank.device)]
-
-
-def _step(
-    opt: torch.optim.Optimizer, params: list[Tensor], loss: Tensor, lr: float, clip: float
-) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip > 0:
-        nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
 
 
 def _report(
@@ -549,6 +545,7 @@ def refine(
     params = [p for p in flow.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=options.refine_lr)
     ema = _EMA(params, options.ema)
+    b, bc = options.batch_size, options.classifier_batch_size
 
     def classifier_step(z: Tensor, y: Tensor, w: Tensor, x: Tensor) -> Tensor:
         loss = logistic_loss(c_f(z), c_f(y)) + logistic_loss(c_b(w), c_b(x))
@@ -567,7 +564,6 @@ def refine(
         return loss
 
     t0 = time.perf_counter()
-    b, bc = options.batch_size, options.classifier_batch_size
     for step in range(options.classifier_warmup):
         c_loss = classifier_round(1)
         _report(
@@ -678,12 +674,6 @@ def fit_transport(
     return _result(flow, cost, options, history)
 
 
-def _evenly(x: Tensor, k: int) -> Tensor:
-    if x.shape[0] <= k:
-        return x
-    return x[torch.linspace(0, x.shape[0] - 1, k).round().long().to(x.device)]
-
-
 def _result(
     flow: Flow, cost: TransportCost, options: TransportOptions, history: list[dict[str, Any]]
 ) -> TransportResult:
@@ -703,10 +693,6 @@ def _result(
 # ------------------------------------------------------------------------------------------------
 
 
-def _block_path(folder: Path, i: int) -> Path:
-    return folder / "blocks" / f"block_{i:03d}.safetensors"
-
-
 def save_transport(
     result: TransportResult, folder: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
@@ -715,11 +701,11 @@ def save_transport(
 
     Nothing is pickled; :func:`load_transport` reads it back.
     """
-    folder = Path(folder)
+    folder, run = Path(folder), RunDir(folder)
     flow = result.flow
     for i, b in enumerate(flow.blocks):
-        save_tensors(_block_path(folder, i), b.state_dict())
-    save_tensors(folder / "normalization.safetensors", {"shift": flow.shift, "scale": flow.scale})
+        save_tensors(run.block(i), b.state_dict())
+    save_tensors(run.normalization, {"shift": flow.shift, "scale": flow.scale})
     meta = {
         "format_version": FORMAT_VERSION,
         "iterflow_version": __version__,
@@ -756,16 +742,16 @@ def load_transport_meta(folder: str | Path) -> dict[str, Any]:
 
 def load_transport(folder: str | Path, *, device: str | torch.device = "cpu") -> TransportResult:
     """Rebuild the :class:`TransportResult` saved by :func:`save_transport` (never unpickles)."""
-    folder = Path(folder)
+    folder, run = Path(folder), RunDir(folder)
     meta = load_transport_meta(folder)
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(meta.get("dtype", "float32"))
+    dtype = DTYPES.get(meta.get("dtype", "float32"))
     if dtype is None:
         fail("run", "transport.json 'dtype' must be float32 or float64", meta.get("dtype"))
     blocks = []
     for i, net_cfg in enumerate(meta["networks"]):
         b = Block(build_network(net_cfg))
         try:
-            b.load_state_dict(load_tensors(_block_path(folder, i), "run"))
+            b.load_state_dict(load_tensors(run.block(i), "run"))
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
             fail(
@@ -774,7 +760,7 @@ def load_transport(folder: str | Path, *, device: str | torch.device = "cpu") ->
                 str(folder),
             )
         blocks.append(b)
-    norm = load_tensors(folder / "normalization.safetensors", "run")
+    norm = load_tensors(run.normalization, "run")
     shape = tuple(meta["event_shape"])
     if tuple(norm.get("shift", torch.empty(0)).shape) != shape or "scale" not in norm:
         fail(

@@ -23,8 +23,8 @@ import torch
 import typer
 
 from ..errors import InputError, check_choice, fail
+from ..train import DTYPES
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RATIO_ESTIMATORS = ("telescopic", "classifier", "kde")
 
 
@@ -85,14 +85,11 @@ def _coerce(value: str, default: Any, key: str) -> Any:
 def parse_transport_options(items: list[str], base: dict[str, Any]) -> Any:
     """``TransportOptions`` from the named CLI options ``base``, overridden by ``-o KEY=VALUE``."""
     from ..apps.transport import TransportOptions
+    from ..cli import parse_key_values
 
     fields = {f.name: f.default for f in dataclasses.fields(TransportOptions)}
     kwargs = dict(base)
-    for item in items:
-        if "=" not in item:
-            fail("--option", "must look like KEY=VALUE", item)
-        key, value = (s.strip() for s in item.split("=", 1))
-        key = key.replace("-", "_")
+    for key, value in parse_key_values(items).items():
         if key not in fields:
             fail(f"option {key!r}", f"must be one of {sorted(fields)}", key)
         kwargs[key] = _coerce(value, fields[key], key)
@@ -202,12 +199,12 @@ def transport(
     }
     src, tgt, sp, tp = load_pair(data)
     dt = DTYPES[dtype]
+    x_train, y_train, x_test, y_test = (s.to(dt) for s in (sp.train, tp.train, sp.test, tp.test))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
+    est = None
     with PhaseProgress(quiet) as prog:
-        result = fit_transport(
-            sp.train.to(dt), tp.train.to(dt), options, generator=gen, progress=prog
-        )
+        result = fit_transport(x_train, y_train, options, generator=gen, progress=prog)
         seconds = time.perf_counter() - t0
         data.update({"source_info": src.describe(), "target_info": tgt.describe()})
         save_transport(result, out, {"data": data, "train_seconds": seconds})
@@ -215,19 +212,16 @@ def transport(
             from ..apps.ratio import fit_telescopic
 
             est = fit_telescopic(
-                result.flow,
-                sp.train.to(dt),
-                tp.train.to(dt),
-                ratio_opts,
-                generator=gen,
-                progress=prog,
+                result.flow, x_train, y_train, ratio_opts, generator=gen, progress=prog
             )
             est.save(out / "ratio" / "telescopic")
-    metrics = _metrics(result, sp.test.to(dt), tp.test.to(dt), src, tgt, out)
+    truth = _truth(src, tgt)
+    pushed = result.forward(x_test)
+    metrics = _metrics(result, x_test, y_test, pushed, est, truth)
     from ..io import save_json
 
     save_json(out / "metrics.json", metrics)
-    plots = _plots(out, result, sp.test.to(dt), tp.test.to(dt), src, tgt)
+    plots = _plots(out, result, x_test, y_test, pushed, est, truth)
     _summary(prog.console, metrics, seconds, out, plots)
 
 
@@ -249,11 +243,18 @@ def _telescopic_options(intervals: int, steps: int, blocks: int) -> Any:
 
 
 def _metrics(
-    result: Any, x_test: torch.Tensor, y_test: torch.Tensor, src: Any, tgt: Any, out: Path
+    result: Any,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    pushed: torch.Tensor,
+    est: Any,
+    truth: Any,
 ) -> dict[str, Any]:
+    """Costs and sample distances of the maps; log-ratio errors of the telescopic estimator ``est``
+    (``None``: not fitted) when the densities are known (``truth``, see :func:`_truth`)."""
     from ..metrics import mmd, w2
 
-    pushed, pulled = result.forward(x_test), result.backward(y_test)
+    pulled = result.backward(y_test)
     m: dict[str, Any] = {
         "w2_sq": result.cost.w2_sq,
         "w2": math.sqrt(max(result.cost.w2_sq, 0.0)),
@@ -264,12 +265,9 @@ def _metrics(
         "mmd_pushed_to_target": mmd(pushed, y_test),
         "mmd_pulled_to_source": mmd(pulled, x_test),
     }
-    truth = _truth(src, tgt)
-    folder = out / "ratio" / "telescopic"
-    if truth is not None and folder.exists():
-        from ..apps.ratio import load_ratio, log_ratio_mse
+    if truth is not None and est is not None:
+        from ..apps.ratio import log_ratio_mse
 
-        est = load_ratio(folder)
         m["log_ratio_mse_source"] = log_ratio_mse(
             est.log_ratio(x_test.to(est.shift)), truth(x_test)
         )
@@ -292,9 +290,16 @@ def _bounds(*clouds: torch.Tensor) -> tuple[float, float, float, float]:
 
 
 def _plots(
-    out: Path, result: Any, x_test: torch.Tensor, y_test: torch.Tensor, src: Any, tgt: Any
+    out: Path,
+    result: Any,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    pushed: torch.Tensor,
+    est: Any,
+    truth: Any,
 ) -> list[Path]:
-    """Trajectories, pushed source vs target and the log-ratio field (2-D only)."""
+    """Trajectories, pushed source (``pushed``) vs target and the log-ratio field of ``est`` (when
+    fitted) next to ``truth`` (when known); 2-D only."""
     if result.flow.dim != 2:
         return []
     from ..viz import plot_field, plot_samples, plot_trajectories
@@ -312,25 +317,21 @@ def _plots(
         ),
         plot_samples(
             y_test,
-            result.forward(x_test),
+            pushed,
             plots / "transport.png",
             title="target (left) and pushed source (right)",
         ),
     ]
-    folder = out / "ratio" / "telescopic"
-    if folder.exists():
-        from ..apps.ratio import load_ratio
-
-        est = load_ratio(folder)
+    if est is not None:
         paths.append(
             plot_field(
                 est.log_ratio,
                 plots / "log_ratio.png",
                 bounds=_bounds(x_test, y_test),
                 resolution=120,
-                true_fn=_truth(src, tgt),
+                true_fn=truth,
                 title="log q(x)/p(x): telescopic estimate"
-                + (" vs truth" if _truth(src, tgt) is not None else ""),
+                + (" vs truth" if truth is not None else ""),
             )
         )
     return paths
