@@ -8,7 +8,6 @@ chain's particles are known in closed form and the estimate must match
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -129,10 +128,19 @@ def test_save_load_round_trip(kind: str, telescopic: object, tmp_path: Path) -> 
     if kind == "telescopic":
         est = telescopic
     elif kind == "separate":  # one classifier per interval
-        opts = TelescopicOptions(intervals=4, mode="separate", particles="target",
-                                 classifier=ClassifierOptions(hidden=(16,), steps=5, batch_size=32))
-        est = fit_telescopic(gaussian_ot_flow(M1, S1, M2, S2, blocks=2).float(), x, y, opts,
-                             generator=torch.Generator().manual_seed(0))
+        opts = TelescopicOptions(
+            intervals=4,
+            mode="separate",
+            particles="target",
+            classifier=ClassifierOptions(hidden=(16,), steps=5, batch_size=32),
+        )
+        est = fit_telescopic(
+            gaussian_ot_flow(M1, S1, M2, S2, blocks=2).float(),
+            x,
+            y,
+            opts,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert len(est.logits.nets) == 4
     elif kind == "classifier":
         est = fit_classifier(
@@ -171,4 +179,6 @@ def test_inputs_are_validated(telescopic: object, tmp_path: Path) -> None:
             torch.zeros(5, 3, dtype=F64),
             generator=torch.Generator().manual_seed(0),
         )
-    assert math.isfinite(log_ratio_mse(torch.zeros(3), torch.ones(3)))
+    assert log_ratio_mse(torch.zeros(3), torch.ones(3)) == 1.0
+    with pytest.raises(InputError, match="estimate"):
+        log_ratio_mse(torch.zeros(3), torch.ones(4))
