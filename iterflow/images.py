@@ -368,6 +368,8 @@ def train_classifier(
     x = train_x.detach().cpu().float()
     net.mean.fill_(float(x.mean()))
     net.std.fill_(float(x.std().clamp_min(1e-6)))
+    from .train import cosine_lr
+
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     net.train()
     for step in range(config.steps):
@@ -376,10 +378,8 @@ def train_classifier(
         yb = train_y[idx].long() if train_y is not None else None
         if yb is None:
             xb, yb = _rotation_task(xb, gen)
-        for g in opt.param_groups:  # cosine decay to 5%
-            g["lr"] = config.lr * (
-                0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / config.steps))
-            )
+        for g in opt.param_groups:  # cosine decay to 5%, no warm-up
+            g["lr"] = cosine_lr(config.lr, step, config.steps, warmup=0)
         loss = F.cross_entropy(net(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()

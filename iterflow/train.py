@@ -328,15 +328,20 @@ def network_config(cfg: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, 
     return {"kind": cfg.network, "event_shape": list(event_shape), **cfg.net_options}
 
 
+def cosine_lr(lr: float, step: int, steps: int, warmup: int | None = None) -> float:
+    """The library's learning-rate schedule at ``step`` (0-based) of ``steps``: a linear warm-up
+    over ``warmup`` steps (default ``min(100, steps // 10)``; 0: none), then a cosine decay from
+    ``lr`` to ``0.05 lr``."""
+    warm = min(100, steps // 10) if warmup is None else warmup
+    if step < warm:
+        return lr * (step + 1) / warm
+    frac = (step - warm) / max(1, steps - warm)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate at ``step`` (0-based) of a stage."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    warm = min(100, cfg.steps // 10)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    frac = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr if cfg.lr_schedule == "constant" else cosine_lr(cfg.lr, step, cfg.steps)
 
 
 # ------------------------------------------------------------------------------------------------

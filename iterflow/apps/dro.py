@@ -77,7 +77,7 @@ from ..flow import Block, Flow
 from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
 from ..nn import ACTIVATIONS, build_network
 from ..ode import FIXED_SOLVERS, SolverSpec, integrate
-from ..train import DTYPES, RunDir, stage_seed, standardization
+from ..train import DTYPES, RunDir, cosine_lr, stage_seed, standardization
 
 __all__ = [
     "LABELLED_SETS",
@@ -475,15 +475,6 @@ def _check_label_range(labels: Tensor, k: int, rule: str) -> None:
             fail("labels", rule, (lo, hi))
 
 
-def _cosine_lr(lr: float, step: int, steps: int) -> float:
-    """Linear warm-up over ``min(100, steps // 10)`` steps, then cosine decay to 5% of ``lr``."""
-    warm = min(100, steps // 10)
-    if step < warm:
-        return lr * (step + 1) / warm
-    frac = (step - warm) / max(1, steps - warm)
-    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def train_classifier(
     x: Tensor,
     labels: Tensor,
@@ -518,7 +509,7 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(lr, step, steps)
+            g["lr"] = cosine_lr(lr, step, steps)
         idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=gen).to(
             x.device
         )
@@ -1047,7 +1038,7 @@ def _optimise(
     n, history = x.shape[0], []
     for step in range(config.steps):
         lr = (
-            _cosine_lr(config.lr, step, config.steps)
+            cosine_lr(config.lr, step, config.steps)
             if config.lr_schedule == "cosine"
             else config.lr
         )

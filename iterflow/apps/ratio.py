@@ -84,6 +84,7 @@ from ..errors import Registry, check_choice, check_finite, check_positive, fail
 from ..flow import Flow
 from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
 from ..nn import ACTIVATIONS, FourierTime, time_column
+from ..train import cosine_lr as train_cosine_lr
 from ..train import standardization
 
 ProgressFn = Callable[[str, int, int, dict[str, float]], None]
@@ -214,12 +215,8 @@ class ClassifierOptions:
 
 
 def cosine_lr(lr: float, step: int, steps: int) -> float:
-    """Linear warm-up over 5% of ``steps``, then cosine decay from ``lr`` to ``0.05 lr``."""
-    warm = max(1, steps // 20)
-    if step < warm:
-        return lr * (step + 1) / warm
-    frac = (step - warm) / max(1, steps - warm)
-    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    """:func:`iterflow.train.cosine_lr` with a linear warm-up over 5% of ``steps``."""
+    return train_cosine_lr(lr, step, steps, max(1, steps // 20))
 
 
 def optimize(
