@@ -31,6 +31,11 @@ app = typer.Typer(
 )
 
 
+# Folders written by the command modules, for `iterflow info`: kind -> the JSON file that marks them
+# (each module adds its own in ``register``).
+FOLDER_KINDS: dict[str, str] = {}
+
+
 def make_console(quiet: bool):  # noqa: ANN202
     """The rich console every command prints its progress and summaries to (stderr; silent if quiet)."""
     from rich.console import Console
@@ -373,7 +378,7 @@ def info(
     from .train import RunDir, load_run
 
     if not (run / "config.json").is_file():
-        for kind, marker in _APP_FOLDERS:
+        for kind, marker in FOLDER_KINDS.items():
             if (run / marker).is_file():
                 out = {"kind": kind, "config": load_json(run / marker, "run")}
                 if (run / "metrics.json").is_file():
@@ -384,14 +389,6 @@ def info(
     rd = RunDir(run)
     out = {"kind": "train", "config": load_json(rd.config), "meta": load_json(rd.meta)}
     print(json.dumps(out, indent=2))
-
-
-# folders written by the application commands: (kind, the JSON file that marks them)
-_APP_FOLDERS = (
-    ("transport", "transport.json"),
-    ("ratio", "ratio.json"),
-    ("worst-case", "dro.json"),
-)
 
 
 @app.command()

@@ -29,9 +29,12 @@ RATIO_ESTIMATORS = ("telescopic", "classifier", "kde")
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``transport`` and ``ratio`` commands to the CLI."""
+    """Add the ``transport`` and ``ratio`` commands to the CLI (and their folders to `iterflow info`)."""
+    from ..cli import FOLDER_KINDS
+
     app.command(name="transport")(transport)
     app.command(name="ratio")(ratio)
+    FOLDER_KINDS.update({"transport": "transport.json", "ratio": "ratio.json"})
 
 
 class PhaseProgress:

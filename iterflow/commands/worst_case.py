@@ -22,8 +22,11 @@ from ..errors import fail
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``worst-case`` command to the CLI."""
+    """Add the ``worst-case`` command to the CLI (and its folders to `iterflow info`)."""
+    from ..cli import FOLDER_KINDS
+
     app.command(name="worst-case")(worst_case)
+    FOLDER_KINDS["worst-case"] = "dro.json"
 
 
 def worst_case(
