@@ -44,6 +44,7 @@ from iterflow.data import (
     child_seeds,
     seeded_generator,
 )
+from iterflow.data.tabular import load_npy
 from iterflow.errors import check_positive, fail
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -417,27 +418,13 @@ def load_npy_dataset(
     when that file exists.
     """
     path = Path(path)
-    arr = _load_npy(path)
+    arr = load_npy(path)
     images = _as_nchw(arr, str(path))
     lab_path = path.with_name(f"{path.stem}_labels.npy")
-    labels = _load_npy(lab_path) if lab_path.is_file() else None
+    labels = load_npy(lab_path) if lab_path.is_file() else None
     return ImageDataset(
         images, path.stem, str(path.resolve()), labels=labels, value_range=value_range
     )
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        fail(
-            str(path),
-            "must be a readable .npy file (saved with numpy.save, no pickled objects)",
-            str(err),
-        )
-    if not isinstance(arr, np.ndarray):
-        fail(str(path), "must hold a single array (.npy, not .npz)", type(arr).__name__)
-    return arr
 
 
 def load_folder_dataset(

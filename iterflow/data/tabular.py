@@ -51,7 +51,8 @@ def load_array(path: str | Path) -> np.ndarray:
     return _check_table(arr, argument)
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def load_npy(path: Path) -> np.ndarray:
+    """One array from a ``.npy`` file, never unpickling; errors name the file and the rule."""
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -62,6 +63,11 @@ def _read_npy(path: Path) -> np.ndarray:
         )
     if not isinstance(arr, np.ndarray):
         fail(str(path), "must hold a single array (.npy, not .npz)", type(arr).__name__)
+    return arr
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    arr = load_npy(path)
     if arr.dtype == np.bool_ or not (
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     ):
