@@ -821,26 +821,53 @@ def load_run(path: str | Path, *, device: str = "cpu") -> tuple[Flow, TrainConfi
         )
     if not meta["networks"]:
         fail("run", "must hold at least one trained block (is training still running?)", str(path))
-    dev = resolve_device(device)
-    dtype = DTYPES[cfg.dtype]
+    flow = load_flow(
+        run,
+        meta["networks"],
+        meta["event_shape"],
+        dtype=DTYPES[cfg.dtype],
+        device=resolve_device(device),
+        source="meta.json",
+    )
+    return flow, cfg, meta
+
+
+def load_flow(
+    run: RunDir,
+    networks: list[dict[str, Any]],
+    event_shape: Any,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    source: str = "meta.json",
+) -> Flow:
+    """Rebuild a :class:`Flow` from a folder's ``blocks/block_XXX.safetensors`` (one per entry of
+    ``networks``, the networks' configs) and ``normalization.safetensors``; evaluation mode.
+
+    Used by every folder kind (training runs, transport maps, worst-case maps). Never unpickles; a
+    block that does not match its network, or a normalisation of another shape, raises an error
+    naming the file and ``source`` (the JSON file that recorded the networks).
+    """
     blocks = []
-    for i, net_cfg in enumerate(meta["networks"]):
+    for i, net_cfg in enumerate(networks):
         b = Block(build_network(net_cfg)).to(dtype)  # load float64 weights without a float32 detour
-        state = load_tensors(run.block(i), "run")
         try:
-            b.load_state_dict(state)
+            b.load_state_dict(load_tensors(run.block(i), "run"))
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
             fail(
                 "run",
-                f"{run.block(i).name} must match the network recorded in meta.json ({first})",
-                str(path),
+                f"{run.block(i).name} must match the network recorded in {source} ({first})",
+                str(run.path),
             )
         blocks.append(b)
     norm = load_tensors(run.normalization, "run")
-    shape = tuple(meta["event_shape"])
+    shape = tuple(event_shape)
     if "shift" not in norm or "scale" not in norm or tuple(norm["shift"].shape) != shape:
-        fail("run", f"normalization.safetensors must hold shift/scale of shape {shape}", str(path))
-    flow = Flow(blocks, shape, shift=norm["shift"], scale=norm["scale"]).to(device=dev, dtype=dtype)
-    flow.eval()
-    return flow, cfg, meta
+        fail(
+            "run",
+            f"normalization.safetensors must hold shift/scale of shape {shape}",
+            str(run.path),
+        )
+    flow = Flow(blocks, shape, shift=norm["shift"], scale=norm["scale"])
+    return flow.to(device=device, dtype=dtype).eval()

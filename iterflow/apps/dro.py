@@ -77,7 +77,7 @@ from ..flow import Block, Flow
 from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
 from ..nn import ACTIVATIONS, build_network
 from ..ode import FIXED_SOLVERS, SolverSpec, integrate
-from ..train import DTYPES, RunDir, cosine_lr, stage_seed, standardization
+from ..train import DTYPES, RunDir, cosine_lr, load_flow, stage_seed, standardization
 
 __all__ = [
     "LABELLED_SETS",
@@ -1394,21 +1394,14 @@ def load_worst_case(folder: str | Path, *, device: str = "cpu") -> WorstCaseResu
             str(folder),
         )
     config = DROConfig.from_json(meta["config"])
-    blocks = []
-    for i, net_cfg in enumerate(meta["networks"]):
-        b = Block(build_network(net_cfg)).to(DTYPES[config.dtype])  # load without rounding
-        try:
-            b.load_state_dict(load_tensors(run.block(i), "run"))
-        except RuntimeError as e:
-            fail(
-                "run",
-                f"{run.block(i).name} must match dro.json ({str(e).splitlines()[0]})",
-                str(folder),
-            )
-        blocks.append(b)
-    norm = load_tensors(run.normalization, "run")
-    flow = Flow(blocks, meta["event_shape"], shift=norm["shift"], scale=norm["scale"])
-    flow = flow.to(device=device, dtype=DTYPES[config.dtype]).eval()
+    flow = load_flow(
+        run,
+        meta["networks"],
+        meta["event_shape"],
+        dtype=DTYPES[config.dtype],
+        device=device,
+        source="dro.json",
+    )
     train_fields = {f.name for f in dataclasses.fields(Assessment)}
     train = Assessment(**{k: v for k, v in meta["train"].items() if k in train_fields})
     return WorstCaseResult(

@@ -62,11 +62,11 @@ from .. import __version__
 from ..couplings import COUPLINGS, couple
 from ..errors import check_choice, check_positive, fail
 from ..flow import Block, Flow
-from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
+from ..io import FORMAT_VERSION, load_json, save_json, save_tensors
 from ..methods.fm import FMOptions, flow_matching_loss
-from ..nn import ACTIVATIONS, NETWORKS, MLPVelocity, build_network
+from ..nn import ACTIVATIONS, NETWORKS, MLPVelocity
 from ..ode import FIXED_SOLVERS, SolverSpec
-from ..train import DTYPES, RunDir
+from ..train import DTYPES, RunDir, load_flow
 from .ratio import (
     LogitNet,
     ProgressFn,
@@ -747,29 +747,14 @@ def load_transport(folder: str | Path, *, device: str | torch.device = "cpu") ->
     dtype = DTYPES.get(meta.get("dtype", "float32"))
     if dtype is None:
         fail("run", "transport.json 'dtype' must be float32 or float64", meta.get("dtype"))
-    blocks = []
-    for i, net_cfg in enumerate(meta["networks"]):
-        b = Block(build_network(net_cfg))
-        try:
-            b.load_state_dict(load_tensors(run.block(i), "run"))
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            fail(
-                "run",
-                f"block {i} must match the network in {TRANSPORT_META} ({first})",
-                str(folder),
-            )
-        blocks.append(b)
-    norm = load_tensors(run.normalization, "run")
-    shape = tuple(meta["event_shape"])
-    if tuple(norm.get("shift", torch.empty(0)).shape) != shape or "scale" not in norm:
-        fail(
-            "run", f"normalization.safetensors must hold shift/scale of shape {shape}", str(folder)
-        )
-    flow = Flow(blocks, shape, shift=norm["shift"], scale=norm["scale"]).to(
-        device=device, dtype=dtype
+    flow = load_flow(
+        run,
+        meta["networks"],
+        meta["event_shape"],
+        dtype=dtype,
+        device=device,
+        source=TRANSPORT_META,
     )
-    flow.eval()
     options = TransportOptions.from_json(meta["options"])
     cost = TransportCost(**meta["cost"])
     return _result(flow, cost, options, list(meta.get("history", [])))
