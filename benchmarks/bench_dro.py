@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, write_json  # noqa: E402
 
-from iterflow.apps.dro import (  # noqa: E402
+from iterflow.apps.dro import (
     ClassifierLoss,
     DROConfig,
     accuracy,

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table, write_json  # noqa: E402
 
-from iterflow.evaluate import evaluate  # noqa: E402
+from iterflow.evaluation.evaluate import evaluate  # noqa: E402
 from iterflow.train import TrainConfig, train  # noqa: E402
 
 

@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
+import iterflow.core.nn.unet  # noqa: F401  (registers the U-Net)
 import iterflow.data.images  # noqa: F401  (registers the image data sets)
-import iterflow.unet  # noqa: F401  (registers the U-Net)
-from iterflow.images import ClassifierConfig, ImageEvalOptions, evaluate_image_run
+from iterflow.evaluation.image_eval import ClassifierConfig, ImageEvalOptions, evaluate_image_run
 from iterflow.methods import METHODS
 from iterflow.train import TrainConfig, load_run, train
 

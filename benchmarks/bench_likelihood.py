@@ -183,7 +183,7 @@ def inversion_at_eval_default(run: Path, n: int = 500) -> dict[str, float]:
     maximum ``|decode(encode(x)) - x|`` and the authors' mean ``|decode(encode(x)) - x|^2 / 2``."""
     import torch
 
-    from iterflow.report import test_split
+    from iterflow.apps.report import test_split
     from iterflow.train import load_run
 
     flow, cfg, _ = load_run(run)
@@ -197,7 +197,7 @@ def inversion_at_eval_default(run: Path, n: int = 500) -> dict[str, float]:
 
 def evaluate_run(run: Path, n_eval: int, tol: float) -> dict[str, Any]:
     """``iterflow eval``'s figures at tolerance ``tol``, plus the inversion errors at 1e-5."""
-    from iterflow.report import eval_run
+    from iterflow.apps.report import eval_run
 
     m = eval_run(run, n=n_eval, atol=tol, rtol=tol)
     hist = meta(run)["history"]

@@ -72,13 +72,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import machine, table, write_json  # noqa: E402
 
+from iterflow.core.flow import Flow  # noqa: E402
+from iterflow.core.nn import MLPVelocity  # noqa: E402
+from iterflow.core.ode import SolverSpec  # noqa: E402
 from iterflow.data import get_dataset  # noqa: E402
 from iterflow.errors import InputError  # noqa: E402
-from iterflow.evaluate import nll  # noqa: E402
-from iterflow.flow import Flow  # noqa: E402
+from iterflow.evaluation.evaluate import nll  # noqa: E402
 from iterflow.metrics import w2  # noqa: E402
-from iterflow.nn import MLPVelocity  # noqa: E402
-from iterflow.ode import SolverSpec  # noqa: E402
 from iterflow.train import TrainConfig, load_run, train  # noqa: E402
 
 TREE_RECIPE: dict[str, Any] = {

@@ -44,10 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_json  # noqa: E402
 
 from iterflow import cli  # noqa: E402
-from iterflow.commands import rectified as rectified_commands  # noqa: E402
+from iterflow.apps.report import test_split  # noqa: E402
+from iterflow.cli import reflow as rectified_commands  # noqa: E402
+from iterflow.core.rectified import closed_form_flow, straightness  # noqa: E402
+from iterflow.evaluation.quality import memorization, w2_by_nfe  # noqa: E402
 from iterflow.metrics import w2  # noqa: E402
-from iterflow.rectified import closed_form_flow, memorization, straightness, w2_by_nfe  # noqa: E402
-from iterflow.report import test_split  # noqa: E402
 from iterflow.train import load_run  # noqa: E402
 
 NFES = (1, 2, 4, 8, 32)

@@ -47,17 +47,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table, write_json  # noqa: E402
 
-from iterflow.couplings import (  # noqa: E402
+from iterflow.core.couplings import (
     assignment,
     chunked_assignment,
     ot_permutation,
     sinkhorn_pairing,
     transport_cost,
 )
+from iterflow.core.flow import Block, Flow  # noqa: E402
+from iterflow.core.nn import MLPVelocity  # noqa: E402
+from iterflow.core.ode import divergence_exact, divergence_hutchinson  # noqa: E402
 from iterflow.data import get_dataset  # noqa: E402
-from iterflow.flow import Block, Flow  # noqa: E402
-from iterflow.nn import MLPVelocity  # noqa: E402
-from iterflow.ode import divergence_exact, divergence_hutchinson  # noqa: E402
 from iterflow.train import TrainConfig, cpu_has_native_bf16, train  # noqa: E402
 
 HIDDEN = (256, 256, 256)
@@ -485,7 +485,7 @@ def bench_divergence(net: nn.Module, x: Tensor, device: torch.device) -> list[di
 
 def bench_quality(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """The default recipe trained with ``autocast=none`` and ``auto``: test NLL and W2."""
-    from iterflow.evaluate import evaluate
+    from iterflow.evaluation.evaluate import evaluate
 
     ds = get_dataset("checkerboard")
     rows = []

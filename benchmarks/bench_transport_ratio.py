@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, write_json  # noqa: E402
 
-from iterflow.apps.ratio import (  # noqa: E402
+from iterflow.apps.ot.ratio import (
     ClassifierOptions,
     KDEOptions,
     TelescopicOptions,
@@ -50,7 +50,7 @@ from iterflow.apps.ratio import (  # noqa: E402
     fit_telescopic,
     log_ratio_mse,
 )
-from iterflow.apps.transport import TransportOptions, fit_transport, gaussian_w2_sq  # noqa: E402
+from iterflow.apps.ot.transport import TransportOptions, fit_transport, gaussian_w2_sq  # noqa: E402
 from iterflow.data import GaussianMixture  # noqa: E402
 from iterflow.metrics import w2  # noqa: E402
 

@@ -1,18 +1,17 @@
 """iterflow: flow-based generative models as iterative algorithms in probability space."""
 
-__version__ = "0.1.0"
-
-from .errors import InputError  # noqa: E402
-from .flow import Block, Flow  # noqa: E402
+from iterflow._version import __version__
+from iterflow.core.flow import Block, Flow
+from iterflow.errors import InputError
 
 
 def __getattr__(name: str):  # noqa: ANN202  (lazy: keep `import iterflow` light)
     if name == "FlowDensity":
-        from .estimator import FlowDensity
+        from iterflow.apps.estimator import FlowDensity
 
         return FlowDensity
     if name in ("TrainConfig", "load_run"):
-        from . import train as _train
+        from iterflow import train as _train
 
         return getattr(_train, name)
     raise AttributeError(name)

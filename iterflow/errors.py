@@ -36,9 +36,9 @@ def fail(argument: str, rule: str, value: Any) -> NoReturn:
 class Registry(Generic[T], Mapping[str, T]):
     """Name -> object mapping whose lookups fail with the list of valid names."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, items: Mapping[str, T] | None = None) -> None:
         self.kind = kind
-        self._items: dict[str, T] = {}
+        self._items: dict[str, T] = dict(items or {})
 
     def register(self, name: str, obj: T | None = None) -> Any:
         """Register ``obj`` under ``name``; without ``obj`` acts as a decorator."""

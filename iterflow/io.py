@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import fail
+from iterflow.errors import fail
 
 FORMAT_VERSION = 1
 
@@ -105,3 +105,50 @@ def load_tensors(
             str(path),
         )
     return {k: v.to(device) for k, v in out.items()}
+
+
+class RunDir:
+    """Paths and atomic reads/writes of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.json")
+    meta = property(lambda self: self.path / "meta.json")
+    normalization = property(lambda self: self.path / "normalization.safetensors")
+    particles = property(lambda self: self.path / "particles.safetensors")
+    progress = property(lambda self: self.path / "progress.safetensors")
+    progress_meta = property(lambda self: self.path / "progress.json")
+    log = property(lambda self: self.path / "log.jsonl")
+
+    def block(self, i: int) -> Path:
+        return self.path / "blocks" / f"block_{i:03d}.safetensors"
+
+    def append_log(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with open(self.log, "a") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r) + "\n")
+
+    def read_log(self) -> list[dict[str, Any]]:
+        """The rows of ``log.jsonl`` (a line cut short by a kill is skipped)."""
+        if not self.log.exists():
+            return []
+        rows = []
+        for line in self.log.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def trim_log(self, stage: int, step: int) -> list[dict[str, Any]]:
+        """Drop log lines written after the checkpoint we resume from; return the rows kept."""
+        keep = [
+            r
+            for r in self.read_log()
+            if r.get("stage", -1) < stage or (r.get("stage") == stage and r.get("step", 0) <= step)
+        ]
+        if self.log.exists():
+            self.log.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        return keep

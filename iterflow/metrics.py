@@ -32,7 +32,7 @@ import torch
 from scipy.special import digamma
 from torch import Tensor
 
-from .errors import check_finite, fail
+from iterflow.errors import check_finite, fail
 
 __all__ = [
     "DEFAULT_MMD_SCALES",

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from .errors import fail  # noqa: E402
+from iterflow.errors import fail  # noqa: E402
 
 __all__ = [
     "plot_blocks",

@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from iterflow.core.flow import Block, Flow
+from iterflow.core.nn import MLPVelocity
+from iterflow.core.ode import SolverSpec
 from iterflow.errors import InputError
-from iterflow.flow import Block, Flow
 from iterflow.methods import METHODS, parse_options
 from iterflow.methods.cnf import CNFOptions, integrate_path, likelihood_loss
-from iterflow.nn import MLPVelocity
-from iterflow.ode import SolverSpec
 from iterflow.train import TrainConfig, train
 
 DT = torch.float64

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterflow import distributed as ddp
-from iterflow.flow import Flow
+from iterflow.core import distributed as ddp
+from iterflow.core.flow import Flow
 from iterflow.methods import METHODS, Loss, Method
 from iterflow.methods.fm import FMOptions, flow_matching_loss
 from iterflow.train import TrainConfig, load_run, train

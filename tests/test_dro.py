@@ -272,7 +272,7 @@ def test_save_load_round_trip(tmp_path: Path, moons: tuple) -> None:
 
 
 def test_conditioned_save_load_round_trip(tmp_path: Path) -> None:
-    from iterflow.nn import MLPVelocity, build_network
+    from iterflow.core.nn import MLPVelocity, build_network
 
     x, c = labelled_pairs(32)
     cfg = DROConfig(gamma=0.5, blocks=2, schedule="progressive", **{**FAST, "steps": 5})
@@ -360,8 +360,7 @@ def test_plots(tmp_path: Path) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    from iterflow.cli import app, main
-    from iterflow.commands import worst_case
+    from iterflow.cli import app, main, worst_case
 
     if not any(c.name == "worst-case" for c in app.registered_commands):
         worst_case.register(app)  # until the CLI registers iterflow.commands itself

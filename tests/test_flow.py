@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from iterflow.core.flow import Block, Flow, standard_normal_log_prob
+from iterflow.core.nn import MLPVelocity
 from iterflow.errors import InputError
-from iterflow.flow import Block, Flow, standard_normal_log_prob
-from iterflow.nn import MLPVelocity
 
 
 class LinearVelocity(nn.Module):

@@ -13,8 +13,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import iterflow.core.nn.unet  # noqa: F401  (registers "unet" until nn.py does)
 import iterflow.data.images  # noqa: F401  (registers digits8, fashion-mnist until data/__init__ does)
-import iterflow.unet  # noqa: F401  (registers "unet" until nn.py does)
+from iterflow.core.flow import Block, Flow
+from iterflow.core.nn import NETWORKS, build_network
+from iterflow.core.nn.unet import UNet
 from iterflow.data import get_dataset
 from iterflow.data.images import (
     ImageDataset,
@@ -24,8 +27,7 @@ from iterflow.data.images import (
     read_idx,
 )
 from iterflow.errors import InputError
-from iterflow.flow import Block, Flow
-from iterflow.images import (
+from iterflow.evaluation.image_eval import (
     ClassifierConfig,
     bits_per_dim,
     image_bits_per_dim,
@@ -35,8 +37,6 @@ from iterflow.images import (
     save_image_grid,
     save_trajectory_strip,
 )
-from iterflow.nn import NETWORKS, build_network
-from iterflow.unet import UNet
 
 TINY_NET = {"channels": 8, "channel_mult": [1, 2]}
 
@@ -377,7 +377,7 @@ def test_grid_and_trajectory_pngs(tmp_path: Path) -> None:
 
 def _cli_app_with_image_eval() -> None:
     from iterflow.cli import app
-    from iterflow.commands import images as image_commands
+    from iterflow.cli import images as image_commands
 
     if not any(c.name == "image-eval" for c in app.registered_commands):
         image_commands.register(app)

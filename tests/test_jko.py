@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from iterflow.cli import main
+from iterflow.core.flow import Block, Flow
+from iterflow.core.nn import MLPVelocity
+from iterflow.core.ode import SolverSpec
 from iterflow.errors import InputError
-from iterflow.flow import Block, Flow
 from iterflow.methods import METHODS, parse_options
 from iterflow.methods.jko import JKOOptions, jko_loss
-from iterflow.nn import MLPVelocity
-from iterflow.ode import SolverSpec
 from iterflow.train import RunDir, TrainConfig, train
 
 DT = torch.float64

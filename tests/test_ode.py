@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from iterflow.errors import InputError
-from iterflow.ode import (
+from iterflow.core.ode import (
     FIXED_SOLVERS,
     SolverSpec,
     divergence_exact,
@@ -18,6 +17,7 @@ from iterflow.ode import (
     make_probes,
     solver_names,
 )
+from iterflow.errors import InputError
 
 
 def rotation_field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ def test_rademacher_probes_are_signs() -> None:
 
 
 def test_batched_and_looped_divergence_agree() -> None:
-    from iterflow.ode import _divergence_loop
+    from iterflow.core.ode import _divergence_loop
 
     net = _net()
     x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)

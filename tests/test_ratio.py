@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterflow.apps.ratio import (
+from iterflow.apps.ot.ratio import (
     ClassifierOptions,
     KDEOptions,
     KDERatio,
@@ -26,7 +26,7 @@ from iterflow.apps.ratio import (
     log_ratio_mse,
     logistic_loss,
 )
-from iterflow.apps.transport import gaussian_ot_flow, gaussian_ot_map
+from iterflow.apps.ot.transport import gaussian_ot_flow, gaussian_ot_map
 from iterflow.data import GaussianMixture
 from iterflow.errors import InputError
 

@@ -11,23 +11,23 @@ import pytest
 import torch
 from torch import nn
 
-import iterflow.rectified as rectified
+import iterflow.core.rectified as rectified
 from iterflow import cli
-from iterflow.commands import rectified as rectified_commands
-from iterflow.errors import InputError
-from iterflow.evaluate import EVAL_EXTRAS
-from iterflow.flow import Block, Flow
-from iterflow.methods.distill import euler_decode
-from iterflow.methods.reflow import Reflow, ReflowOptions
-from iterflow.rectified import (
+from iterflow.cli import reflow as rectified_commands
+from iterflow.core.flow import Block, Flow
+from iterflow.core.rectified import (
     ClosedFormVelocity,
     Pairs,
     closed_form_flow,
     decode_model_units,
-    memorization,
     save_pairs,
     straightness,
 )
+from iterflow.errors import InputError
+from iterflow.evaluation.evaluate import EVAL_EXTRAS
+from iterflow.evaluation.quality import memorization
+from iterflow.methods.distill import euler_decode
+from iterflow.methods.reflow import Reflow, ReflowOptions
 from iterflow.train import TrainConfig, load_run, train
 
 if "reflow" not in [

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterflow import distributed as ddp
-from iterflow.couplings import (
+from iterflow.core import distributed as ddp
+from iterflow.core.couplings import (
     assignment,
     auto_chunk,
     chunked_assignment,
@@ -20,17 +20,11 @@ from iterflow.couplings import (
     refine_assignment,
     transport_cost,
 )
+from iterflow.core.nn import MLPVelocity
 from iterflow.errors import InputError
 from iterflow.methods import METHODS
 from iterflow.methods.fm import FMOptions, flow_matching_loss
-from iterflow.nn import MLPVelocity
-from iterflow.train import (
-    TrainConfig,
-    _optimizer,
-    autocast_dtype,
-    cpu_has_native_bf16,
-    train,
-)
+from iterflow.train import TrainConfig, _optimizer, autocast_dtype, cpu_has_native_bf16, train
 
 SMALL = dict(
     data="checkerboard",

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterflow.couplings import assignment, couple
+from iterflow.core.couplings import assignment, couple
+from iterflow.core.paths import get_interpolant
 from iterflow.errors import InputError
-from iterflow.paths import get_interpolant
 from iterflow.train import TrainConfig, load_run, lr_at, standardization, train
 
 TINY = dict(
@@ -65,6 +65,7 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path: Path, stop_aft
         for line in (tmp_path / "int" / "log.jsonl").read_text().splitlines()
     ]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines
+
     # the stage record's means count the steps logged before the interruption too
     def means(run: Path) -> dict[str, float]:
         (record,) = load_run(run)[2]["history"]
@@ -175,7 +176,7 @@ def test_interpolant_endpoints_and_velocity(name: str) -> None:
 def test_sklearn_like_estimator(tmp_path: Path) -> None:
     import numpy as np
 
-    from iterflow.estimator import FlowDensity
+    from iterflow.apps.estimator import FlowDensity
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 2)) * np.array([3.0, 0.5]) + np.array([10.0, -4.0])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from iterflow.apps.transport import (
+from iterflow.apps.ot.transport import (
     TransportOptions,
     fit_transport,
     gaussian_ot_flow,

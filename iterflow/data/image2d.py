@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iterflow.data import Dataset, GeneratedDataset, sample_categorical
+from iterflow.data.base import Dataset, GeneratedDataset, sample_categorical
 from iterflow.errors import check_positive, fail
 
 _F64 = torch.float64

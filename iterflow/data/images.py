@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iterflow.data import (
-    DATASETS,
+from iterflow.data.base import (
     Dataset,
     Splits,
     check_seed,
@@ -618,9 +617,6 @@ IMAGE_SETS = {
     "fashion-mnist": fashion_mnist,
     "fashion-mnist-14": _fashion_mnist_14,
 }
-for _name, _factory in IMAGE_SETS.items():
-    if _name not in DATASETS:
-        DATASETS.register(_name, _factory)
 
 __all__ = [
     "IMAGE_SETS",

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iterflow.data import GeneratedDataset, sample_categorical
+from iterflow.data.base import GeneratedDataset, sample_categorical
 from iterflow.errors import check_finite, fail
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from iterflow.data import Dataset, Splits, check_seed, check_split_sizes, seeded_generator
+from iterflow.data.base import Dataset, Splits, check_seed, check_split_sizes, seeded_generator
 from iterflow.errors import check_finite, fail
 
 MIN_ROWS = 3

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from iterflow.data import Dataset, GeneratedDataset, sample_categorical
+from iterflow.data.base import Dataset, GeneratedDataset, sample_categorical
 
 Sampler = Callable[[int, torch.Generator], torch.Tensor]
 _F64 = torch.float64

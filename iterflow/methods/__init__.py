@@ -1,16 +1,28 @@
 """Training methods: each a small objective plugged into the one trainer (:mod:`iterflow.train`).
 
-Every module of this package is imported here, so a method registers itself in :data:`METHODS` just by
-living in ``iterflow/methods/``.
+:data:`METHODS` maps each method's name to its class; it is filled explicitly here (no registration
+by import side effects): a new method is one module of this package and one line below.
 """
 
-import importlib
-import pkgutil
+from iterflow.errors import Registry
+from iterflow.methods.base import Loss, Method, MethodOptions, parse_options
+from iterflow.methods.cnf import CNF
+from iterflow.methods.distill import Distill
+from iterflow.methods.fm import FlowMatching
+from iterflow.methods.jko import JKOFlow
+from iterflow.methods.local_fm import LocalFlowMatching
+from iterflow.methods.reflow import Reflow
 
-from .base import METHODS, Loss, Method, MethodOptions, parse_options
-
-for _m in pkgutil.iter_modules(__path__):
-    if _m.name != "base":
-        importlib.import_module(f"{__name__}.{_m.name}")
+METHODS: Registry[type[Method]] = Registry(
+    "method",
+    {
+        "fm": FlowMatching,
+        "cnf": CNF,
+        "jko": JKOFlow,
+        "local-fm": LocalFlowMatching,
+        "reflow": Reflow,
+        "distill": Distill,
+    },
+)
 
 __all__ = ["METHODS", "Loss", "Method", "MethodOptions", "parse_options"]

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import Registry, fail
-from ..flow import Flow
-from ..ode import SolverSpec
+from iterflow.core.flow import Flow
+from iterflow.core.ode import SolverSpec
+from iterflow.errors import fail
 
 
 @dataclass
@@ -104,9 +104,6 @@ class Method(ABC):
     def should_stop(self, history: list[dict[str, Any]]) -> bool:
         """Whether to stop adding blocks early (checked after every stage)."""
         return False
-
-
-METHODS: Registry[type[Method]] = Registry("method")
 
 
 def parse_options(cls: type[Method], raw: dict[str, Any]) -> MethodOptions:

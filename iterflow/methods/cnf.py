@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import local_rows, shard_mean
-from ..errors import check_choice, check_positive, fail
-from ..flow import EXACT_DIVERGENCE_MAX_DIM, Block, Flow, standard_normal_log_prob
-from ..ode import SolverSpec, integrate, make_probes
-from .base import METHODS, Loss, Method, MethodOptions
+from iterflow.core.distributed import local_rows, shard_mean
+from iterflow.core.flow import EXACT_DIVERGENCE_MAX_DIM, Block, Flow, standard_normal_log_prob
+from iterflow.core.ode import SolverSpec, integrate, make_probes
+from iterflow.errors import check_choice, check_positive, fail
+from iterflow.methods.base import Loss, Method, MethodOptions
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBE_KINDS = ("rademacher", "gaussian")
@@ -351,7 +351,6 @@ def likelihood_stage_report(
     return {**rep, "solver_gap": solver_gap(stage, before, after, options.train_spec())}
 
 
-@METHODS.register("cnf")
 class CNF(Method):
     """Continuous normalizing flow by maximum likelihood (FFJORD, arXiv 1810.01367); N blocks jointly."""
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import check_positive
-from ..flow import Block, Flow
-from .base import METHODS, Loss
-from .fm import FMOptions, flow_matching_loss
-from .reflow import PairedMethod, PairedOptions
+from iterflow.core.flow import Block, Flow
+from iterflow.errors import check_positive
+from iterflow.methods.base import Loss
+from iterflow.methods.fm import FMOptions, flow_matching_loss
+from iterflow.methods.reflow import PairedMethod, PairedOptions
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,6 @@ def euler_decode(block: Block, z: Tensor, k: int) -> Tensor:
     return x
 
 
-@METHODS.register("distill")
 class Distill(PairedMethod):
     """Distillation: one block whose k Euler steps reproduce a source flow's noise-to-data map."""
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..couplings import COUPLINGS, OT_SOLVERS, couple
-from ..distributed import local_rows, shard_mean
-from ..errors import check_choice, check_positive
-from ..flow import Flow
-from ..paths import INTERPOLANTS, get_interpolant
-from .base import METHODS, Loss, Method, MethodOptions
+from iterflow.core.couplings import COUPLINGS, OT_SOLVERS, couple
+from iterflow.core.distributed import local_rows, shard_mean
+from iterflow.core.flow import Flow
+from iterflow.core.paths import INTERPOLANTS, get_interpolant
+from iterflow.errors import check_choice, check_positive
+from iterflow.methods.base import Loss, Method, MethodOptions
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,6 @@ def flow_matching_loss(
     return Loss(value, {"fm": value.detach()})
 
 
-@METHODS.register("fm")
 class FlowMatching(Method):
     """Flow matching from data to ``N(0, I)`` in one block (end to end)."""
 

@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import local_rows, shard_mean
-from ..errors import check_choice, check_positive, fail
-from ..flow import Flow
-from ..ode import FIXED_SOLVERS, SolverSpec
-from .base import METHODS, Loss, Method, MethodOptions
-from .cnf import (
+from iterflow.core.distributed import local_rows, shard_mean
+from iterflow.core.flow import Flow
+from iterflow.core.ode import FIXED_SOLVERS, SolverSpec
+from iterflow.errors import check_choice, check_positive, fail
+from iterflow.methods.base import Loss, Method, MethodOptions
+from iterflow.methods.cnf import (
     DIVERGENCES,
     PROBE_KINDS,
     check_solver_option,
@@ -167,7 +167,6 @@ def jko_loss(
     return Loss(value, terms)
 
 
-@METHODS.register("jko")
 class JKOFlow(Method):
     """JKO-flow (arXiv 2212.14424): block n is a W2-proximal step of KL to N(0, I), trained progressively."""
 
@@ -214,7 +213,7 @@ class JKOFlow(Method):
     def stage_report(
         self, stage: Flow, before: Tensor, after: Tensor, index: int
     ) -> dict[str, float]:
-        from ..metrics import kl_to_standard_normal
+        from iterflow.metrics import kl_to_standard_normal
 
         o: JKOOptions = self.options  # type: ignore[assignment]
         rep = likelihood_stage_report(o, stage, before, after, index, self._logdet_before)

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..couplings import COUPLINGS
-from ..errors import check_positive, fail
-from ..flow import Flow
-from ..paths import INTERPOLANTS
-from .base import METHODS, Loss, Method, MethodOptions
-from .fm import FMOptions, flow_matching_loss
+from iterflow.core.couplings import COUPLINGS
+from iterflow.core.flow import Flow
+from iterflow.core.paths import INTERPOLANTS
+from iterflow.errors import check_positive, fail
+from iterflow.methods.base import Loss, Method, MethodOptions
+from iterflow.methods.fm import FMOptions, flow_matching_loss
 
 KL_MAX_DIM = 10  # the nearest-neighbour KL estimate is reported up to this dimension
 MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # kernel widths in units of sqrt(2 d) (normal_bandwidths)
@@ -135,7 +135,7 @@ def distances_to_normal(
     non-Gaussian structure) and, for dimension ``<= 10``, ``kl_to_normal`` (nearest-neighbour KL
     estimate), each key prefixed by ``prefix``.
     """
-    from ..metrics import gaussian_kl_to_standard, kl_to_standard_normal, mmd
+    from iterflow.metrics import gaussian_kl_to_standard, kl_to_standard_normal, mmd
 
     xf = x.detach().flatten(1).double().cpu()
     d = xf.shape[1]
@@ -149,7 +149,6 @@ def distances_to_normal(
     return out
 
 
-@METHODS.register("local-fm")
 class LocalFlowMatching(Method):
     """Local flow matching: each block flow-matches particles one OU step ahead (arXiv 2410.02548).
 
@@ -239,7 +238,7 @@ class LocalFlowMatching(Method):
         out: dict[str, float] = {}
         if index == 0:
             out.update(distances_to_normal(b, torch.Generator().manual_seed(REPORT_SEED), "data_"))
-        from ..metrics import mmd
+        from iterflow.metrics import mmd
 
         target = self.targets(b, index, torch.Generator().manual_seed(REPORT_SEED + 1 + index))
         out["local_mmd"] = mmd(a.flatten(1), target.flatten(1), normal_bandwidths(a[0].numel()))

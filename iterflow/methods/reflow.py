@@ -31,12 +31,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import check_positive, fail
-from ..flow import Flow
-from ..ode import SolverSpec, solver_names
-from ..rectified import Pairs, load_pairs, quick_straightness, save_pairs, simulate_pairs
-from .base import METHODS, Loss, Method, MethodOptions
-from .fm import FMOptions, flow_matching_loss
+from iterflow.core.flow import Flow
+from iterflow.core.ode import SolverSpec, solver_names
+from iterflow.core.rectified import (
+    Pairs,
+    load_pairs,
+    quick_straightness,
+    save_pairs,
+    simulate_pairs,
+)
+from iterflow.core.store import load_trained_flow
+from iterflow.errors import check_positive, fail
+from iterflow.methods.base import Loss, Method, MethodOptions
+from iterflow.methods.fm import FMOptions, flow_matching_loss
 
 
 @dataclass(frozen=True)
@@ -140,8 +147,6 @@ class PairedMethod(Method):
         return bool(opts.pairs) and Path(opts.pairs).is_file()
 
     def _load_source(self, like: Tensor) -> Flow:
-        from ..train import load_run  # late import: the trainer imports the methods
-
         opts: PairedOptions = self.options  # type: ignore[assignment]
         if not opts.source:
             fail(
@@ -149,7 +154,7 @@ class PairedMethod(Method):
                 "must name the source run folder (needed for warm start or new pairs)",
                 opts.source,
             )
-        flow, _, _ = load_run(opts.source, device=str(like.device))
+        flow = load_trained_flow(opts.source, device=like.device)
         if flow.event_shape != self.event_shape:
             fail(
                 "option 'source'",
@@ -255,7 +260,6 @@ class ReflowOptions(PairedOptions):
         check_positive(self.sigma, "option 'sigma'", allow_zero=True)
 
 
-@METHODS.register("reflow")
 class Reflow(PairedMethod):
     """Reflow: one-block flow matching on (data, noise) pairs simulated from a source flow."""
 

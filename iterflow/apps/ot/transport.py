@@ -58,16 +58,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
-from ..couplings import COUPLINGS, couple
-from ..errors import check_choice, check_positive, fail
-from ..flow import Block, Flow
-from ..io import FORMAT_VERSION, load_json, save_json, save_tensors
-from ..methods.fm import FMOptions, flow_matching_loss
-from ..nn import ACTIVATIONS, NETWORKS, MLPVelocity
-from ..ode import FIXED_SOLVERS, SolverSpec
-from ..train import DTYPES, RunDir, load_flow
-from .ratio import (
+from iterflow._version import __version__
+from iterflow.apps.ot.ratio import (
     LogitNet,
     ProgressFn,
     _check_hidden,
@@ -79,6 +71,14 @@ from .ratio import (
     cosine_lr,
     logistic_loss,
 )
+from iterflow.core.couplings import COUPLINGS, couple
+from iterflow.core.flow import Block, Flow
+from iterflow.core.nn import ACTIVATIONS, NETWORKS, MLPVelocity
+from iterflow.core.ode import FIXED_SOLVERS, SolverSpec
+from iterflow.errors import check_choice, check_positive, fail
+from iterflow.io import FORMAT_VERSION, load_json, save_json, save_tensors
+from iterflow.methods.fm import FMOptions, flow_matching_loss
+from iterflow.train import DTYPES, RunDir, load_flow
 
 TRANSPORT_META = "transport.json"
 

@@ -20,15 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import check_positive, fail
-from .evaluate import EVAL_EXTRAS, samples_at_nfe
-from .flow import Block, Flow
-from .ode import SolverSpec
+from iterflow.core.flow import Block, Flow
+from iterflow.core.ode import SolverSpec
+from iterflow.errors import check_positive, fail
 
 # Figures ``iterflow eval`` adds for every run (kept cheap: they run on every evaluation):
 # 256 noise draws and RK4 with 32 steps for vectors up to 256 entries, 32 draws and Euler with 32
@@ -303,92 +301,6 @@ def quick_straightness(flow: Flow, seed: int) -> Straightness:
     return straightness(flow, n, generator=gen, solver=spec)
 
 
-def _eval_straightness(flow: Flow, test_x: Tensor, seed: int) -> dict[str, Any]:
-    """``iterflow eval`` extra: straightness and transport cost at the cheap budget."""
-    res = quick_straightness(flow, seed + 17)
-    return {"straightness": res.straightness, "transport_cost": res.transport_cost}
-
-
-EVAL_EXTRAS.register("straightness", _eval_straightness)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sample quality against NFE, memorisation
-# ----------------------------------------------------------------------------------------------
-
-
-def w2_by_nfe(
-    flow: Flow, reference: Tensor, nfes: tuple[int, ...] = (1, 2, 4, 8, 32), *, seed: int = 0
-) -> dict[int, float]:
-    """W2 between Euler samples of ``flow`` and ``reference`` at each function-evaluation budget.
-
-    Arguments:
-        flow: any flow (``nfe // num_blocks`` Euler steps per block).
-        reference: ``(m, *E)`` held-out data (data units); ``m`` samples are drawn.
-        nfes: total evaluation budgets.
-        seed: seeds the samples and the W2 subsampling.
-
-    Returns:
-        ``{nfe actually used: W2}``.
-    """
-    from .metrics import w2
-
-    ref = reference.flatten(1).cpu()
-    out = {}
-    for k in nfes:
-        check_positive(k, "nfes", integer=True)
-        x, used = samples_at_nfe(flow, reference.shape[0], k, seed)
-        out[used] = w2(x.flatten(1).cpu(), ref, seed=seed)
-    return out
-
-
-@dataclass(frozen=True)
-class Memorization:
-    """Nearest-training-point distances (data units) of a model's samples and of held-out data.
-
-    A model that memorises puts its samples (near) on training points: ``samples_median`` far below
-    ``heldout_median``, the typical distance of fresh data to the training set.
-    """
-
-    samples_mean: float
-    samples_median: float
-    heldout_mean: float
-    heldout_median: float
-
-
-@torch.no_grad()
-def memorization(
-    flow: Flow,
-    train: Tensor,
-    heldout: Tensor,
-    *,
-    n: int = 1000,
-    generator: torch.Generator | None = None,
-    solver: str = "euler",
-    steps: int = 128,
-) -> Memorization:
-    """Compare nearest-training-point distances of ``n`` samples with those of held-out data.
-
-    Arguments:
-        flow: the model.
-        train: ``(N, *E)`` training points (data units).
-        heldout: ``(m, *E)`` fresh data from the same distribution (the first ``n`` rows are used).
-        n: number of samples.
-        generator: randomness of the samples.
-        solver, steps: how the samples are drawn (the closed-form flow needs many steps; see
-            :func:`closed_form_flow`).
-    """
-    from .metrics import nearest_neighbor_distance
-
-    samples = flow.sample(n, generator=generator, solver=solver, steps=steps)
-    ref = train.to(samples)
-    d_s = nearest_neighbor_distance(samples, ref).double()
-    d_h = nearest_neighbor_distance(heldout[:n].to(samples), ref).double()
-    return Memorization(
-        float(d_s.mean()), float(d_s.median()), float(d_h.mean()), float(d_h.median())
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # (noise, data) pairs of a flow: the coupling that reflow and distillation train on
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +355,7 @@ def simulate_pairs(
 
 def save_pairs(path: str | Path, pairs: Pairs, info: dict[str, str]) -> None:
     """Write pairs as safetensors (keys ``data``, ``noise``) with string metadata ``info``."""
-    from .io import save_tensors
+    from iterflow.io import save_tensors
 
     save_tensors(path, {"data": pairs.data, "noise": pairs.noise}, metadata=info)
 
@@ -452,7 +364,7 @@ def load_pairs(path: str | Path, argument: str = "pairs") -> tuple[Pairs, dict[s
     """Read pairs written by :func:`save_pairs`; returns them (on CPU) and their metadata."""
     from safetensors import safe_open
 
-    from .io import load_tensors
+    from iterflow.io import load_tensors
 
     tensors = load_tensors(path, argument)
     if set(tensors) != {"data", "noise"} or tensors["data"].shape != tensors["noise"].shape:

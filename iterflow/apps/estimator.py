@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import check_finite, fail
-from .flow import Flow
-from .io import atomic_write_bytes
-from .train import TrainConfig, train
+from iterflow.core.flow import Flow
+from iterflow.errors import check_finite, fail
+from iterflow.io import atomic_write_bytes
+from iterflow.train import TrainConfig, train
 
 
 class FlowDensity:

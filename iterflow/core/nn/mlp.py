@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .errors import Registry, check_positive, fail
+from iterflow.errors import Registry, check_positive, fail
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
 ACTIVATIONS.register("silu", nn.SiLU)
@@ -182,21 +182,3 @@ class MLPVelocity(nn.Module):
         if self.num_classes > 0:
             cfg["num_classes"] = self.num_classes
         return cfg
-
-
-NETWORKS: Registry[type[nn.Module]] = Registry("network")
-NETWORKS.register("mlp", MLPVelocity)
-
-
-def build_network(config: dict) -> nn.Module:
-    """Rebuild a velocity network from its :meth:`config` dict (no code is executed)."""
-    cfg = dict(config)
-    kind = cfg.pop("kind", None)
-    cls = NETWORKS.get(kind, "network.kind")
-    try:
-        return cls(**cfg)
-    except TypeError as e:
-        fail("network config", f"must match the constructor of {cls.__name__} ({e})", config)
-
-
-from . import unet  # noqa: E402,F401  (registers the image U-Net in NETWORKS)

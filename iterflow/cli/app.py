@@ -17,8 +17,16 @@ from typing import Any
 
 import typer
 
-from .errors import InputError, fail
-from .train import TrainConfig  # noqa: E402
+from iterflow.cli import images, reflow, transport, worst_case
+from iterflow.cli.options import parse_hidden, parse_key_values, parse_net_options
+from iterflow.cli.ui import (
+    interrupted,
+    make_console,
+    train_with_progress,
+    write_report,
+)
+from iterflow.errors import InputError, fail
+from iterflow.train import TrainConfig
 
 _D = TrainConfig()  # the CLI's defaults are the library's
 _PER_METHOD = " [default: the method's recommendation, see `iterflow methods`]"
@@ -32,104 +40,8 @@ app = typer.Typer(
 
 
 # Folders written by the command modules, for `iterflow info`: kind -> the JSON file that marks them
-# (each module adds its own in ``register``).
+# (filled below from each command module's FOLDER_KINDS).
 FOLDER_KINDS: dict[str, str] = {}
-
-
-def make_console(quiet: bool):  # noqa: ANN202
-    """The rich console every command prints its progress and summaries to (stderr; silent if quiet)."""
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=quiet)
-
-
-def progress_bar(console: Any, quiet: bool) -> Any:
-    """The CLI's rich progress bar: description, bar, n/total, a free ``info`` field, elapsed, ETA."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-    )
-
-
-class RichReporter:
-    """Progress bar with loss, steps/s and ETA for each stage."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.console = make_console(quiet)
-        self.progress = progress_bar(self.console, quiet)
-        self.task: Any = None
-
-    def __enter__(self) -> RichReporter:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def stage_start(self, index: int, n_stages: int, total_steps: int, done_steps: int) -> None:
-        desc = f"stage {index + 1}/{n_stages}"
-        self.task = self.progress.add_task(desc, total=total_steps, completed=done_steps, info="")
-
-    def step(self, step: int, terms: dict[str, float]) -> None:
-        info = " ".join(f"{k}={v:.4g}" for k, v in list(terms.items())[:4])
-        self.progress.update(self.task, completed=step, info=info)
-
-    def stage_end(self, record: dict[str, Any]) -> None:
-        self.progress.update(self.task, completed=record.get("steps"))
-        keys = ("movement", "kl_proxy", "mmd_to_normal", "seconds")
-        shown = " ".join(
-            f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float))
-        )
-        self.console.print(f"  block(s) {record.get('blocks')}: {shown}")
-
-
-def parse_key_values(items: list[str]) -> dict[str, str]:
-    """``["KEY=VALUE", ...]`` (the repeatable ``-o`` flags) -> ``{"key": "VALUE"}`` (``-`` -> ``_``)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            fail("--option", "must look like KEY=VALUE", item)
-        k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = v.strip()
-    return out
-
-
-def _parse_net_options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values are parsed as JSON when possible (numbers, lists), else kept as text."""
-    out: dict[str, Any] = {}
-    for k, v in parse_key_values(items).items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
-def parse_hidden(text: str) -> tuple[int, ...]:
-    """``"256,256,256"`` -> ``(256, 256, 256)``; an error names ``--hidden`` otherwise."""
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        fail("--hidden", "must be comma-separated positive integers like 256,256,256", text)
-    if not vals or min(vals) <= 0:
-        fail("--hidden", "must be comma-separated positive integers like 256,256,256", text)
-    return vals
 
 
 @app.command()
@@ -197,7 +109,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Train a flow into a run folder (resumes an interrupted run with the same config)."""
-    from .train import TrainConfig
+    from iterflow.train import TrainConfig
 
     cfg = TrainConfig.for_method(
         method,
@@ -225,7 +137,7 @@ def train(
         options=parse_key_values(option),
         img2d_dir=img2d_dir,
         network=network,
-        net_options=_parse_net_options(net_option),
+        net_options=parse_net_options(net_option),
         autocast=autocast,
         compile=compile_,
     )
@@ -240,43 +152,6 @@ def train(
     )
     if report and main_rank:
         write_report(out, eval_n, device, console)
-
-
-def train_with_progress(cfg: TrainConfig, out: Path, quiet: bool) -> Any:
-    """Train ``cfg`` into ``out`` (resuming a run of the same config) with the progress bar; Ctrl-C
-    exits with status 130 and the hint to resume. Returns the trainer's result."""
-    from .train import train as run_train
-
-    try:
-        with RichReporter(quiet) as rep:
-            return run_train(cfg, out, reporter=rep)
-    except KeyboardInterrupt:
-        raise typer.Exit(interrupted()) from None
-
-
-def write_report(out: Path, n: int, device: str, console: Any) -> None:
-    """The report every training command writes into its run folder: ``metrics.json`` (``n`` test
-    points), ``samples.npy`` (5,000 samples) and the plots; prints a one-line summary."""
-    import numpy as np
-
-    from .io import atomic_write_bytes, save_json
-    from .report import eval_run, plot_run, sample_run
-
-    metrics = eval_run(out, n=n, device=device)
-    save_json(out / "metrics.json", metrics)
-    import io as _io
-
-    buf = _io.BytesIO()
-    np.save(buf, sample_run(out, 5000, device=device))
-    atomic_write_bytes(out / "samples.npy", buf.getvalue())
-    plots = plot_run(out, device=device)
-    ent = metrics.get("entropy")
-    console.print(
-        f"test NLL {metrics['nll']:.4f} nats"
-        + (f" (entropy floor {ent:.4f})" if ent is not None else "")
-        + f", W2 {metrics['w2']:.4f}; wrote metrics.json, samples.npy, "
-        + ", ".join(p.name for p in plots)
-    )
 
 
 @app.command()
@@ -294,8 +169,8 @@ def sample(
 
     import numpy as np
 
-    from .io import atomic_write_bytes
-    from .report import sample_run
+    from iterflow.apps.report import sample_run
+    from iterflow.io import atomic_write_bytes
 
     if out.suffix != ".npy":
         fail("--out", "must end in .npy", str(out))
@@ -323,7 +198,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Test NLL (nats), entropy floor, W2, MMD, W2 by NFE and per-block figures."""
-    from .report import eval_run
+    from iterflow.apps.report import eval_run
 
     m = eval_run(
         run,
@@ -360,7 +235,7 @@ def plot(
     device: str = typer.Option("cpu"),
 ) -> None:
     """Plots: samples vs data, model density, trajectories, particles after each block, curves."""
-    from .report import plot_run
+    from iterflow.apps.report import plot_run
 
     for p in plot_run(run, out, n=n, device=device):
         print(p)
@@ -374,8 +249,8 @@ def info(
 ) -> None:
     """Print a folder's config and history as JSON (training runs: config, data, blocks, per-block
     history; transport, ratio and worst-case folders: their config and metrics)."""
-    from .io import load_json
-    from .train import RunDir, load_run
+    from iterflow.io import load_json
+    from iterflow.train import RunDir, load_run
 
     if not (run / "config.json").is_file():
         for kind, marker in FOLDER_KINDS.items():
@@ -396,7 +271,7 @@ def methods() -> None:
     """List training methods and their options (pass them with -o KEY=VALUE)."""
     import dataclasses
 
-    from .methods import METHODS
+    from iterflow.methods import METHODS
 
     for name in METHODS:
         cls = METHODS[name]
@@ -420,15 +295,16 @@ def _cli_value(v: Any) -> str:
 @app.command()
 def datasets() -> None:
     """List built-in data sets."""
-    from .data import DATASETS
+    from iterflow.data import DATASETS
 
     for name in DATASETS:
         print(name)
 
 
-from .commands import register_all  # noqa: E402  (feature modules add their commands)
-
-register_all(app)
+# The command groups of the other modules, registered explicitly (no import side effects).
+for _module in (images, reflow, transport, worst_case):
+    _module.register(app)
+    FOLDER_KINDS.update(_module.FOLDER_KINDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,16 +326,3 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
-
-
-def interrupted() -> int:
-    """Tell the user how to resume after Ctrl-C; returns the exit status 130."""
-    print(
-        "iterflow: interrupted; run the same command again to resume from the last checkpoint",
-        file=sys.stderr,
-    )
-    return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

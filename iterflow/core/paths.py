@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import Registry
+from iterflow.errors import Registry
 
 
 @dataclass(frozen=True)

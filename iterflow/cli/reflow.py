@@ -21,11 +21,11 @@ from typing import Any
 
 import typer
 
-from ..errors import check_positive, fail
+from iterflow.errors import check_positive, fail
 
 
 def _source_config(run: Path) -> Any:
-    from ..train import load_run
+    from iterflow.train import load_run
 
     _, cfg, _ = load_run(run)  # validates the folder (and that its networks load)
     return cfg
@@ -64,7 +64,7 @@ def _pair_options(
     warm_start: bool,
     extra: list[str],
 ) -> dict[str, Any]:
-    from ..cli import parse_key_values
+    from iterflow.cli.options import parse_key_values
 
     opts: dict[str, Any] = {
         "source": str(source),
@@ -96,8 +96,8 @@ def _claim(out: Path, cfg: Any) -> None:
     The trainer then treats ``out`` as a run with that config and no finished stage yet. A folder
     claimed by another command is refused before any round is trained.
     """
-    from ..io import load_json, save_json
-    from ..train import TrainConfig
+    from iterflow.io import load_json, save_json
+    from iterflow.train import TrainConfig
 
     path = out / "config.json"
     if path.exists():
@@ -151,7 +151,7 @@ def reflow(
     quiet: bool = _QUIET,
 ) -> None:
     """k-reflow: retrain on the (noise, data) coupling of the previous flow, k times."""
-    from ..cli import make_console, train_with_progress, write_report
+    from iterflow.cli.ui import make_console, train_with_progress, write_report
 
     check_positive(rounds, "--rounds", integer=True)
     check_positive(steps, "--steps", integer=True)
@@ -210,7 +210,7 @@ def distill(
     quiet: bool = _QUIET,
 ) -> None:
     """Distil a flow into a k-step Euler sampler (sample it with --solver euler --steps K)."""
-    from ..cli import make_console, train_with_progress, write_report
+    from iterflow.cli.ui import make_console, train_with_progress, write_report
 
     check_positive(k_steps, "--k-steps", integer=True)
     check_positive(steps, "--steps", integer=True)
@@ -244,6 +244,9 @@ def distill(
     )
     if report:
         write_report(out, eval_n, device, console)
+
+
+FOLDER_KINDS: dict[str, str] = {}
 
 
 def register(app: typer.Typer) -> None:

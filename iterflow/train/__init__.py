@@ -40,16 +40,16 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from . import __version__
-from . import distributed as ddp
-from .data import Splits, get_dataset
-from .errors import InputError, check_positive, fail
-from .flow import Block, Flow
-from .io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
-from .methods import METHODS, Method, parse_options
-from .nn import build_network
+from iterflow._version import __version__
+from iterflow.core import distributed as ddp
+from iterflow.core.flow import Block, Flow
+from iterflow.core.nn import build_network
+from iterflow.core.store import DTYPES, load_flow
+from iterflow.data import Splits, get_dataset
+from iterflow.errors import InputError, check_positive, fail
+from iterflow.io import FORMAT_VERSION, RunDir, load_json, load_tensors, save_json, save_tensors
+from iterflow.methods import METHODS, Method, parse_options
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 AUTOCAST = ("auto", "none", "bf16")
 # Config keys that may change on resume without changing the trained model (beyond rounding).
 _RUNTIME_KEYS = ("checkpoint_every", "log_every", "device", "compile")
@@ -342,58 +342,6 @@ def cosine_lr(lr: float, step: int, steps: int, warmup: int | None = None) -> fl
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate at ``step`` (0-based) of a stage."""
     return cfg.lr if cfg.lr_schedule == "constant" else cosine_lr(cfg.lr, step, cfg.steps)
-
-
-# ------------------------------------------------------------------------------------------------
-# Run folder
-# ------------------------------------------------------------------------------------------------
-
-
-class RunDir:
-    """Paths and atomic reads/writes of one run folder."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    config = property(lambda self: self.path / "config.json")
-    meta = property(lambda self: self.path / "meta.json")
-    normalization = property(lambda self: self.path / "normalization.safetensors")
-    particles = property(lambda self: self.path / "particles.safetensors")
-    progress = property(lambda self: self.path / "progress.safetensors")
-    progress_meta = property(lambda self: self.path / "progress.json")
-    log = property(lambda self: self.path / "log.jsonl")
-
-    def block(self, i: int) -> Path:
-        return self.path / "blocks" / f"block_{i:03d}.safetensors"
-
-    def append_log(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            with open(self.log, "a") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r) + "\n")
-
-    def read_log(self) -> list[dict[str, Any]]:
-        """The rows of ``log.jsonl`` (a line cut short by a kill is skipped)."""
-        if not self.log.exists():
-            return []
-        rows = []
-        for line in self.log.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
-
-    def trim_log(self, stage: int, step: int) -> list[dict[str, Any]]:
-        """Drop log lines written after the checkpoint we resume from; return the rows kept."""
-        keep = [
-            r
-            for r in self.read_log()
-            if r.get("stage", -1) < stage or (r.get("stage") == stage and r.get("step", 0) <= step)
-        ]
-        if self.log.exists():
-            self.log.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        return keep
 
 
 def _prepare_run_dir(
@@ -830,44 +778,3 @@ def load_run(path: str | Path, *, device: str = "cpu") -> tuple[Flow, TrainConfi
         source="meta.json",
     )
     return flow, cfg, meta
-
-
-def load_flow(
-    run: RunDir,
-    networks: list[dict[str, Any]],
-    event_shape: Any,
-    *,
-    dtype: torch.dtype,
-    device: str | torch.device = "cpu",
-    source: str = "meta.json",
-) -> Flow:
-    """Rebuild a :class:`Flow` from a folder's ``blocks/block_XXX.safetensors`` (one per entry of
-    ``networks``, the networks' configs) and ``normalization.safetensors``; evaluation mode.
-
-    Used by every folder kind (training runs, transport maps, worst-case maps). Never unpickles; a
-    block that does not match its network, or a normalisation of another shape, raises an error
-    naming the file and ``source`` (the JSON file that recorded the networks).
-    """
-    blocks = []
-    for i, net_cfg in enumerate(networks):
-        b = Block(build_network(net_cfg)).to(dtype)  # load float64 weights without a float32 detour
-        try:
-            b.load_state_dict(load_tensors(run.block(i), "run"))
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            fail(
-                "run",
-                f"{run.block(i).name} must match the network recorded in {source} ({first})",
-                str(run.path),
-            )
-        blocks.append(b)
-    norm = load_tensors(run.normalization, "run")
-    shape = tuple(event_shape)
-    if "shift" not in norm or "scale" not in norm or tuple(norm["shift"].shape) != shape:
-        fail(
-            "run",
-            f"normalization.safetensors must hold shift/scale of shape {shape}",
-            str(run.path),
-        )
-    flow = Flow(blocks, shape, shift=norm["shift"], scale=norm["scale"])
-    return flow.to(device=device, dtype=dtype).eval()

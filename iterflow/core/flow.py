@@ -23,14 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import check_finite, fail
-from .ode import (
+from iterflow.core.ode import (
     SolverSpec,
     divergence_exact,
     divergence_hutchinson,
     integrate,
     make_probes,
 )
+from iterflow.errors import check_finite, fail
 
 EXACT_DIVERGENCE_MAX_DIM = 16  # "auto" uses the exact trace up to this many dimensions
 

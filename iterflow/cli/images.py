@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from ..errors import fail
+from iterflow.errors import fail
 
 
 def _parse_ints(text: str, argument: str) -> tuple[int, ...]:
@@ -56,8 +56,12 @@ def image_eval(
 
     Writes ``RUN/image_metrics.json`` and the two PNGs.
     """
-    from ..images import ClassifierConfig, ImageEvalOptions, evaluate_image_run
-    from ..io import save_json
+    from iterflow.evaluation.image_eval import (
+        ClassifierConfig,
+        ImageEvalOptions,
+        evaluate_image_run,
+    )
+    from iterflow.io import save_json
 
     opts = ImageEvalOptions(
         n_bpd=n_bpd,
@@ -127,9 +131,12 @@ def _print_table(run: Path, m: dict[str, Any]) -> None:
     Console().print(t)
 
 
+FOLDER_KINDS: dict[str, str] = {}
+
+
 def register(app: typer.Typer) -> None:
     """Add ``image-eval`` to the CLI (and make the image data sets and the U-Net known)."""
-    from .. import unet  # noqa: F401  (registers the "unet" network)
-    from ..data import images  # noqa: F401  (registers digits8, fashion-mnist, fashion-mnist-14)
+    from iterflow.core.nn import unet  # noqa: F401  (registers the "unet" network)
+    from iterflow.data import images  # noqa: F401  (registers digits8, fashion-mnist, fashion-mnist-14)
 
     app.command(name="image-eval")(image_eval)

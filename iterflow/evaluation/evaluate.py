@@ -10,15 +10,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import Registry, check_positive, fail
-from .flow import Flow
-from .ode import SolverSpec
+from iterflow.core.flow import Flow
+from iterflow.core.ode import SolverSpec
+from iterflow.errors import Registry, check_positive, fail
+from iterflow.evaluation.quality import euler_samples, eval_straightness
 
 W2_NFES = (1, 2, 4, 8, 32)
 
 # Extra figures added to every evaluation: name -> fn(flow, test_x, seed) -> dict merged into the JSON.
 # Features register here (e.g. straightness and transport cost), so ``eval --json`` grows by keys.
-EVAL_EXTRAS: Registry[Callable[[Flow, Tensor, int], dict[str, Any]]] = Registry("eval extra")
+EVAL_EXTRAS: Registry[Callable[[Flow, Tensor, int], dict[str, Any]]] = Registry(
+    "eval extra", {"straightness": eval_straightness}
+)
 
 
 def nll(
@@ -81,21 +84,6 @@ def euler_steps_per_block(nfes: tuple[int, ...], blocks: int) -> list[int]:
     return sorted({max(1, n // blocks) for n in nfes} | {1, 2, 4, 8})
 
 
-@torch.no_grad()
-def samples_at_nfe(flow: Flow, n: int, nfe: int, seed: int) -> tuple[Tensor, int]:
-    """Euler samples using about ``nfe`` evaluations in total (at least one step per block)."""
-    return euler_samples(flow, n, max(1, nfe // max(1, flow.num_blocks)), seed)
-
-
-@torch.no_grad()
-def euler_samples(flow: Flow, n: int, steps: int, seed: int) -> tuple[Tensor, int]:
-    """``n`` samples by ``steps`` Euler steps per block; returns them and the evaluations used."""
-    gen = torch.Generator(device=flow.shift.device).manual_seed(seed)
-    with flow.count_nfe() as c:
-        x = flow.sample(n, generator=gen, solver="euler", steps=steps)
-    return x, c.nfe
-
-
 def evaluate(
     flow: Flow,
     test: Tensor,
@@ -128,7 +116,7 @@ def evaluate(
         A JSON-serialisable dict with ``nll``, ``nll_stderr``, ``entropy``, ``nll_gap``, ``bits_per_dim``,
         ``w2``, ``mmd``, ``w2_by_nfe``, ``nfe``, ``inversion_error`` and timings.
     """
-    from .metrics import mmd, w2
+    from iterflow.metrics import mmd, w2
 
     check_positive(n, "--n", integer=True)
     if test.shape[0] == 0:
@@ -165,8 +153,6 @@ def evaluate(
         s_k, used = euler_samples(flow, x.shape[0], k, seed + 2)
         by_nfe[str(used)] = w2(s_k.flatten(1).cpu(), xf, seed=seed)
     out["w2_by_nfe"] = by_nfe
-    import iterflow.methods  # noqa: F401  (methods register their extras on import)
-
     for name in EVAL_EXTRAS:
         t0 = time.perf_counter()
         out.update(EVAL_EXTRAS[name](flow, x, seed))

@@ -22,26 +22,27 @@ from typing import Any
 import torch
 import typer
 
-from ..errors import InputError, check_choice, fail
-from ..train import DTYPES
+from iterflow.errors import InputError, check_choice, fail
+from iterflow.train import DTYPES
 
 RATIO_ESTIMATORS = ("telescopic", "classifier", "kde")
 
 
+# The folders these commands write, for `iterflow info`: kind -> the JSON file that marks them.
+FOLDER_KINDS = {"transport": "transport.json", "ratio": "ratio.json"}
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``transport`` and ``ratio`` commands to the CLI (and their folders to `iterflow info`)."""
-    from ..cli import FOLDER_KINDS
-
     app.command(name="transport")(transport)
     app.command(name="ratio")(ratio)
-    FOLDER_KINDS.update({"transport": "transport.json", "ratio": "ratio.json"})
 
 
 class PhaseProgress:
     """A rich progress bar per training phase, fed by ``progress(phase, step, total, terms)``."""
 
     def __init__(self, quiet: bool) -> None:
-        from ..cli import make_console, progress_bar
+        from iterflow.cli.ui import make_console, progress_bar
 
         self.console = make_console(quiet)
         self.progress = progress_bar(self.console, quiet)
@@ -87,8 +88,8 @@ def _coerce(value: str, default: Any, key: str) -> Any:
 
 def parse_transport_options(items: list[str], base: dict[str, Any]) -> Any:
     """``TransportOptions`` from the named CLI options ``base``, overridden by ``-o KEY=VALUE``."""
-    from ..apps.transport import TransportOptions
-    from ..cli import parse_key_values
+    from iterflow.apps.ot.transport import TransportOptions
+    from iterflow.cli.options import parse_key_values
 
     fields = {f.name: f.default for f in dataclasses.fields(TransportOptions)}
     kwargs = dict(base)
@@ -105,7 +106,7 @@ def parse_transport_options(items: list[str], base: dict[str, Any]) -> Any:
 
 
 def _dataset(spec: str, argument: str, img2d_dir: str | None) -> Any:
-    from ..data import get_dataset
+    from iterflow.data import get_dataset
 
     try:
         return get_dataset(spec, img2d_dir=img2d_dir)
@@ -115,7 +116,7 @@ def _dataset(spec: str, argument: str, img2d_dir: str | None) -> Any:
 
 def load_pair(data: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """``(source set, target set, source splits, target splits)`` from a run's ``data`` record."""
-    from ..data import child_seeds
+    from iterflow.data import child_seeds
 
     src = _dataset(data["source"], "--source", data.get("img2d_dir"))
     tgt = _dataset(data["target"], "--target", data.get("img2d_dir"))
@@ -170,8 +171,8 @@ def transport(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Optimal transport from P to Q by a flow (kinetic energy + classifier KLs); W2 estimate."""
-    from ..apps.transport import fit_transport, save_transport
-    from ..cli import parse_hidden
+    from iterflow.apps.ot.transport import fit_transport, save_transport
+    from iterflow.cli.options import parse_hidden
 
     check_choice(dtype, list(DTYPES), "--dtype")
     if isinstance(seed, bool) or seed < 0:
@@ -212,7 +213,7 @@ def transport(
         data.update({"source_info": src.describe(), "target_info": tgt.describe()})
         save_transport(result, out, {"data": data, "train_seconds": seconds})
         if ratio_opts is not None:
-            from ..apps.ratio import fit_telescopic
+            from iterflow.apps.ot.ratio import fit_telescopic
 
             est = fit_telescopic(
                 result.flow, x_train, y_train, ratio_opts, generator=gen, progress=prog
@@ -221,7 +222,7 @@ def transport(
     truth = _truth(src, tgt)
     pushed = result.forward(x_test)
     metrics = _metrics(result, x_test, y_test, pushed, est, truth)
-    from ..io import save_json
+    from iterflow.io import save_json
 
     save_json(out / "metrics.json", metrics)
     plots = _plots(out, result, x_test, y_test, pushed, est, truth)
@@ -235,7 +236,7 @@ def _resolved(spec: str) -> str:
 
 
 def _telescopic_options(intervals: int, steps: int, blocks: int) -> Any:
-    from ..apps.ratio import TelescopicOptions
+    from iterflow.apps.ot.ratio import TelescopicOptions
 
     if isinstance(intervals, bool) or intervals < 1 or intervals % blocks != 0:
         fail("--intervals", f"must be a positive multiple of --blocks ({blocks})", intervals)
@@ -255,7 +256,7 @@ def _metrics(
 ) -> dict[str, Any]:
     """Costs and sample distances of the maps; log-ratio errors of the telescopic estimator ``est``
     (``None``: not fitted) when the densities are known (``truth``, see :func:`_truth`)."""
-    from ..metrics import mmd, w2
+    from iterflow.metrics import mmd, w2
 
     pulled = result.backward(y_test)
     m: dict[str, Any] = {
@@ -269,7 +270,7 @@ def _metrics(
         "mmd_pulled_to_source": mmd(pulled, x_test),
     }
     if truth is not None and est is not None:
-        from ..apps.ratio import log_ratio_mse
+        from iterflow.apps.ot.ratio import log_ratio_mse
 
         m["log_ratio_mse_source"] = log_ratio_mse(
             est.log_ratio(x_test.to(est.shift)), truth(x_test)
@@ -305,7 +306,7 @@ def _plots(
     fitted) next to ``truth`` (when known); 2-D only."""
     if result.flow.dim != 2:
         return []
-    from ..viz import plot_field, plot_samples, plot_trajectories
+    from iterflow.viz import plot_field, plot_samples, plot_trajectories
 
     plots = out / "plots"
     flow = result.flow
@@ -379,8 +380,8 @@ def ratio(
     """Evaluate log q(x)/p(x) (q: target, p: source of RUN) at the given points."""
     import numpy as np
 
-    from ..apps.transport import load_transport_meta
-    from ..data import load_array
+    from iterflow.apps.ot.transport import load_transport_meta
+    from iterflow.data import load_array
 
     check_choice(estimator, RATIO_ESTIMATORS, "--estimator")
     if out is not None and out.suffix != ".npy":
@@ -402,7 +403,7 @@ def ratio(
     if out is None:
         sys.stdout.write("".join(f"{v:.6g}\n" for v in values))
         return
-    from ..io import atomic_write_bytes
+    from iterflow.io import atomic_write_bytes
 
     buf = io.BytesIO()
     np.save(buf, values)
@@ -414,7 +415,7 @@ def ratio(
 
 def _estimator(run: Path, meta: dict[str, Any], kind: str, steps: int, prog: PhaseProgress) -> Any:
     """Load ``RUN/ratio/<kind>``, fitting (and saving) it first when it is missing."""
-    from ..apps import ratio as R
+    from iterflow.apps.ot import ratio as R
 
     folder = run / "ratio" / kind
     if (folder / R.RATIO_CONFIG).exists():
@@ -427,7 +428,7 @@ def _estimator(run: Path, meta: dict[str, Any], kind: str, steps: int, prog: Pha
     x, y = sp.train.to(dt), tp.train.to(dt)
     gen = torch.Generator().manual_seed(int(data["seed"]) + 1)
     if kind == "telescopic":
-        from ..apps.transport import load_transport
+        from iterflow.apps.ot.transport import load_transport
 
         flow = load_transport(run).flow
         intervals = flow.num_blocks * max(1, round(16 / flow.num_blocks))

@@ -52,11 +52,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .data.images import ImageDataset, Quantization
-from .errors import check_positive, fail
-from .flow import Flow
-from .ode import SolverSpec
-from .unet import norm_groups
+from iterflow.core.flow import Flow
+from iterflow.core.nn.unet import norm_groups
+from iterflow.core.ode import SolverSpec
+from iterflow.data.images import ImageDataset, Quantization
+from iterflow.errors import check_positive, fail
 
 CACHE_ENV = "ITERFLOW_CACHE_DIR"
 FD_LABEL = "FD (local classifier features)"
@@ -115,7 +115,7 @@ def full_precision(flow: Flow) -> Iterator[None]:
     vector-Jacobian products); bfloat16's 8-bit mantissa makes that sum too noisy, so bits/dim are
     computed in the flow's own dtype even for networks trained with ``autocast="bf16"``.
     """
-    from .unet import UNet
+    from iterflow.core.nn.unet import UNet
 
     nets = [m for m in flow.modules() if isinstance(m, UNet)]
     saved = [n.autocast for n in nets]
@@ -164,7 +164,7 @@ def image_bits_per_dim(
     check_positive(chunk, "chunk", integer=True)
     if x.shape[0] < 1:
         fail("x", "must hold at least one image", tuple(x.shape))
-    from .evaluate import nll_per_sample
+    from iterflow.evaluation.evaluate import nll_per_sample
 
     x = x.to(device=flow.shift.device, dtype=flow.shift.dtype)
     spec = SolverSpec(solver, steps, atol, rtol)
@@ -368,7 +368,7 @@ def train_classifier(
     x = train_x.detach().cpu().float()
     net.mean.fill_(float(x.mean()))
     net.std.fill_(float(x.std().clamp_min(1e-6)))
-    from .train import cosine_lr
+    from iterflow.train import cosine_lr
 
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     net.train()
@@ -426,7 +426,7 @@ def load_or_train_classifier(
     """
     from safetensors.torch import load_file
 
-    from .io import save_tensors
+    from iterflow.io import save_tensors
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
@@ -465,7 +465,7 @@ def local_frechet_distance(classifier: FeatureClassifier, a: Tensor, b: Tensor) 
 
     Report it as ``"FD (local classifier features)"`` (never as FID).
     """
-    from .metrics import frechet_distance
+    from iterflow.metrics import frechet_distance
 
     return frechet_distance(classifier.features(a), classifier.features(b))
 
@@ -511,7 +511,7 @@ def nearest_train_distance(
         samples: ``(n, C, H, W)`` generated images; train: ``(m, C, H, W)`` training images;
         test: held-out images, or ``None``.
     """
-    from .metrics import _knn, nearest_neighbor_distance
+    from iterflow.metrics import _knn, nearest_neighbor_distance
 
     d = math.sqrt(math.prod(samples.shape[1:]))
     s = samples.flatten(1).float()
@@ -571,7 +571,7 @@ def save_image_grid(
     title: str | None = None,
 ) -> Path:
     """A PNG grid of ``(n, C, H, W)`` images in the data set's range (``plot_image_grid``)."""
-    from .viz import plot_image_grid
+    from iterflow.viz import plot_image_grid
 
     return plot_image_grid(
         images.detach().cpu(),
@@ -596,7 +596,7 @@ def save_trajectory_strip(
     title: str | None = None,
 ) -> Path:
     """Noise-to-image paths: one row per sample, columns from noise (left) to image (right)."""
-    from .viz import plot_image_trajectory
+    from iterflow.viz import plot_image_trajectory
 
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *flow.event_shape), generator=gen).to(flow.shift.device, flow.shift.dtype)
@@ -770,8 +770,8 @@ def evaluate_images(
 
 def load_image_dataset(spec: str) -> ImageDataset:
     """The :class:`~iterflow.data.images.ImageDataset` named by ``spec`` (a name or a path)."""
-    from .data import DATASETS, get_dataset
-    from .data.images import image_dataset_from_path
+    from iterflow.data import DATASETS, get_dataset
+    from iterflow.data.images import image_dataset_from_path
 
     ds = get_dataset(spec) if spec in DATASETS else image_dataset_from_path(spec)
     if not isinstance(ds, ImageDataset):
@@ -809,7 +809,7 @@ def evaluate_image_run(
 
     ``title`` defaults to ``"METHOD on DATA"``; ``metrics["method"]`` is the run's method.
     """
-    from .train import load_run
+    from iterflow.train import load_run
 
     flow, cfg, meta = load_run(run, device=device)
     ds = load_image_dataset(cfg.data)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import Registry, check_positive, fail
+from iterflow.errors import Registry, check_positive, fail
 
 COUPLINGS: Registry[str] = Registry("coupling")
 for _n in ("independent", "ot", "sinkhorn"):

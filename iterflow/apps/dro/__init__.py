@@ -71,13 +71,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as TF
 
-from .. import __version__
-from ..errors import InputError, check_finite, check_positive, fail
-from ..flow import Block, Flow
-from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
-from ..nn import ACTIVATIONS, build_network
-from ..ode import FIXED_SOLVERS, SolverSpec, integrate
-from ..train import DTYPES, RunDir, cosine_lr, load_flow, stage_seed, standardization
+from iterflow._version import __version__
+from iterflow.core.flow import Block, Flow
+from iterflow.core.nn import ACTIVATIONS, build_network
+from iterflow.core.ode import FIXED_SOLVERS, SolverSpec, integrate
+from iterflow.errors import InputError, check_finite, check_positive, fail
+from iterflow.io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
+from iterflow.train import DTYPES, RunDir, cosine_lr, load_flow, stage_seed, standardization
 
 __all__ = [
     "LABELLED_SETS",
@@ -610,7 +610,7 @@ def load_reference(
     check_positive(n_train, "--n-train", integer=True)
     check_positive(n_test, "--n-test", integer=True)
     if _is_run_folder(spec):
-        from ..train import load_run
+        from iterflow.train import load_run
 
         flow, cfg, _ = load_run(spec)
         with torch.no_grad():
@@ -639,7 +639,7 @@ def load_reference(
             {"kind": "labelled", "name": name, "seed": seed},
             d,
         )
-    from ..data import get_dataset
+    from iterflow.data import get_dataset
 
     ds = get_dataset(name)
     sp = ds.splits(n_train, 1, n_test, seed)
@@ -1434,7 +1434,7 @@ def plot_displacement(
     """
     from matplotlib.figure import Figure
 
-    from ..viz import DPI
+    from iterflow.viz import DPI
 
     xa, ya = x.detach().cpu().double().numpy(), y.detach().cpu().double().numpy()
     if xa.ndim != 2 or xa.shape[1] != 2 or ya.shape != xa.shape:
@@ -1497,7 +1497,7 @@ def plot_digit_pairs(
     title: str | None = None,
 ) -> Path:
     """Image grid: rows alternate original images and their worst-case images (``(n, C, H, W)`` each)."""
-    from ..viz import plot_image_grid
+    from iterflow.viz import plot_image_grid
 
     if original.shape != worst.shape or original.ndim != 4:
         fail(

@@ -33,8 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .errors import check_positive, fail
-from .nn import NETWORKS
+from iterflow.errors import check_positive, fail
 
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -284,6 +283,3 @@ class UNet(nn.Module):
             "zero_init": self.zero_init,
             "autocast": self.autocast,
         }
-
-
-NETWORKS.register("unet", UNet)

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import get_dataset
-from .errors import fail
-from .evaluate import evaluate
-from .train import RunDir, TrainConfig, load_run
+from iterflow.data import get_dataset
+from iterflow.errors import fail
+from iterflow.evaluation.evaluate import evaluate
+from iterflow.train import RunDir, TrainConfig, load_run
 
 
 def test_split(cfg: TrainConfig, data: str | None = None) -> tuple[torch.Tensor, float | None, Any]:
@@ -38,7 +38,7 @@ def eval_run(
     out = evaluate(flow, test, entropy=entropy, n=n, seed=cfg.seed, **kwargs)
     quantization = getattr(ds, "quantization", None)  # dequantized images: bits/dim of the pixels
     if quantization is not None and math.isfinite(out["nll"]):
-        from .images import bits_per_dim
+        from iterflow.evaluation.image_eval import bits_per_dim
 
         out["bits_per_dim"] = bits_per_dim(out["nll"], flow.dim, quantization)
     out["data"] = data or cfg.data
@@ -74,7 +74,7 @@ def plot_run(
     device: str = "cpu",
 ) -> list[Path]:
     """Write the standard plots of a run: samples vs data, density, trajectories, per-block figures."""
-    from . import viz
+    from iterflow import viz
 
     flow, cfg, meta = load_run(run, device=device)
     rd = RunDir(run)

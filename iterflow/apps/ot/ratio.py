@@ -80,12 +80,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import Registry, check_choice, check_finite, check_positive, fail
-from ..flow import Flow
-from ..io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
-from ..nn import ACTIVATIONS, FourierTime, time_column
-from ..train import cosine_lr as train_cosine_lr
-from ..train import standardization
+from iterflow.core.flow import Flow
+from iterflow.core.nn import ACTIVATIONS, FourierTime, time_column
+from iterflow.errors import Registry, check_choice, check_finite, check_positive, fail
+from iterflow.io import FORMAT_VERSION, load_json, load_tensors, save_json, save_tensors
+from iterflow.train import cosine_lr as train_cosine_lr
+from iterflow.train import standardization
 
 ProgressFn = Callable[[str, int, int, dict[str, float]], None]
 """``progress(phase, step, total, terms)``: called during training (the CLI draws a bar from it)."""

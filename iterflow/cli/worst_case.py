@@ -18,15 +18,14 @@ from typing import Any
 import torch
 import typer
 
-from ..errors import fail
+from iterflow.errors import fail
+
+FOLDER_KINDS = {"worst-case": "dro.json"}
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``worst-case`` command to the CLI (and its folders to `iterflow info`)."""
-    from ..cli import FOLDER_KINDS
-
     app.command(name="worst-case")(worst_case)
-    FOLDER_KINDS["worst-case"] = "dro.json"
 
 
 def worst_case(
@@ -84,8 +83,9 @@ def worst_case(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Worst-case sampling: a flow map F maximising E R(F(X)) - E|X - F(X)|^2 / (2 gamma)."""
-    from ..apps import dro
-    from ..cli import RichReporter, make_console, parse_hidden
+    from iterflow.apps import dro
+    from iterflow.cli.options import parse_hidden
+    from iterflow.cli.ui import RichReporter, make_console
 
     console = make_console(quiet)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -174,7 +174,7 @@ def worst_case(
     dro.save_worst_case(result, out)
     if isinstance(the_risk, dro.ClassifierLoss):
         dro.save_classifier(the_risk.classifier, out)  # type: ignore[arg-type]
-    from ..io import save_json
+    from iterflow.io import save_json
 
     save_json(out / "metrics.json", metrics)
     plots = _plots(out, ref, x_train, x_test, y_test, labels_test, asc)
@@ -195,7 +195,7 @@ def _make_risk(
     console: Any,
 ) -> tuple[Any, torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
     """The risk, the labels of the train/test reference points, and what to record about them."""
-    from ..apps import dro
+    from iterflow.apps import dro
 
     if spec != "classifier":
         return dro.parse_risk(spec, int(x_train.shape[1])), None, None, {}
@@ -248,7 +248,7 @@ def _make_risk(
 
 
 def _nfe(config: Any) -> int:
-    from ..ode import FIXED_SOLVERS
+    from iterflow.core.ode import FIXED_SOLVERS
 
     return config.blocks * config.ode_steps * len(FIXED_SOLVERS[config.solver].b)
 
@@ -273,7 +273,7 @@ def _baseline(
     ascent_steps: int,
 ) -> tuple[Any, dict[str, Any]]:
     """Gradient ascent calibrated to the flow's training cost; transferred and re-optimised on test."""
-    from ..apps import dro
+    from iterflow.apps import dro
 
     if target_cost <= 0:
         return None, {"skipped": "the flow did not move (transport cost 0)"}
@@ -306,7 +306,7 @@ def _plots(
     labels_test: torch.Tensor | None,
     asc: Any,
 ) -> list[Path]:
-    from ..apps import dro
+    from iterflow.apps import dro
 
     plots = []
     if x_test.shape[1] == 2:

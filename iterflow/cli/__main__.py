@@ -1,0 +1,5 @@
+import sys
+
+from iterflow.cli.app import main
+
+sys.exit(main())
