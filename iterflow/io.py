@@ -15,6 +15,9 @@ from torch import Tensor
 from iterflow.errors import fail
 
 FORMAT_VERSION = 1
+"""Format of the folders this version writes; a folder of a higher format is refused on loading."""
+
+MANIFEST = "manifest.json"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -152,3 +155,53 @@ class RunDir:
         if self.log.exists():
             self.log.write_text("".join(json.dumps(r) + "\n" for r in keep))
         return keep
+
+
+def write_manifest(folder: str | Path, kind: str, **fields: Any) -> Path:
+    """Write ``folder/manifest.json`` atomically: the folder's ``kind`` (``"train"``,
+    ``"transport"``, ``"ratio"``, ``"worst-case"``, ...), ``format_version``, the library version
+    and ``fields`` (JSON values: the typed config, data description, trained networks, history...).
+
+    The manifest is the commit record of a folder: written last, after the files it describes.
+    """
+    from iterflow._version import __version__
+
+    path = Path(folder) / MANIFEST
+    save_json(path, {"kind": kind, "format_version": FORMAT_VERSION,
+                     "iterflow_version": __version__, **fields})  # fmt: skip
+    return path
+
+
+def read_manifest(
+    folder: str | Path, kind: str | None = None, argument: str = "run"
+) -> dict[str, Any]:
+    """Read ``folder/manifest.json``, checking its ``kind`` (when given) and format.
+
+    Raises:
+        InputError: naming ``argument`` when the folder or manifest is missing or corrupt, of
+            another kind, or written by a newer format than this version reads.
+    """
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        fail(argument, "must be an existing folder written by iterflow", str(folder))
+    if not path.is_file():
+        fail(argument, f"must hold {MANIFEST} (is it a folder written by iterflow?)", str(folder))
+    m = load_json(path, argument)
+    if not isinstance(m, dict) or not isinstance(m.get("kind"), str):
+        fail(argument, f"{MANIFEST} must be an object naming the folder's kind", str(path))
+    check_format(m, argument, str(folder))
+    if kind is not None and m["kind"] != kind:
+        fail(argument, f"must be a {kind!r} folder, not a {m['kind']!r} one", str(folder))
+    return m
+
+
+def check_format(record: Any, argument: str, where: str) -> None:
+    """Refuse a record (``manifest.json`` or an older ``meta.json``) of a newer format."""
+    version = record.get("format_version", 0) if isinstance(record, dict) else 0
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        fail(
+            argument,
+            f"was written in folder format {version} by a newer iterflow (this one reads up to "
+            f"{FORMAT_VERSION}); upgrade iterflow",
+            where,
+        )

@@ -24,7 +24,8 @@ from iterflow.core.nn import MLPVelocity
 from iterflow.errors import InputError
 from iterflow.methods import METHODS
 from iterflow.methods.fm import FMOptions, flow_matching_loss
-from iterflow.train import TrainConfig, _optimizer, autocast_dtype, cpu_has_native_bf16, train
+from iterflow.train import TrainConfig, autocast_dtype, cpu_has_native_bf16, train
+from iterflow.train.loop import make_optimizer
 
 SMALL = dict(
     data="checkerboard",
@@ -84,7 +85,7 @@ def test_fused_optimizer_matches_the_reference_adam() -> None:
     grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(5)]
     runs = []
     for make in (
-        lambda ps: _optimizer(TrainConfig(lr=1e-2), ps),
+        lambda ps: make_optimizer([{"params": ps}], 1e-2, 0.0),
         lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False),
     ):
         ps = [torch.nn.Parameter(p.clone()) for p in init]
@@ -97,7 +98,7 @@ def test_fused_optimizer_matches_the_reference_adam() -> None:
     assert runs[0][0].data.ne(init[0]).all()
     for p, q in zip(*runs):
         assert torch.allclose(p, q, rtol=0, atol=1e-12)
-    assert _optimizer(TrainConfig(), [torch.nn.Parameter(init[0])]).defaults["fused"]
+    assert make_optimizer([{"params": [torch.nn.Parameter(init[0])]}], 1e-3, 0.0).defaults["fused"]
 
 
 def test_sharded_loss_gradients_average_to_the_full_batch_gradient() -> None:
@@ -109,7 +110,7 @@ def test_sharded_loss_gradients_average_to_the_full_batch_gradient() -> None:
         noise = torch.randn(data.shape, generator=gen, dtype=data.dtype)
         with ddp.sharding(ctx):
             loss = flow_matching_loss(net, data, noise, FMOptions(coupling="ot", sigma=0.1), gen)
-        return list(torch.autograd.grad(loss.value, list(net.parameters())))
+        return list(torch.autograd.grad(loss.value(ctx), list(net.parameters())))
 
     full = grads(None)
     ranks = [grads(ddp.DistContext(r, 3, r, "gloo")) for r in range(3)]

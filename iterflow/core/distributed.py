@@ -172,6 +172,18 @@ def shard_mean(values: Tensor, n: int) -> Tensor:
     return values.sum() * (ctx.world_size / (n * per_row))
 
 
+def row_mean(rows: Tensor, n: int, ctx: DistContext | None) -> Tensor:
+    """This rank's share of the mean of per-row values over a global batch of ``n`` rows.
+
+    ``rows`` ``(b,)`` holds this rank's rows (all ``n`` in one process, where this is
+    ``rows.mean()``); averaged over the ranks it is the global mean, so the gradients averaged over
+    the ranks are those of the one-process mean.
+    """
+    if ctx is None:
+        return rows.mean()
+    return rows.sum() * (ctx.world_size / n)
+
+
 def all_gather_rows(local: Tensor, n: int, ctx: DistContext | None) -> Tensor:
     """Concatenate every rank's shard (rows :func:`shard_bounds`) back into the ``n``-row tensor.
 

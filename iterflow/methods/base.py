@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from iterflow.core.distributed import DistContext, row_mean
 from iterflow.core.flow import Flow
 from iterflow.core.ode import SolverSpec
 from iterflow.errors import fail
@@ -22,10 +23,40 @@ from iterflow.errors import fail
 
 @dataclass
 class Loss:
-    """A training loss and the named terms to log (detached scalars)."""
+    """Per-row values of a minibatch loss; the loop (:func:`iterflow.train.loop.optimize`) reduces them.
 
-    value: Tensor
-    terms: dict[str, Tensor]
+    Attributes:
+        rows: ``(b,)`` the loss of each of this process's rows (all rows outside data-parallel
+            training; :func:`iterflow.core.distributed.local_rows`). The objective is their mean
+            over the global batch.
+        n: the number of rows of the global batch.
+        terms: named ``(b,)`` per-row parts to log (reduced the same way).
+        extra: an optional scalar added once (not per row), e.g. a penalty on parameters.
+    """
+
+    rows: Tensor
+    n: int
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    extra: Tensor | None = None
+
+    def value(self, ctx: DistContext | None = None) -> Tensor:
+        """The scalar to differentiate: this rank's share of the global mean (plus ``extra``)."""
+        v = row_mean(self.rows, self.n, ctx)
+        return v if self.extra is None else v + self.extra
+
+    def __add__(self, other: Loss) -> Loss:
+        """The sum of two losses on the same rows (terms merged, the right one winning on a clash)."""
+        extra = (
+            self.extra
+            if other.extra is None
+            else (other.extra if self.extra is None else self.extra + other.extra)
+        )
+        return Loss(self.rows + other.rows, self.n, {**self.terms, **other.terms}, extra)
+
+    def scaled(self, weight: float) -> Loss:
+        """The loss times ``weight`` (terms unchanged: they log the unweighted parts)."""
+        extra = None if self.extra is None else weight * self.extra
+        return Loss(weight * self.rows, self.n, dict(self.terms), extra)
 
 
 @dataclass(frozen=True)

@@ -16,159 +16,29 @@ the trace is exact, because then every row of the Jacobian is computed). Over a 
 .. math::
     \\mathcal L = \\mathbb E[-\\log p(x)] + \\lambda_K\\, \\mathbb E[k(1)] + \\lambda_J\\, \\mathbb E[j(1)].
 
-The helpers :func:`integrate_path` and :func:`kl_proxy_report` are shared with JKO-flow
-(:mod:`iterflow.methods.jko`).
+The augmented integrand is :func:`iterflow.core.integrand.integrate_path`; :func:`kl_proxy_report`
+is shared with JKO-flow (:mod:`iterflow.methods.jko`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from iterflow.core.distributed import local_rows, shard_mean
-from iterflow.core.flow import EXACT_DIVERGENCE_MAX_DIM, Block, Flow, standard_normal_log_prob
-from iterflow.core.ode import SolverSpec, integrate, make_probes
+from iterflow.core.distributed import local_rows
+from iterflow.core.flow import Flow, standard_normal_log_prob
+from iterflow.core.integrand import (
+    DIVERGENCES,
+    PROBE_KINDS,
+    draw_probes,
+    integrate_path,
+)
+from iterflow.core.ode import SolverSpec
 from iterflow.errors import check_choice, check_positive, fail
 from iterflow.methods.base import Loss, Method, MethodOptions
-
-DIVERGENCES = ("auto", "exact", "hutchinson")
-PROBE_KINDS = ("rademacher", "gaussian")
-
-AugmentedState = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-@dataclass
-class PathIntegrals:
-    """End point and path integrals of one block, per sample.
-
-    Attributes:
-        z: ``(B, *E)`` end point ``x(1)``.
-        div: ``(B,)`` ``int_0^1 div v(x(s), s) ds`` (the block's log-determinant).
-        kinetic: ``(B,)`` ``int_0^1 |v(x(s), s)|^2 ds``.
-        jacobian: ``(B,)`` ``int_0^1 |eps^T dv/dx|^2 ds`` (``||dv/dx||_F^2`` with the exact trace).
-    """
-
-    z: Tensor
-    div: Tensor
-    kinetic: Tensor
-    jacobian: Tensor
-
-
-def resolve_divergence(kind: str, dim: int) -> str:
-    """``"auto"`` -> ``"exact"`` up to 16 dimensions, else ``"hutchinson"``; others unchanged."""
-    check_choice(kind, DIVERGENCES, "option 'divergence'")
-    if kind == "auto":
-        return "exact" if dim <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
-    return kind
-
-
-def _jacobian_terms(
-    v: Tensor, x: Tensor, probes: Tensor | None, create_graph: bool
-) -> tuple[Tensor, Tensor]:
-    """Divergence and squared Jacobian norm at one time, each ``(B,)``.
-
-    Exact (``probes is None``): row ``i`` of ``J = dv/dx`` is one vector-Jacobian product, so
-    ``tr J = sum_i J_ii`` and ``||J||_F^2 = sum_i |J_i|^2`` (``d`` backward passes). Hutchinson:
-    ``eps^T J eps`` and ``|eps^T J|^2`` averaged over the ``K`` probes (``K`` backward passes).
-    """
-    b = v.shape[0]
-    vf = v.reshape(b, -1)
-    div = v.new_zeros(b)
-    frob = v.new_zeros(b)
-    if probes is None:
-        for i in range(vf.shape[1]):
-            row = torch.autograd.grad(
-                vf[:, i].sum(), x, create_graph=create_graph, retain_graph=True
-            )[0]
-            row = row.reshape(b, -1)  # (B, d): dv_i/dx
-            div = div + row[:, i]
-            frob = frob + row.pow(2).sum(1)
-        return div, frob
-    for eps in probes:
-        g = torch.autograd.grad(v, x, eps, create_graph=create_graph, retain_graph=True)[
-            0
-        ]  # eps^T J
-        div = div + (g * eps).reshape(b, -1).sum(1)
-        frob = frob + g.pow(2).reshape(b, -1).sum(1)
-    k = probes.shape[0]
-    return div / k, frob / k
-
-
-def augmented_field(
-    block: Block, probes: Tensor | None, create_graph: bool
-) -> Callable[[Tensor, AugmentedState], AugmentedState]:
-    """The vector field of the augmented state ``(x, a, k, j)`` (see the module docstring).
-
-    Arguments:
-        block: the block whose velocity is integrated.
-        probes: ``(K, B, *E)`` Hutchinson probes held fixed along the path, or ``None`` (exact).
-        create_graph: keep the graph so that the integrals can be differentiated (training).
-    """
-
-    def field(t: Tensor, state: AugmentedState) -> AugmentedState:
-        x = state[0]
-        with torch.enable_grad():
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
-            v = block(x, t)
-            div, frob = _jacobian_terms(v, x, probes, create_graph)
-            kin = v.pow(2).reshape(v.shape[0], -1).sum(1)
-        if not create_graph:
-            v, div, kin, frob = v.detach(), div.detach(), kin.detach(), frob.detach()
-        return v, div, kin, frob
-
-    return field
-
-
-def integrate_path(
-    block: Block,
-    x: Tensor,
-    spec: SolverSpec,
-    *,
-    probes: Tensor | None = None,
-    create_graph: bool = True,
-) -> PathIntegrals:
-    """Integrate one block over ``s: 0 -> 1`` with its divergence, kinetic and Jacobian integrals.
-
-    Arguments:
-        block: the block.
-        x: ``(B, *E)`` start points (model units).
-        spec: solver (fixed-step or adaptive; adaptive solvers are differentiated through their steps).
-        probes: ``(K, B, *E)`` Hutchinson probes, or ``None`` for the exact trace.
-        create_graph: differentiable results (training) or detached ones (evaluation).
-
-    Returns:
-        :class:`PathIntegrals` of the block.
-
-    Example:
-        >>> from iterflow.nn import MLPVelocity
-        >>> blk = Block(MLPVelocity(2, hidden=(8,)))
-        >>> r = integrate_path(blk, torch.zeros(3, 2), SolverSpec("rk4", 2), create_graph=False)
-        >>> r.z.shape, r.div.shape
-        (torch.Size([3, 2]), torch.Size([3]))
-    """
-    zero = x.new_zeros(x.shape[0])
-    state0: AugmentedState = (x, zero, zero, zero)
-    z, div, kin, jac = integrate(
-        augmented_field(block, probes, create_graph), state0, 0.0, 1.0, spec
-    )  # type: ignore[misc]
-    return PathIntegrals(z, div, kin, jac)
-
-
-def draw_probes(
-    x: Tensor, divergence: str, probes: int, probe_kind: str, generator: torch.Generator | None
-) -> Tensor | None:
-    """Hutchinson probes ``(K, B, *E)`` for ``x``, or ``None`` when the trace is exact."""
-    dim = x[0].numel()
-    if resolve_divergence(divergence, dim) == "exact":
-        return None
-    return make_probes(
-        tuple(x.shape), probes, kind=probe_kind, generator=generator, dtype=x.dtype, device=x.device
-    )
 
 
 @torch.no_grad()
@@ -299,8 +169,7 @@ def likelihood_loss(
         over blocks, before weighting).
 
     Under data-parallel training each rank integrates only its rows of the global batch
-    (:func:`iterflow.distributed.local_rows`) and returns its share of the mean
-    (:func:`iterflow.distributed.shard_mean`), so DDP's gradient average is the one-process gradient.
+    (:func:`iterflow.core.distributed.local_rows`); the loop reduces the per-row values.
     """
     n = x.shape[0]
     rows = local_rows(n)
@@ -318,10 +187,8 @@ def likelihood_loss(
         total = total + kinetic * kin
     if jacobian:
         total = total + jacobian * jac
-    value = shard_mean(total, n)
-    terms = {"nll": shard_mean(nll_rows, n).detach(), "kinetic": shard_mean(kin, n).detach(),
-             "jacobian": shard_mean(jac, n).detach()}  # fmt: skip
-    return Loss(value, terms)
+    terms = {"nll": nll_rows.detach(), "kinetic": kin.detach(), "jacobian": jac.detach()}
+    return Loss(total, n, terms)
 
 
 def likelihood_stage_report(

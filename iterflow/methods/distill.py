@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Block, Flow
 from iterflow.errors import check_positive
 from iterflow.methods.base import Loss
@@ -70,16 +71,16 @@ class Distill(PairedMethod):
         opts: DistillOptions = self.options  # type: ignore[assignment]
         data, noise = batch
         block: Block = stage.blocks[0]  # type: ignore[assignment]
-        endpoint = (euler_decode(block, noise, opts.k_steps) - data).pow(2).mean()
-        terms = {"distill": endpoint.detach()}
-        value = endpoint
-        if opts.fm_weight > 0:
+        n = data.shape[0]
+        if opts.fm_weight > 0:  # draws from the generator for the whole batch first
             fm = flow_matching_loss(
                 block, data, noise, FMOptions(coupling="independent"), generator
             )
-            value = value + opts.fm_weight * fm.value
-            terms["fm"] = fm.value.detach()
-        return Loss(value, terms)
+        rows = local_rows(n)
+        endpoint = (euler_decode(block, noise[rows], opts.k_steps) - data[rows]).pow(2)
+        loss = Loss(endpoint.flatten(1).mean(1), n)
+        loss.terms["distill"] = loss.rows.detach()
+        return loss + fm.scaled(opts.fm_weight) if opts.fm_weight > 0 else loss
 
     def stage_report(
         self, stage: Flow, before: Tensor, after: Tensor, index: int

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from iterflow.core.couplings import COUPLINGS, OT_SOLVERS, couple
-from iterflow.core.distributed import local_rows, shard_mean
+from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Flow
 from iterflow.core.paths import INTERPOLANTS, get_interpolant
 from iterflow.errors import check_choice, check_positive
@@ -66,10 +66,10 @@ def flow_matching_loss(
     """Flow-matching regression loss between paired ends ``x0`` (s = 0) and ``x1`` (s = 1).
 
     ``L = mean_i || v(x_{s_i}, s_i) - dx_s/ds (x0_i, x1_i) ||^2`` over the rows and entries of the
-    batch ``(B, *E)``. The coupling, the times and the path noise are drawn for the whole batch; the
-    network then runs only on this process's rows (:func:`iterflow.distributed.local_rows`: all rows
-    outside data-parallel training), so ranks that share the generator's seed reproduce one process's
-    update exactly (:mod:`iterflow.distributed`).
+    batch ``(B, *E)``, returned per row (the mean over each row's entries). The coupling, the times and
+    the path noise are drawn for the whole batch; the network then runs only on this process's rows
+    (:func:`iterflow.core.distributed.local_rows`: all rows outside data-parallel training), so ranks
+    that share the generator's seed reproduce one process's update exactly.
     """
     x0, x1 = couple(
         x0,
@@ -90,8 +90,8 @@ def flow_matching_loss(
         )
     rows = local_rows(n)
     err = block_velocity(xs[rows], s[rows]) - path.dx[rows]
-    value = shard_mean(err.pow(2), n)
-    return Loss(value, {"fm": value.detach()})
+    per_row = err.pow(2).flatten(1).mean(1)  # (b,) mean over the entries of each row
+    return Loss(per_row, n, {"fm": per_row.detach()})
 
 
 class FlowMatching(Method):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iterflow.core.distributed import local_rows, shard_mean
+from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Flow
 from iterflow.core.ode import FIXED_SOLVERS, SolverSpec
 from iterflow.errors import check_choice, check_positive, fail
@@ -155,16 +155,13 @@ def jko_loss(
         total = total + kinetic * r.kinetic
     if jacobian > 0:
         total = total + jacobian * r.jacobian
-    value = shard_mean(total, n)  # averaged over ranks by DDP: the global mean
-    kl, w2 = shard_mean(kl_rows, n), shard_mean(w2_rows, n)
-    kin, jac = shard_mean(r.kinetic, n), shard_mean(r.jacobian, n)
     terms = {
-        "kl": kl.detach(),
-        "w2": w2.detach(),
-        "kinetic": kin.detach(),
-        "jacobian": jac.detach(),
+        "kl": kl_rows.detach(),
+        "w2": w2_rows.detach(),
+        "kinetic": r.kinetic.detach(),
+        "jacobian": r.jacobian.detach(),
     }
-    return Loss(value, terms)
+    return Loss(total, n, terms)
 
 
 class JKOFlow(Method):

@@ -497,7 +497,7 @@ def initialize_by_flow_matching(
         losses = []
         for n, b in enumerate(flow.blocks):
             a0, a1 = x0 + (n / nb) * (x1 - x0), x0 + ((n + 1) / nb) * (x1 - x0)
-            losses.append(flow_matching_loss(b.velocity, a0, a1, fm, generator).value)
+            losses.append(flow_matching_loss(b.velocity, a0, a1, fm, generator).value())
         value = nb**2 * torch.stack(losses).mean()
         _check_loss(value, "flow-matching initialisation", step)
         _step(opt, params, value, cosine_lr(options.init_lr, step, steps), options.grad_clip)

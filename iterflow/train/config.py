@@ -1,0 +1,288 @@
+"""The configuration of a training run (:class:`TrainConfig`) and the helpers that turn it into
+devices, dtypes, seeds, normalisation and networks."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from iterflow.core.nn import build_network
+from iterflow.core.store import DTYPES
+from iterflow.errors import check_positive, fail
+from iterflow.methods import METHODS, Method
+from iterflow.train.loop import OptimConfig
+
+AUTOCAST = ("auto", "none", "bf16")
+# Config keys that may change on resume without changing the trained model (beyond rounding).
+RUNTIME_KEYS = ("checkpoint_every", "log_every", "device", "compile")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json`` in the run folder).
+
+    Attributes:
+        method: name in :data:`iterflow.methods.METHODS` (``fm``, ``cnf``, ``jko``, ``local-fm``, ...).
+        data: data set name or file path (see :func:`iterflow.data.get_dataset`).
+        blocks: number of blocks in the chain.
+        steps: optimiser steps per stage (per block for progressive methods).
+        batch_size, lr, weight_decay, grad_clip: optimisation (Adam/AdamW).
+        lr_schedule: ``cosine`` (with linear warm-up, down to 5% of ``lr``) or ``constant``.
+        ema: decay of the weights' exponential moving average (0 disables it).
+        network: ``mlp`` (more network kinds may be registered in :data:`iterflow.nn.NETWORKS`).
+        hidden, activation, time_freqs, zero_init: MLP architecture (per block).
+        warm_start: initialise block ``n`` from block ``n - 1`` (progressive methods).
+        n_train, n_val, n_test: sizes of the splits (caps for file-backed data sets).
+        standardize: affine normalisation recorded from the training data: ``dim`` (per-dimension mean
+            and standard deviation), ``scalar`` (one mean and standard deviation for all entries),
+            ``none``, or ``auto`` (``dim`` for vectors, ``scalar`` for images and other tensors).
+        net_options: extra keyword arguments of non-MLP networks (e.g. U-Net widths).
+        seed: seeds data splits, initialisation and every random draw of training.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; dtype: ``float32`` or ``float64``.
+        autocast: mixed precision of the training losses' forward passes: ``none``, ``bf16``
+            (``torch.autocast`` to bfloat16; weights, optimiser and EMA stay in ``dtype``), or ``auto``
+            (bf16 for ``float32`` runs of methods marked ``autocast_safe`` on CPUs with native bf16
+            arithmetic, e.g. AVX512-BF16 or AMX, where it is ~2.5x faster; otherwise none).
+        compile: run the velocity networks through ``torch.compile`` while training (slow to start;
+            it did not pay off on the 2-core CPU this was measured on).
+        checkpoint_every: steps between in-stage checkpoints; log_every: steps between log lines.
+        options: method-specific options (see each method's ``Options``), e.g. ``{"gamma": 0.5}``.
+        img2d_dir: folder of the image-defined 2-D densities (``rose``, ``tree``).
+    """
+
+    method: str = "fm"
+    data: str = "checkerboard"
+    blocks: int = 1
+    steps: int = 6000
+    batch_size: int = 1024
+    lr: float = 4e-3
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    network: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256, 256)
+    activation: str = "silu"
+    time_freqs: int = 4
+    zero_init: bool = False
+    warm_start: bool = True
+    n_train: int = 200_000
+    n_val: int = 2_000
+    n_test: int = 5_000
+    standardize: str = "auto"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    autocast: str = "auto"
+    compile: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 50
+    options: dict[str, Any] = field(default_factory=dict)
+    net_options: dict[str, Any] = field(default_factory=dict)
+    img2d_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "blocks",
+            "steps",
+            "batch_size",
+            "n_train",
+            "n_val",
+            "n_test",
+            "checkpoint_every",
+            "log_every",
+        ):
+            check_positive(getattr(self, name), f"--{name.replace('_', '-')}", integer=True)
+        check_positive(self.lr, "--lr")
+        check_positive(self.weight_decay, "--weight-decay", allow_zero=True)
+        check_positive(self.grad_clip, "--grad-clip", allow_zero=True)
+        if not 0.0 <= self.ema < 1.0:
+            fail("--ema", "must be in [0, 1)", self.ema)
+        if self.lr_schedule not in ("cosine", "constant"):
+            fail("--lr-schedule", "must be 'cosine' or 'constant'", self.lr_schedule)
+        if self.dtype not in DTYPES:
+            fail("--dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
+        if self.autocast not in AUTOCAST:
+            fail("--autocast", f"must be one of {list(AUTOCAST)}", self.autocast)
+        if self.autocast == "bf16" and self.dtype != "float32":
+            fail("--autocast", "bf16 needs --dtype float32", self.autocast)
+        if not isinstance(self.compile, bool):
+            fail("--compile", "must be true or false", self.compile)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            fail("--seed", "must be a non-negative integer", self.seed)
+        METHODS.get(self.method, "--method")
+        if isinstance(self.standardize, bool):  # older configs: True/False
+            object.__setattr__(self, "standardize", "auto" if self.standardize else "none")
+        if self.standardize not in ("auto", "dim", "scalar", "none"):
+            fail("--standardize", "must be 'auto', 'dim', 'scalar' or 'none'", self.standardize)
+
+    @classmethod
+    def for_method(cls, method: str = "fm", **given: Any) -> TrainConfig:
+        """A config with ``method``'s recommended settings wherever ``given`` leaves a field unset.
+
+        The recommendations are the method's :attr:`~iterflow.methods.base.Method.recommended`
+        (e.g. JKO-flow: 5 blocks of 400 steps, width 128, ``gamma = 1``, Jacobian weight 0.2);
+        ``None`` counts as unset; ``options`` are merged key by key, the given ones winning. The
+        recommendations are tuned for vector data and the MLP: with another ``network`` (the image
+        U-Net) only their method options are used. This is what ``iterflow train`` builds;
+        ``TrainConfig(...)`` itself has one set of defaults for all methods.
+
+        Example:
+            >>> cfg = TrainConfig.for_method("jko", steps=100, options={"gamma": 0.5})
+            >>> cfg.blocks, cfg.steps, cfg.options["gamma"], cfg.options["jacobian"]
+            (5, 100, 0.5, 0.2)
+        """
+        rec = dict(METHODS.get(method, "--method").recommended)
+        given = {k: v for k, v in given.items() if v is not None}
+        if given.get("network", "mlp") != "mlp":  # tuned for vectors and the MLP: keep the options
+            rec = {"options": rec.get("options", {})}
+        options = {**rec.pop("options", {}), **given.pop("options", {})}
+        return cls(method=method, **{**rec, **given, "options": options})
+
+    def optim_config(self) -> OptimConfig:
+        """The settings of the optimisation loop for one stage."""
+        return OptimConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            ema=self.ema,
+            checkpoint_every=self.checkpoint_every,
+            log_every=self.log_every,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            fail("config.json", f"keys must be among {sorted(known)}", unknown)
+        d = dict(d)
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; validates explicit names."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        fail("--device", "must be 'cpu', 'cuda', 'cuda:N' or 'auto'", name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail("--device", "asks for CUDA but no CUDA device is available here", name)
+    return dev
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16; Linux ``/proc/cpuinfo``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def autocast_dtype(
+    cfg: TrainConfig, method: Method, device: torch.device, dtype: torch.dtype
+) -> torch.dtype | None:
+    """The autocast dtype the losses run under (``None``: full precision), resolving ``auto``."""
+    if cfg.autocast == "bf16":
+        return torch.bfloat16
+    if cfg.autocast == "none" or dtype != torch.float32:
+        return None
+    safe = getattr(method, "autocast_safe", False)
+    return torch.bfloat16 if safe and device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    keep = cfg.to_json()
+    for k in RUNTIME_KEYS:
+        keep.pop(k)  # may change on resume without changing the result
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_seed(seed: int, index: int, salt: int = 0) -> int:
+    """Independent, reproducible seed per (run seed, stage, purpose)."""
+    h = hashlib.sha256(f"{seed}/{index}/{salt}".encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+def standardization(x: Tensor, mode: str = "auto") -> tuple[Tensor, Tensor]:
+    """Shift and scale of the normalisation ``u = (x - shift) / scale`` for data ``x`` ``(n, *E)``.
+
+    ``dim``: per-entry mean and standard deviation; ``scalar``: one mean and standard deviation over
+    all entries (broadcast to ``E``); ``none``: identity; ``auto``: ``dim`` for vectors, ``scalar`` for
+    higher-order tensors (images). Standard deviations are floored at 1e-6.
+    """
+    event = tuple(x.shape[1:])
+    if mode == "auto":
+        mode = "dim" if len(event) == 1 else "scalar"
+    if mode == "none":
+        return torch.zeros(event, dtype=x.dtype), torch.ones(event, dtype=x.dtype)
+    if mode == "scalar":
+        m, s = x.mean(), x.std().clamp_min(1e-6)
+        return torch.full(event, float(m), dtype=x.dtype), torch.full(
+            event, float(s), dtype=x.dtype
+        )
+    return x.mean(0), x.std(0).clamp_min(1e-6)
+
+
+def build_velocity(cfg: TrainConfig, event_shape: tuple[int, ...], seed: int) -> torch.nn.Module:
+    """A fresh velocity network for one block, initialised from ``seed`` without touching global RNGs."""
+    net_cfg = network_config(cfg, event_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(net_cfg)
+
+
+def network_config(cfg: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, Any]:
+    if cfg.network == "mlp":
+        if len(event_shape) != 1:
+            fail(
+                "--network",
+                "mlp needs vector data of shape (n, d); use an image network for images",
+                event_shape,
+            )
+        if cfg.net_options:
+            fail(
+                "--net-option",
+                "is only for non-MLP networks (use --hidden etc. for the MLP)",
+                cfg.net_options,
+            )
+        return {
+            "kind": "mlp",
+            "dim": event_shape[0],
+            "hidden": list(cfg.hidden),
+            "activation": cfg.activation,
+            "time_freqs": cfg.time_freqs,
+            "zero_init": cfg.zero_init,
+        }
+    return {"kind": cfg.network, "event_shape": list(event_shape), **cfg.net_options}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of ``cfg``'s stages at ``step`` (0-based)."""
+    return cfg.optim_config().lr_at(step)

@@ -1,0 +1,448 @@
+"""The one optimisation loop through which every network of iterflow is trained.
+
+Flow blocks of every method, transport maps, worst-case maps, ratio classifiers, the risk classifier
+and the image feature classifier all train here: :func:`optimize` owns the optimiser (Adam/AdamW,
+PyTorch's fused kernel where it exists), the learning-rate schedule, gradient clipping, the EMA of the
+weights, the non-finite-loss check, autocast, progress reporting, in-stage checkpoints with their
+resumption, and the data-parallel reduction. An objective only computes *per-row* losses
+(:class:`~iterflow.methods.base.Loss`): the loop reduces them to the global minibatch mean.
+
+Data parallelism (``torchrun``; :mod:`iterflow.core.distributed`). Every rank draws the same global
+minibatch from identically seeded generators; inside :func:`~iterflow.core.distributed.sharding` the
+objective computes only its own rows (:func:`~iterflow.core.distributed.local_rows`); the loop takes
+this rank's share of the global mean and averages the gradients over ranks with one all-reduce of the
+flattened gradient. The update is then the one-process update on the global batch, for any
+``nn.Module`` (no DDP wrapper is needed, so users' own modules train data-parallel too).
+
+Checkpoints (:class:`Checkpoint`): every ``checkpoint_every`` steps the parameters, the EMA, the
+optimiser state, the generator state, the step and the elapsed seconds are written atomically
+(``progress.safetensors`` then ``progress.json``, the commit record); a later call with the same
+``key`` resumes from there bit for bit, so ``kill -9`` loses at most that many steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from iterflow.core import distributed as ddp
+from iterflow.errors import check_positive, fail
+from iterflow.io import load_json, load_tensors, save_json, save_tensors
+from iterflow.methods.base import Loss
+
+#: ``draw(generator, batch_size) -> batch``, or the tensors whose rows minibatches are drawn from.
+BatchSource = tuple[Tensor, ...] | Callable[[torch.Generator, int], tuple[Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Settings of one run of the loop.
+
+    Attributes:
+        steps: optimiser steps.
+        batch_size: rows per minibatch (the global batch under data parallelism; capped at the data).
+        lr: peak learning rate; weight_decay: AdamW's decoupled decay (0: Adam).
+        lr_schedule: ``cosine`` (linear warm-up over ``warmup`` steps, default
+            ``min(100, steps // 10)``, then a cosine decay to 5% of ``lr``) or ``constant``.
+        grad_clip: maximal global gradient norm (0: no clipping).
+        ema: decay of the weights' exponential moving average (0: none); the trained module ends
+            holding the average.
+        checkpoint_every, log_every: steps between in-stage checkpoints / log lines.
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    lr_schedule: str = "cosine"
+    warmup: int | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.0
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            check_positive(getattr(self, name), name, integer=True)
+        check_positive(self.lr, "lr")
+        if self.warmup is not None:
+            check_positive(self.warmup, "warmup", integer=True, allow_zero=True)
+        check_positive(self.weight_decay, "weight_decay", allow_zero=True)
+        check_positive(self.grad_clip, "grad_clip", allow_zero=True)
+        if not 0.0 <= self.ema < 1.0:
+            fail("ema", "must be in [0, 1)", self.ema)
+        if self.lr_schedule not in ("cosine", "constant"):
+            fail("lr_schedule", "must be 'cosine' or 'constant'", self.lr_schedule)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at ``step`` (0-based)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return cosine_lr(self.lr, step, self.steps, self.warmup)
+
+
+def cosine_lr(lr: float, step: int, steps: int, warmup: int | None = None) -> float:
+    """The library's learning-rate schedule at ``step`` (0-based) of ``steps``: a linear warm-up
+    over ``warmup`` steps (default ``min(100, steps // 10)``; 0: none), then a cosine decay from
+    ``lr`` to ``0.05 lr``.
+
+    Example:
+        >>> round(cosine_lr(1.0, 0, 1000), 4), round(cosine_lr(1.0, 999, 1000), 4)
+        (0.01, 0.05)
+    """
+    warm = min(100, steps // 10) if warmup is None else warmup
+    if step < warm:
+        return lr * (step + 1) / warm
+    frac = (step - warm) / max(1, steps - warm)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class Reporter(Protocol):
+    """Receives progress; the CLI shows it with rich, the library default is silent."""
+
+    def stage_start(self, index: int, n_stages: int, total_steps: int, done_steps: int) -> None: ...
+    def step(self, step: int, terms: dict[str, float]) -> None: ...
+    def stage_end(self, record: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    """The library's default :class:`Reporter`: shows nothing."""
+
+    def stage_start(self, index: int, n_stages: int, total_steps: int, done_steps: int) -> None:
+        pass
+
+    def step(self, step: int, terms: dict[str, float]) -> None:
+        pass
+
+    def stage_end(self, record: dict[str, Any]) -> None:
+        pass
+
+
+class StepBudget:
+    """Testing aid: raise ``KeyboardInterrupt`` after ``steps`` optimiser steps (``None``: never),
+    shared by every run of the loop of one call (simulates an interruption after a checkpoint)."""
+
+    def __init__(self, steps: int | None) -> None:
+        self.left = steps
+
+    def take(self) -> None:
+        if self.left is None:
+            return
+        if self.left <= 0:
+            raise KeyboardInterrupt("stop_after_steps reached")
+        self.left -= 1
+
+
+class Checkpoint:
+    """Where one run of the loop keeps its in-stage progress: ``progress.safetensors`` and
+    ``progress.json`` in ``folder``, tagged with ``key`` (a progress file of another key is ignored).
+
+    ``log`` (optional) is the folder's ``log.jsonl``: rows are appended at each checkpoint, and rows
+    written after the checkpoint a run resumes from are dropped.
+    """
+
+    def __init__(self, folder: str | Path, key: str | int, *, write: bool = True) -> None:
+        self.folder = Path(folder)
+        self.key = key
+        self.write = write  # False on the non-main ranks of a data-parallel job
+        self.tensors = self.folder / "progress.safetensors"
+        self.meta = self.folder / "progress.json"
+        self.log = self.folder / "log.jsonl"
+
+    def clear(self) -> None:
+        """Remove the progress files (after the stage's results are committed)."""
+        if self.write:
+            for p in (self.tensors, self.meta):
+                p.unlink(missing_ok=True)
+
+    def append_log(self, rows: list[dict[str, Any]]) -> None:
+        import json
+
+        if self.write and rows:
+            with open(self.log, "a") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r) + "\n")
+
+    def read_log(self) -> list[dict[str, Any]]:
+        """The rows of ``log.jsonl`` (a line cut short by a kill is skipped)."""
+        import json
+
+        if not self.log.exists():
+            return []
+        rows = []
+        for line in self.log.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def _trim_log(self, step: int) -> list[dict[str, Any]]:
+        """Drop this key's rows after ``step``; return this key's rows kept."""
+        import json
+
+        rows = self.read_log()
+        keep = [r for r in rows if r.get("stage") != self.key or r.get("step", 0) <= step]
+        if self.write and self.log.exists() and len(keep) != len(rows):
+            self.log.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        return [r for r in keep if r.get("stage") == self.key]
+
+    def save(self, state: _LoopState, seconds: float) -> None:
+        if not self.write:
+            return
+        tensors: dict[str, Tensor] = {f"param.{i}": p for i, p in enumerate(state.params)}
+        if state.ema is not None:
+            tensors.update({f"ema.{i}": e for i, e in enumerate(state.ema)})
+        opt = state.opt.state_dict()
+        for pi, st in opt["state"].items():
+            for key, v in st.items():
+                tensors[f"opt.{pi}.{key}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+        tensors["generator"] = state.gen.get_state()
+        save_tensors(self.tensors, tensors)
+        save_json(
+            self.meta,
+            {"stage": self.key, "step": state.step, "seconds": seconds,
+             "param_groups": opt["param_groups"]},
+        )  # fmt: skip
+
+    def load(self, state: _LoopState) -> tuple[int, float]:
+        """Restore ``state`` from the progress files of this key: ``(step, seconds)``; ``(0, 0)``
+        when there are none."""
+        if not self.meta.exists():
+            return 0, 0.0
+        pm = load_json(self.meta, "out")
+        if not isinstance(pm, dict) or pm.get("stage") != self.key:
+            return 0, 0.0
+        device = state.params[0].device if state.params else "cpu"
+        t = load_tensors(self.tensors, "out", device)
+        with torch.no_grad():
+            for i, p in enumerate(state.params):
+                if t.get(f"param.{i}") is None or t[f"param.{i}"].shape != p.shape:
+                    fail("out", "progress.safetensors must match the parameters", str(self.folder))
+                p.copy_(t[f"param.{i}"])
+            if state.ema is not None:
+                for i, e in enumerate(state.ema):
+                    e.copy_(t[f"ema.{i}"])
+        opt: dict[str, Any] = {"state": {}, "param_groups": pm["param_groups"]}
+        for key, v in t.items():
+            if key.startswith("opt."):
+                _, pi, name = key.split(".", 2)
+                opt["state"].setdefault(int(pi), {})[name] = v
+        state.opt.load_state_dict(opt)
+        state.gen.set_state(t["generator"].cpu())
+        return int(pm["step"]), float(pm.get("seconds", 0.0))
+
+
+@dataclass
+class _LoopState:
+    params: list[Tensor]
+    ema: list[Tensor] | None
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    step: int = 0
+
+
+def make_optimizer(
+    groups: Sequence[dict[str, Any]], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """Adam (AdamW with weight decay), with the fused kernel where PyTorch has one: on the CPU it
+    runs the whole update in one call instead of ~10 foreach kernels (about 3x less step time)."""
+    params = [p for g in groups for p in g["params"]]
+    opt_cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+        for p in params
+    )
+    return opt_cls(list(groups), lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _average_gradients(params: list[Tensor], ctx: ddp.DistContext | None) -> None:
+    """Average the gradients over the ranks of a data-parallel job (one flattened all-reduce)."""
+    if ctx is None:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= ctx.world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p)
+        offset += n
+
+
+def optimize(
+    module: nn.Module,
+    loss_fn: Callable[[tuple[Tensor, ...], torch.Generator], Loss],
+    data: BatchSource,
+    config: OptimConfig,
+    *,
+    generator: torch.Generator,
+    checkpoint: Checkpoint | None = None,
+    reporter: Reporter | None = None,
+    ctx: ddp.DistContext | None = None,
+    autocast: torch.dtype | None = None,
+    lr_scales: dict[str, float] | None = None,
+    stage: int = 0,
+    n_stages: int = 1,
+    budget: StepBudget | None = None,
+) -> dict[str, Any]:
+    """Train ``module``'s parameters on ``loss_fn`` in place (they end as their EMA); return the record.
+
+    Arguments:
+        module: owns every trainable parameter (``requires_grad``) the loss reaches.
+        loss_fn: ``loss_fn(batch, generator) -> Loss`` with per-row values of this rank's rows.
+        data: tensors whose rows are sampled (uniformly, with replacement; all of equal length), or a
+            function ``draw(generator, batch_size)`` returning a minibatch.
+        config: the optimisation settings.
+        generator: every random draw of the loop and of ``loss_fn`` (its state is checkpointed).
+        checkpoint: in-stage checkpoints and resumption (``None``: none).
+        reporter: progress (default: silent). ``stage`` / ``n_stages`` are passed to it and tag
+            the log rows.
+        ctx: the data-parallel context (``None``: one process).
+        autocast: dtype of ``torch.autocast`` around ``loss_fn`` (``None``: full precision).
+        lr_scales: learning-rate factor per named parameter prefix (e.g. ``{"critic.": 2.0}``);
+            other parameters get 1.
+        budget: testing aid (see :class:`StepBudget`).
+
+    Returns:
+        ``steps``, ``seconds_optimize`` (including time before an interruption), ``autocast``,
+        ``world_size``, ``mean_<term>`` over the logged steps of this run and ``final_<term>``.
+    """
+    reporter = reporter or SilentReporter()
+    budget = budget or StepBudget(None)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
+        fail("module", "must have trainable parameters", type(module).__name__)
+    params = [p for _, p in named]
+    groups = _param_groups(named, lr_scales or {})
+    opt = make_optimizer(groups, config.lr, config.weight_decay)
+    scales = [g.get("lr_scale", 1.0) for g in opt.param_groups]
+    ema = [p.detach().clone() for p in params] if config.ema > 0 else None
+    live = [p.detach() for p in params]
+    state = _LoopState(params, ema, opt, generator)
+    draw = _drawer(data, config.batch_size)
+    start, seconds = checkpoint.load(state) if checkpoint is not None else (0, 0.0)
+    acc: dict[str, float] = {}
+    acc_n = 0
+    if checkpoint is not None:
+        for r in checkpoint._trim_log(start):  # the stage's means count rows before the kill too
+            acc_n += _accumulate(acc, r)
+    reporter.stage_start(stage, n_stages, config.steps, start)
+    was_training = module.training
+    module.train()
+    amp = torch.autocast(
+        _device_type(params[0]), dtype=autocast or torch.bfloat16, enabled=autocast is not None
+    )
+    log_rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for step in range(start, config.steps):
+        budget.take()
+        lr = config.lr_at(step)
+        for g, s in zip(opt.param_groups, scales):
+            g["lr"] = lr * s
+        batch = draw(generator)
+        with ddp.sharding(ctx), amp:
+            loss = loss_fn(batch, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.value(ctx).backward()
+        _average_gradients(params, ctx)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        if ema is not None:
+            torch._foreach_lerp_(ema, live, 1 - min(config.ema, (1 + step) / (10 + step)))
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            terms = ddp.all_reduce_mean(_terms(loss, ctx), ctx)
+            if not math.isfinite(terms["loss"]):
+                raise FloatingPointError(
+                    f"loss became {terms['loss']} at stage {stage} step {step + 1}; "
+                    "lower the learning rate (lr) or check the data"
+                )
+            row = {"stage": stage, "step": step + 1, "lr": lr, **terms}
+            log_rows.append(row)
+            acc_n += _accumulate(acc, row)
+            reporter.step(step + 1, terms)
+        if (
+            checkpoint is not None
+            and (step + 1) % config.checkpoint_every == 0
+            and (step + 1 < config.steps)
+        ):
+            checkpoint.append_log(log_rows)
+            log_rows = []
+            state.step = step + 1
+            checkpoint.save(state, seconds + time.perf_counter() - t0)
+    if checkpoint is not None:
+        checkpoint.append_log(log_rows)
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    module.train(was_training)
+    last = log_rows[-1] if log_rows else {}
+    return {
+        "steps": config.steps,
+        "seconds_optimize": seconds + time.perf_counter() - t0,
+        "autocast": str(autocast).replace("torch.", "") if autocast is not None else "none",
+        "world_size": ctx.world_size if ctx is not None else 1,
+        **{f"mean_{k}": v / max(acc_n, 1) for k, v in acc.items()},
+        **{f"final_{k}": v for k, v in last.items() if k not in ("stage", "step", "lr")},
+    }
+
+
+def _param_groups(
+    named: list[tuple[str, Tensor]], lr_scales: dict[str, float]
+) -> list[dict[str, Any]]:
+    """One optimiser group per learning-rate factor (parameters in module order)."""
+    by_scale: dict[float, list[Tensor]] = {}
+    for name, p in named:
+        scale = next((s for prefix, s in lr_scales.items() if name.startswith(prefix)), 1.0)
+        by_scale.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr_scale": s} for s, ps in by_scale.items()]
+
+
+def _drawer(data: BatchSource, batch_size: int) -> Callable[[torch.Generator], tuple[Tensor, ...]]:
+    if callable(data):
+        return lambda gen: data(gen, batch_size)
+    if not data or any(t.shape[0] != data[0].shape[0] for t in data):
+        fail("data", "must be tensors with the same number of rows", [tuple(t.shape) for t in data])
+    n = data[0].shape[0]
+    if n == 0:
+        fail("data", "must hold at least one row", 0)
+    size = min(batch_size, n)
+    device = data[0].device
+
+    def draw(gen: torch.Generator) -> tuple[Tensor, ...]:
+        idx = torch.randint(0, n, (size,), generator=gen, device=device)
+        return tuple(t[idx] for t in data)
+
+    return draw
+
+
+def _terms(loss: Loss, ctx: ddp.DistContext | None) -> dict[str, float]:
+    """The logged scalars: the loss and its named terms, each this rank's share of the global mean."""
+    with torch.no_grad():
+        out = {name: float(ddp.row_mean(v.detach().float(), loss.n, ctx))
+               for name, v in loss.terms.items()}  # fmt: skip
+        out["loss"] = float(loss.value(ctx).detach())
+    return out
+
+
+def _accumulate(acc: dict[str, float], row: dict[str, Any]) -> int:
+    for name, v in row.items():
+        if name not in ("stage", "step", "lr") and isinstance(v, (int, float)):
+            acc[name] = acc.get(name, 0.0) + v
+    return 1
+
+
+def _device_type(p: Tensor) -> str:
+    return p.device.type
