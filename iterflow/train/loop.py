@@ -22,6 +22,7 @@ optimiser state, the generator state, the step and the elapsed seconds are writt
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -163,17 +164,14 @@ class Checkpoint:
                 p.unlink(missing_ok=True)
 
     def append_log(self, rows: list[dict[str, Any]]) -> None:
-        import json
-
         if self.write and rows:
+            self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.log, "a") as fh:
                 for r in rows:
                     fh.write(json.dumps(r) + "\n")
 
     def read_log(self) -> list[dict[str, Any]]:
         """The rows of ``log.jsonl`` (a line cut short by a kill is skipped)."""
-        import json
-
         if not self.log.exists():
             return []
         rows = []
@@ -186,8 +184,6 @@ class Checkpoint:
 
     def _trim_log(self, step: int) -> list[dict[str, Any]]:
         """Drop this key's rows after ``step``; return this key's rows kept."""
-        import json
-
         rows = self.read_log()
         keep = [r for r in rows if r.get("stage") != self.key or r.get("step", 0) <= step]
         if self.write and self.log.exists() and len(keep) != len(rows):
@@ -197,6 +193,7 @@ class Checkpoint:
     def save(self, state: _LoopState, seconds: float) -> None:
         if not self.write:
             return
+        self.folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {f"param.{i}": p for i, p in enumerate(state.params)}
         if state.ema is not None:
             tensors.update({f"ema.{i}": e for i, e in enumerate(state.ema)})
@@ -315,7 +312,8 @@ def optimize(
         budget: testing aid (see :class:`StepBudget`).
 
     Returns:
-        ``steps``, ``seconds_optimize`` (including time before an interruption), ``autocast``,
+        ``steps``, ``seconds_optimize`` (including ``seconds_before_resume``, the optimisation time
+        spent before an interruption this run resumed from), ``autocast``,
         ``world_size``, ``mean_<term>`` over the logged steps of this run and ``final_<term>``.
     """
     reporter = reporter or SilentReporter()
@@ -338,6 +336,7 @@ def optimize(
         for r in checkpoint._trim_log(start):  # the stage's means count rows before the kill too
             acc_n += _accumulate(acc, r)
     reporter.stage_start(stage, n_stages, config.steps, start)
+    tag = checkpoint.key if checkpoint is not None else stage  # log rows' "stage"
     was_training = module.training
     module.train()
     amp = torch.autocast(
@@ -368,7 +367,7 @@ def optimize(
                     f"loss became {terms['loss']} at stage {stage} step {step + 1}; "
                     "lower the learning rate (lr) or check the data"
                 )
-            row = {"stage": stage, "step": step + 1, "lr": lr, **terms}
+            row = {"stage": tag, "step": step + 1, "lr": lr, **terms}
             log_rows.append(row)
             acc_n += _accumulate(acc, row)
             reporter.step(step + 1, terms)
@@ -392,6 +391,7 @@ def optimize(
     return {
         "steps": config.steps,
         "seconds_optimize": seconds + time.perf_counter() - t0,
+        "seconds_before_resume": seconds,
         "autocast": str(autocast).replace("torch.", "") if autocast is not None else "none",
         "world_size": ctx.world_size if ctx is not None else 1,
         **{f"mean_{k}": v / max(acc_n, 1) for k, v in acc.items()},

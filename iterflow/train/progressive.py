@@ -207,9 +207,8 @@ def train(
                 **method.stage_report(stage, cur_val, new_val, k),
             }
         )
-        record["seconds"] = record["seconds_optimize"] + (
-            time.perf_counter() - t_stage - record["seconds_optimize"]
-        )
+        # this call's wall time plus the optimisation time spent before an interruption
+        record["seconds"] = time.perf_counter() - t_stage + record["seconds_before_resume"]
         blocks.extend(stage_blocks)
         meta["networks"].extend(_block_network_config(b) for b in stage_blocks)
         meta["stages_done"] = k + 1

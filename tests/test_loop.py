@@ -1,0 +1,171 @@
+"""The one optimisation loop (iterflow.train.loop): reduction, schedule, EMA, checkpoints, errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from iterflow.core import distributed as ddp
+from iterflow.errors import InputError
+from iterflow.methods.base import Loss
+from iterflow.methods.classifier import cross_entropy_loss, logistic_loss
+from iterflow.train.loop import Checkpoint, OptimConfig, StepBudget, cosine_lr, optimize
+
+DT = torch.float64
+
+
+def _regression(seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 3, generator=g, dtype=DT)
+    w = torch.tensor([[1.0], [-2.0], [0.5]], dtype=DT)
+    y = x @ w + 0.3
+    torch.manual_seed(seed)
+    return nn.Linear(3, 1).to(DT), (x, y)
+
+
+def _mse(module: nn.Module):  # noqa: ANN202
+    def loss_fn(batch: tuple[Tensor, ...], gen: torch.Generator) -> Loss:
+        x, y = batch
+        n = x.shape[0]
+        rows = ddp.local_rows(n)
+        r = (module(x[rows]) - y[rows]).pow(2).sum(1)
+        return Loss(r, n, {"mse": r.detach()})
+
+    return loss_fn
+
+
+def test_the_loop_fits_a_least_squares_problem_to_its_closed_form() -> None:
+    net, data = _regression()
+    cfg = OptimConfig(steps=1500, batch_size=64, lr=0.05, lr_schedule="constant", grad_clip=0)
+    rec = optimize(net, _mse(net), data, cfg, generator=torch.Generator().manual_seed(1))
+    x, y = data
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=DT)], 1)
+    exact = torch.linalg.lstsq(a, y).solution.squeeze(1)
+    got = torch.cat([net.weight.detach().squeeze(0), net.bias.detach()])
+    assert torch.allclose(got, exact, atol=5e-3), (got, exact)
+    assert rec["steps"] == 1500 and rec["final_mse"] < 1e-4
+    assert set(rec) >= {"seconds_optimize", "seconds_before_resume", "mean_loss", "world_size"}
+
+
+def test_row_mean_shards_average_to_the_global_mean() -> None:
+    rows = torch.randn(10, dtype=DT)
+    shares = []
+    for r in range(3):
+        ctx = ddp.DistContext(r, 3, r, "gloo")
+        lo, hi = ctx.bounds(10)
+        shares.append(ddp.row_mean(rows[lo:hi], 10, ctx))
+    assert torch.allclose(sum(shares) / 3, rows.mean(), atol=1e-14)
+    assert torch.equal(ddp.row_mean(rows, 10, None), rows.mean())
+
+
+def test_loss_sum_and_scaling_keep_the_rows() -> None:
+    a = Loss(torch.tensor([1.0, 3.0]), 2, {"a": torch.tensor([1.0, 3.0])})
+    b = Loss(torch.tensor([2.0, 2.0]), 2, {"b": torch.tensor([2.0, 2.0])}, extra=torch.tensor(0.5))
+    c = a + b.scaled(2.0)
+    assert float(c.value()) == pytest.approx(2.0 + 4.0 + 1.0)
+    assert set(c.terms) == {"a", "b"}
+
+
+def test_interrupted_training_resumes_bit_for_bit(tmp_path: Path) -> None:
+    cfg = OptimConfig(steps=60, batch_size=32, lr=0.02, ema=0.9, checkpoint_every=10, log_every=5)
+
+    def run(folder: Path, stop: int | None) -> nn.Module:
+        net, data = _regression(3)
+        optimize(net, _mse(net), data, cfg, generator=torch.Generator().manual_seed(4),
+                 checkpoint=Checkpoint(folder, "fit"), budget=StepBudget(stop))  # fmt: skip
+        return net
+
+    ref = run(tmp_path / "ref", None)
+    (tmp_path / "cut").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", 37)  # killed after step 37; the last checkpoint is step 30
+    resumed = run(tmp_path / "cut", None)
+    for p, q in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    log = Checkpoint(tmp_path / "cut", "fit").read_log()
+    assert [r["step"] for r in log] == list(range(5, 61, 5))  # no duplicate rows after the resume
+
+
+def test_another_key_starts_fresh(tmp_path: Path) -> None:
+    cfg = OptimConfig(steps=20, batch_size=32, lr=0.02, checkpoint_every=10)
+    net, data = _regression()
+    with pytest.raises(KeyboardInterrupt):
+        optimize(net, _mse(net), data, cfg, generator=torch.Generator().manual_seed(0),
+                 checkpoint=Checkpoint(tmp_path, "a"), budget=StepBudget(15))  # fmt: skip
+    net2, _ = _regression()
+    rec = optimize(net2, _mse(net2), data, cfg, generator=torch.Generator().manual_seed(0),
+                   checkpoint=Checkpoint(tmp_path, "b"))  # fmt: skip
+    assert rec["seconds_before_resume"] == 0.0
+
+
+def test_ema_ends_in_the_module_and_lr_scales_make_groups() -> None:
+    net = nn.ModuleDict({"fast": nn.Linear(2, 1), "slow": nn.Linear(2, 1)}).to(DT)
+    x = torch.randn(64, 2, dtype=DT)
+
+    def loss_fn(batch: tuple[Tensor, ...], gen: torch.Generator) -> Loss:
+        (xb,) = batch
+        r = (net["fast"](xb) + net["slow"](xb)).pow(2).squeeze(1)
+        return Loss(r, xb.shape[0])
+
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    cfg = OptimConfig(steps=5, batch_size=16, lr=1e-2, lr_schedule="constant", grad_clip=0)
+    optimize(net, loss_fn, (x,), cfg, generator=torch.Generator().manual_seed(0),
+             lr_scales={"slow.": 0.0})  # fmt: skip
+    assert torch.equal(net["slow"].weight, before["slow.weight"])  # a zero factor freezes it
+    assert not torch.equal(net["fast"].weight, before["fast.weight"])
+
+
+def test_non_finite_loss_names_the_learning_rate() -> None:
+    net = nn.Linear(2, 1).to(DT)
+    x = torch.randn(8, 2, dtype=DT)
+
+    def loss_fn(batch: tuple[Tensor, ...], gen: torch.Generator) -> Loss:
+        return Loss(net(batch[0]).squeeze(1) * math.inf, batch[0].shape[0])
+
+    with pytest.raises(FloatingPointError, match="learning rate"):
+        optimize(net, loss_fn, (x,), OptimConfig(steps=3, batch_size=4, lr=1e-3, log_every=1),
+                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(steps=0), dict(lr=-1.0), dict(ema=1.0), dict(lr_schedule="step"), dict(warmup=-1)]
+)
+def test_bad_settings_name_the_argument(bad: dict) -> None:
+    with pytest.raises(InputError) as err:
+        OptimConfig(**{"steps": 10, "batch_size": 4, "lr": 1e-3, **bad})
+    assert err.value.argument == next(iter(bad))
+
+
+def test_mismatched_data_is_refused() -> None:
+    net = nn.Linear(2, 1)
+    cfg = OptimConfig(steps=1, batch_size=4, lr=1e-3)
+    with pytest.raises(InputError, match="same number of rows"):
+        optimize(net, _mse(net), (torch.zeros(4, 2), torch.zeros(5, 1)), cfg,
+                 generator=torch.Generator())  # fmt: skip
+
+
+def test_cosine_schedule_warms_up_then_decays_to_five_percent() -> None:
+    lrs = [cosine_lr(1.0, s, 1000) for s in range(1000)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[99] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[99:], lrs[100:]))
+    assert lrs[-1] == pytest.approx(0.05, abs=1e-5)
+    assert cosine_lr(1.0, 0, 100, warmup=0) == pytest.approx(1.0)
+
+
+def test_classification_losses_reach_their_optima() -> None:
+    # cross-entropy of logits equal to log class frequencies is the entropy of the labels
+    labels = torch.tensor([0, 0, 0, 1])
+    logits = torch.log(torch.tensor([[0.75, 0.25]], dtype=DT)).expand(4, 2)
+    ce = cross_entropy_loss(lambda x: logits, torch.zeros(4, 1, dtype=DT), labels)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert float(ce.value()) == pytest.approx(entropy, abs=1e-12)
+    # the logistic loss is minimised by phi = log f1/f0: for equal samples, phi = 0
+    x = torch.randn(32, 2, dtype=DT)
+    phi = torch.zeros(1, dtype=DT, requires_grad=True)
+    lo = logistic_loss(lambda z: phi.expand(z.shape[0]), x, x)
+    (g,) = torch.autograd.grad(lo.value(), phi)
+    assert abs(float(g)) < 1e-12
