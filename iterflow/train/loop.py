@@ -318,7 +318,9 @@ def optimize(
     """
     reporter = reporter or SilentReporter()
     budget = budget or StepBudget(None)
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    named: list[tuple[str, Tensor]] = [
+        (n, p) for n, p in module.named_parameters() if p.requires_grad
+    ]
     if not named:
         fail("module", "must have trainable parameters", type(module).__name__)
     params = [p for _, p in named]
