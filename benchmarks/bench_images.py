@@ -6,7 +6,8 @@ Run by hand (not by CI), single-threaded:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_images.py --out benchmarks/results/images.json
 
 Each (data set, method) is trained with :func:`iterflow.train.train` into ``--work/DATA/METHOD``
-(an interrupted benchmark resumes its runs), then evaluated with :func:`iterflow.images.evaluate_images`:
+(an interrupted benchmark resumes its runs), then evaluated with
+:func:`iterflow.evaluation.image_eval.evaluate_images`:
 bits/dim on held-out images (Hutchinson, one Rademacher probe, dopri5), the Fréchet distance on the
 features of a classifier trained on the same data (cached; *not* Inception FID) for an adaptive
 reference sampler and for Euler with 1..32 evaluations per image, and the nearest-training-image
@@ -47,7 +48,8 @@ import torch
 
 import iterflow.core.nn.unet  # noqa: F401  (registers the U-Net)
 import iterflow.data.images  # noqa: F401  (registers the image data sets)
-from iterflow.evaluation.image_eval import ClassifierConfig, ImageEvalOptions, evaluate_image_run
+from iterflow.evaluation.feature_classifier import ClassifierConfig
+from iterflow.evaluation.image_eval import ImageEvalOptions, evaluate_image_run
 from iterflow.methods import METHODS
 from iterflow.train import TrainConfig, load_run, train
 

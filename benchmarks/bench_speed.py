@@ -426,7 +426,7 @@ def bench_divergence(net: nn.Module, x: Tensor, device: torch.device) -> list[di
     def batched() -> Tensor:
         xs = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            return divergence_exact(net(xs, t), xs, create_graph=False)
+            return divergence_exact(net(xs, t), xs, create_graph=False, batched=True)
 
     def loop() -> Tensor:
         xs = x.detach().requires_grad_(True)

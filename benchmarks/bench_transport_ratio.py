@@ -2,11 +2,11 @@
 
 Pairs of Gaussian mixtures with well-separated supports in d = 2, 10 and 20 (exact log densities
 from :class:`iterflow.data.GaussianMixture`). For each pair it fits the transport flow
-(:func:`iterflow.apps.transport.fit_transport`) and three estimators of ``log q(x)/p(x)`` on the
+(:func:`iterflow.apps.ot.fit_transport`) and three estimators of ``log q(x)/p(x)`` on the
 same training samples:
 
 * ``telescopic``: classifiers between consecutive distributions along the flow
-  (:func:`iterflow.apps.ratio.fit_telescopic`);
+  (:func:`iterflow.apps.ot.fit_telescopic`);
 * ``classifier``: one logistic classifier on P vs Q, same network and number of steps;
 * ``kde``: two Gaussian KDEs with cross-validated bandwidths (scikit-learn).
 
@@ -41,16 +41,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, write_json  # noqa: E402
 
-from iterflow.apps.ot.ratio import (
+from iterflow.apps.ot import (  # noqa: E402
     ClassifierOptions,
     KDEOptions,
     TelescopicOptions,
+    TransportOptions,
     fit_classifier,
     fit_kde,
     fit_telescopic,
+    fit_transport,
+    gaussian_w2_sq,
     log_ratio_mse,
 )
-from iterflow.apps.ot.transport import TransportOptions, fit_transport, gaussian_w2_sq  # noqa: E402
 from iterflow.data import GaussianMixture  # noqa: E402
 from iterflow.metrics import w2  # noqa: E402
 
@@ -89,7 +91,7 @@ def options(quick: bool) -> dict[str, Any]:
         return max(10, int(k * scale))
 
     transport = TransportOptions(
-        init_steps=n(1500), ot_chunk=128, refine_steps=n(200), classifier_warmup=n(150)
+        init_steps=n(1500), ot_chunk=128, refine_steps=n(400), classifier_warmup=n(150)
     )
     clf = ClassifierOptions(hidden=(64, 64), steps=n(2000), batch_size=256)
     tel = TelescopicOptions(

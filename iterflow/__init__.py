@@ -1,20 +1,46 @@
-"""iterflow: flow-based generative models as iterative algorithms in probability space."""
+"""iterflow: flow-based generative models as iterative algorithms in probability space.
+
+The Python face: :func:`fit` trains any method on a tensor, an array or a ``Dataset`` (with the
+built-in networks or your own velocity module); :class:`FlowDensity` is the same as a scikit-learn
+density estimator; :class:`Flow` samples, encodes and scores; :func:`conditioning` binds per-row
+keyword arguments of conditional velocity networks. ``fit``, ``FlowDensity``, ``TrainConfig`` and
+``load_run`` are imported on first use, so ``import iterflow`` stays light.
+"""
+
+from typing import Any
 
 from iterflow._version import __version__
+from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Block, Flow
 from iterflow.errors import InputError
 
-
-def __getattr__(name: str):  # noqa: ANN202  (lazy: keep `import iterflow` light)
-    if name == "FlowDensity":
-        from iterflow.apps.estimator import FlowDensity
-
-        return FlowDensity
-    if name in ("TrainConfig", "load_run"):
-        from iterflow import train as _train
-
-        return getattr(_train, name)
-    raise AttributeError(name)
+_LAZY = {
+    "fit": "iterflow.apps.api",
+    "FlowDensity": "iterflow.apps.estimator",
+    "TrainConfig": "iterflow.train",
+    "TrainResult": "iterflow.train",
+    "load_run": "iterflow.train",
+}
 
 
-__all__ = ["Block", "Flow", "FlowDensity", "InputError", "TrainConfig", "__version__", "load_run"]
+def __getattr__(name: str) -> Any:
+    """The lazily imported names of :data:`_LAZY` (keeps ``import iterflow`` light)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'iterflow' has no attribute {name!r}")
+
+
+__all__ = [
+    "Block",
+    "Flow",
+    "FlowDensity",
+    "InputError",
+    "TrainConfig",
+    "TrainResult",
+    "__version__",
+    "conditioning",
+    "fit",
+    "load_run",
+]

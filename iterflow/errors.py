@@ -15,7 +15,8 @@ class InputError(ValueError):
     (and only it) into exit status 2 with a one-line message and no traceback.
 
     Arguments:
-        argument: name of the offending argument or option (``"--data"``, ``"x"``).
+        argument: the Python name of the offending argument or option (``"data"``, ``"x"``,
+            ``"option 'gamma'"``); the command line shows its flag instead.
         rule: what the value must satisfy, phrased as a requirement.
         value: what was received (shown with ``repr``, shortened).
     """

@@ -14,8 +14,13 @@ from torch import Tensor
 
 from iterflow.errors import fail
 
-FORMAT_VERSION = 1
-"""Format of the folders this version writes; a folder of a higher format is refused on loading."""
+FORMAT_VERSION = 2
+"""Format of the folders this version writes; a folder of a higher format is refused on loading.
+
+1: training runs committed by ``meta.json`` (beside ``config.json``); the applications' own JSON.
+2: every folder committed by ``manifest.json`` (:func:`write_manifest`), naming its kind; training
+runs keep ``config.json`` and ``meta.json`` beside it, so format-1 readers still load them.
+"""
 
 MANIFEST = "manifest.json"
 
@@ -64,11 +69,16 @@ def _json_default(o: Any) -> Any:
 
 
 def load_json(path: str | Path, argument: str = "run") -> Any:
+    """The JSON value in ``path``; a missing, empty or corrupt file raises InputError naming
+    ``argument``."""
     path = Path(path)
     if not path.exists():
         fail(argument, "must contain the file " + path.name, str(path))
     try:
-        return json.loads(path.read_text())
+        text = path.read_text()
+        if not text.strip():
+            fail(argument, f"{path.name} must not be empty", str(path))
+        return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         fail(
             argument,
@@ -118,6 +128,7 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.json")
     meta = property(lambda self: self.path / "meta.json")
+    manifest = property(lambda self: self.path / MANIFEST)
     normalization = property(lambda self: self.path / "normalization.safetensors")
     particles = property(lambda self: self.path / "particles.safetensors")
     progress = property(lambda self: self.path / "progress.safetensors")
@@ -193,6 +204,28 @@ def read_manifest(
     if kind is not None and m["kind"] != kind:
         fail(argument, f"must be a {kind!r} folder, not a {m['kind']!r} one", str(folder))
     return m
+
+
+def read_record(
+    folder: str | Path, kind: str, *, legacy: str | None = None, argument: str = "run"
+) -> dict[str, Any] | None:
+    """The commit record of a folder of ``kind``: its ``manifest.json`` (format 2 on), else the
+    ``legacy`` JSON file that committed format-1 folders (``meta.json`` for training runs), else
+    ``None`` (nothing committed yet). Either is checked against :data:`FORMAT_VERSION`.
+
+    Raises:
+        InputError: naming ``argument`` for a corrupt record, another kind, or a newer format.
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST).exists():
+        return read_manifest(folder, kind, argument)
+    if legacy is None or not (folder / legacy).exists():
+        return None
+    record = load_json(folder / legacy, argument)
+    if not isinstance(record, dict):
+        fail(argument, f"{legacy} must be a JSON object", str(folder / legacy))
+    check_format(record, argument, str(folder))
+    return record
 
 
 def check_format(record: Any, argument: str, where: str) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "frechet_distance",
     "gaussian_kl_to_standard",
     "kl_to_standard_normal",
+    "knn",
     "knn_entropy",
     "median_heuristic",
     "mmd",
@@ -437,8 +438,8 @@ def gaussian_kl_to_standard(x: Tensor) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _knn(
-    queries: Tensor, reference: Tensor, k: int, chunk: int, exclude_self: bool
+def knn(
+    queries: Tensor, reference: Tensor, k: int, chunk: int = 1024, exclude_self: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Indices ``(n, k)`` and exact Euclidean distances ``(n, k)`` of the k nearest reference rows.
 
@@ -446,6 +447,21 @@ def _knn(
     distances of the selected neighbours are then recomputed directly as ``|q - r|`` so that
     near-duplicates get accurate (near-zero) distances. With ``exclude_self`` (``queries`` is
     ``reference``), each point's own index is skipped.
+
+    Arguments:
+        queries: ``(n, d)`` points; reference: ``(m, d)`` points (same dtype and device), ``m >= k``.
+        k: neighbours per query, nearest first.
+        chunk: block size along both sets (memory ``~ chunk^2`` entries).
+        exclude_self: skip index ``i`` for query ``i`` (``queries`` is ``reference``).
+
+    Returns:
+        ``(indices, distances)``, both ``(n, k)``, sorted by increasing distance.
+
+    Example:
+        >>> import torch
+        >>> idx, dist = knn(torch.tensor([[0.0], [2.9]]), torch.tensor([[0.0], [1.0], [3.0]]), k=1)
+        >>> idx[:, 0].tolist(), [round(float(v), 4) for v in dist[:, 0]]
+        ([0, 2], [0.0, 0.1])
     """
     n, m = queries.shape[0], reference.shape[0]
     best_d = torch.full((n, k), float("inf"), dtype=queries.dtype, device=queries.device)
@@ -502,7 +518,7 @@ def nearest_neighbor_distance(samples: Tensor, reference: Tensor, chunk: int = 1
     if s.device != r.device:
         fail("reference", f"must be on the same device as samples ({s.device})", str(r.device))
     _check_int(chunk, "chunk", 1)
-    _, dist = _knn(s, r.to(s.dtype), k=1, chunk=chunk, exclude_self=False)
+    _, dist = knn(s, r.to(s.dtype), k=1, chunk=chunk, exclude_self=False)
     return dist[:, 0]
 
 
@@ -538,7 +554,7 @@ def knn_entropy(x: Tensor, k: int = 5) -> float:
     _check_int(k, "k", 1)
     if k >= n:
         fail("k", f"must be smaller than the number of points ({n})", k)
-    _, dist = _knn(x.double(), x.double(), k=k, chunk=1024, exclude_self=True)
+    _, dist = knn(x.double(), x.double(), k=k, chunk=1024, exclude_self=True)
     eps = dist[:, k - 1]
     if bool((eps <= 0).any()):
         fail(

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from iterflow.cli import main
 
@@ -66,6 +68,7 @@ def test_train_writes_a_complete_run_folder(run_dir: Path) -> None:
     for name in (
         "config.json",
         "meta.json",
+        "manifest.json",
         "log.jsonl",
         "metrics.json",
         "samples.npy",
@@ -201,7 +204,7 @@ def test_method_recommendations_fill_only_what_is_not_given(tmp_path: Path) -> N
     rec = METHODS["jko"].recommended
     cfg = TrainConfig.for_method("jko", steps=7, options={"gamma": "0.3"})
     assert cfg.steps == 7 and cfg.blocks == rec["blocks"] and cfg.hidden == rec["hidden"]
-    assert cfg.options == {**rec["options"], "gamma": "0.3"}
+    assert cfg.options == {**rec["options"], "gamma": 0.3}  # typed once, at the boundary
     assert TrainConfig.for_method("fm") == TrainConfig()  # flow matching's are the plain defaults
     unet = TrainConfig.for_method("jko", network="unet")  # tuned for the MLP: only the options
     assert unet.blocks == TrainConfig().blocks and unet.options == rec["options"]
@@ -216,7 +219,7 @@ def test_method_recommendations_fill_only_what_is_not_given(tmp_path: Path) -> N
     assert cfg["hidden"] == list(rec["hidden"]) and cfg["batch_size"] == rec["batch_size"]
     assert cfg["lr"] == rec["lr"] and cfg["activation"] == rec["activation"]
     assert cfg["options"]["jacobian"] == rec["options"]["jacobian"]
-    assert cfg["options"]["substeps"] == "1"  # the user's option wins
+    assert cfg["options"]["substeps"] == 1  # the user's option wins, typed in config.json
 
 
 def test_ctrl_c_exits_130_with_the_resume_hint(
@@ -230,3 +233,108 @@ def test_ctrl_c_exits_130_with_the_resume_hint(
     monkeypatch.setattr(iterflow.train, "train", interrupted)
     assert main(["train", "--out", str(tmp_path / "r"), *TINY]) == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+def test_out_must_not_be_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    bad(["train", "--out", str(f), *TINY], capsys, "--out", "not a file", "notes.txt")
+    assert f.read_text() == "mine"
+    bad(["reflow", str(f), "--out", str(tmp_path / "r")], capsys, "run")  # not a run folder
+
+
+def test_plot_out_must_not_be_a_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    f = tmp_path / "plots.png"
+    f.write_text("x")
+    bad(["plot", str(run_dir), "--out", str(f)], capsys, "--out", "not a file")
+
+
+def test_info_shows_the_kind_and_format(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from iterflow.io import FORMAT_VERSION
+
+    assert main(["info", str(run_dir)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "train" and out["format_version"] == FORMAT_VERSION
+    assert out["config"]["method"] == "fm" and out["meta"]["stages_done"] == 1
+
+
+def test_newer_format_folder_exits_2(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    copy = tmp_path / "newer"
+    shutil.copytree(run_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    for args in (["info", str(copy)], ["eval", str(copy)], ["sample", str(copy), "--out",
+                 str(tmp_path / "s.npy")]):  # fmt: skip
+        bad(args, capsys, "format 99", "newer iterflow")
+    bad(["train", "--method", "fm", "--data", "8gaussians", "--seed", "3", "--out", str(copy),
+         *TINY], capsys, "--out", "newer iterflow")  # fmt: skip
+    (copy / "manifest.json").write_text("")
+    bad(["info", str(copy)], capsys, "manifest.json must not be empty")
+
+
+# The same configuration from the command line and from Python: one config hash, and either
+# resumes the other's run folder.
+CROSS_FLAGS = ["--method", "fm", "--data", "8gaussians", "--steps", "30", "--batch-size", "64",
+               "--hidden", "16,16", "--n-train", "500", "--n-val", "50", "--n-test", "50",
+               "--dtype", "float64", "--lr", "0.004", "--checkpoint-every", "10", "-o", "sigma=0",
+               "-o", "interpolant=trig", "--no-report", "--quiet"]  # fmt: skip
+
+
+def _cross_config() -> Any:
+    from iterflow.train import TrainConfig
+
+    return TrainConfig.for_method("fm", data="8gaussians", steps=30, batch_size=64,
+                                  hidden=[16, 16], n_train=500, n_val=50, n_test=50,
+                                  dtype="float64", lr=4e-3, checkpoint_every=10,
+                                  options={"sigma": 0, "interpolant": "trig"})  # fmt: skip
+
+
+def test_cli_and_python_configs_hash_alike_and_resume_each_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import iterflow.train
+    from iterflow.train import TrainConfig, load_run, train
+    from iterflow.train.config import config_hash
+
+    cfg = _cross_config()
+    ref = train(cfg, tmp_path / "ref").flow
+    # Python starts, the command line resumes
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "py", stop_after_steps=15)
+    assert main(["train", *CROSS_FLAGS, "--out", str(tmp_path / "py")]) == 0
+    cli_cfg = TrainConfig.from_json(json.loads((tmp_path / "py" / "config.json").read_text()))
+    assert cli_cfg == cfg and config_hash(cli_cfg) == config_hash(cfg)
+    # the command line starts (and is interrupted), Python resumes
+    real_train = iterflow.train.train
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        return real_train(*args, **kwargs, stop_after_steps=15)
+
+    monkeypatch.setattr(iterflow.train, "train", interrupted)
+    assert main(["train", *CROSS_FLAGS, "--out", str(tmp_path / "cli")]) == 130
+    monkeypatch.undo()
+    assert (tmp_path / "cli" / "progress.safetensors").exists()
+    train(cfg, tmp_path / "cli")
+    for run in ("py", "cli"):
+        flow = load_run(tmp_path / run)[0]
+        for p, q in zip(ref.parameters(), flow.parameters()):
+            assert torch.equal(p, q), run
+
+
+def test_info_reads_the_manifest_of_other_kinds(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from iterflow.io import save_json, write_manifest
+
+    write_manifest(tmp_path, "worst-case", config={"gamma": 0.5}, phases_done=["map"])
+    save_json(tmp_path / "metrics.json", {"risk": 1.25})
+    assert main(["info", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "worst-case" and out["config"] == {"gamma": 0.5}
+    assert out["manifest"]["phases_done"] == ["map"] and out["metrics"] == {"risk": 1.25}

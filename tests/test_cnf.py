@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from iterflow.core.flow import Block, Flow
+from iterflow.core.integrand import integrate_path
 from iterflow.core.nn import MLPVelocity
 from iterflow.core.ode import SolverSpec
 from iterflow.errors import InputError
 from iterflow.methods import METHODS, parse_options
-from iterflow.methods.cnf import CNFOptions, integrate_path, likelihood_loss
+from iterflow.methods.cnf import CNFOptions, likelihood_loss
 from iterflow.train import TrainConfig, train
 
 DT = torch.float64

@@ -9,10 +9,10 @@ The worker half of this file runs under ``python -m torch.distributed.run`` (``-
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -94,24 +94,12 @@ def test_shard_bounds_cover_the_batch_and_shard_means_average_to_the_mean() -> N
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_the_same_model_as_one(tmp_path: Path) -> None:
+def test_two_gloo_processes_train_the_same_model_as_one(
+    tmp_path: Path, torchrun: Callable[..., Any]
+) -> None:
     for name, cfg in CONFIGS.items():
         train(cfg, tmp_path / f"one_{name}")
-    path = os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        "--worker",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(__file__, "--worker", str(tmp_path))  # fails the test unless both ranks exit with 0
     for name in CONFIGS:
         one, two = tmp_path / f"one_{name}", tmp_path / f"two_{name}"
         w1, w2 = _weights(one), _weights(two)

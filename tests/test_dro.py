@@ -1,8 +1,16 @@
-"""Worst-case sampling (FlowDRO): closed-form maps, classifier attacks, baseline, I/O and the CLI."""
+"""Worst-case sampling (FlowDRO): closed-form maps, classifier attacks, baseline, I/O, resumption,
+data parallelism and the CLI.
+
+The worker half of the two-process test runs under ``python -m torch.distributed.run`` (``--worker``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,7 +252,7 @@ def test_labelled_sets_are_seeded_and_digits_standardised() -> None:
     assert torch.allclose(d.train_x.mean(0), torch.zeros(64), atol=1e-5)
     px = d.to_pixels(d.test_x)
     assert px.shape[1:] == (1, 8, 8) and float(px.min()) > -1e-4 and float(px.max()) < 16 + 1e-4
-    with pytest.raises(InputError, match="--data"):
+    with pytest.raises(InputError, match="name"):
         labelled_data("nope")
 
 
@@ -278,7 +286,7 @@ def test_conditioned_save_load_round_trip(tmp_path: Path) -> None:
     cfg = DROConfig(gamma=0.5, blocks=2, schedule="progressive", **{**FAST, "steps": 5})
     res = fit_worst_case(x, LabelledLinearRisk(A2), labels=c, config=cfg)
     save_worst_case(res, tmp_path / "run")
-    meta = json.loads((tmp_path / "run" / "dro.json").read_text())
+    meta = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert [n["num_classes"] for n in meta["networks"]] == [2, 2]
     back = load_worst_case(tmp_path / "run")
     assert back.map.num_classes == 2 and back.config == res.config and back.train == res.train
@@ -330,15 +338,15 @@ def test_reference_from_a_data_set_name_and_risk_parsing() -> None:
         "linear:a,b",
         "quadratic:1,2;1",
     ):
-        with pytest.raises(InputError, match="--risk"):
+        with pytest.raises(InputError, match="spec"):
             parse_risk(bad, 2)
 
 
 def test_input_errors() -> None:
     x = points(16)
-    with pytest.raises(InputError, match="--gamma"):
+    with pytest.raises(InputError, match="gamma"):
         DROConfig(gamma=0.0)
-    with pytest.raises(InputError, match="--solver"):
+    with pytest.raises(InputError, match="solver"):
         DROConfig(solver="dopri5")  # training integrates with a fixed-step solver
     with pytest.raises(InputError, match="risk"):
         fit_worst_case(x, lambda y: y, config=DROConfig(steps=1))  # (B, d) instead of (B,)
@@ -401,7 +409,7 @@ def test_cli_writes_a_run_folder(tmp_path: Path) -> None:
     assert m["baseline"]["train"]["transport_cost"] == pytest.approx(
         m["flow"]["train"]["transport_cost"], rel=1e-2
     )
-    assert (out / "worst_case.png").exists() and (out / "dro.json").exists()
+    assert (out / "worst_case.png").exists() and (out / "manifest.json").exists()
     assert load_worst_case(out).config.gamma == 0.3
     assert not m["flow"]["conditioned_on_labels"]
 
@@ -466,3 +474,233 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert _cli([*argv, "--out", str(tmp_path / "z"), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert flag in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumption, run folders, devices and data parallelism
+# ------------------------------------------------------------------------------------------------
+
+# 63-row minibatches: two ranks get 32 and 31 rows
+RESUME = dict(hidden=(16,), ode_steps=2, steps=20, batch_size=63, dtype="float64", log_every=5,
+              checkpoint_every=4, kinetic=0.5)  # fmt: skip
+
+
+def _params(res: object) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in res.map.flow.parameters()]  # type: ignore[attr-defined]
+
+
+def _same_fit(a: object, b: object) -> None:
+    """Two fits gave the same map, bit for bit, and the same record."""
+    for p, q in zip(_params(a), _params(b), strict=True):
+        assert torch.equal(p, q)
+    assert a.history == b.history and a.train == b.train  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("schedule", ["joint", "progressive"])
+def test_interrupted_fit_resumes_to_the_uninterrupted_map(tmp_path: Path, schedule: str) -> None:
+    x, c = labelled_pairs(40)
+    risk = LabelledLinearRisk(A2)
+    cfg = DROConfig(gamma=0.5, blocks=2, schedule=schedule, **RESUME)
+    whole = fit_worst_case(x, risk, labels=c, config=cfg)  # no folder: nothing written
+    # stop inside the last phase (progressive: block 0 is finished and committed by then)
+    stop = 30 if schedule == "progressive" else 13
+    with pytest.raises(KeyboardInterrupt):
+        fit_worst_case(
+            x, risk, labels=c, config=cfg, folder=tmp_path / "run", stop_after_steps=stop
+        )
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert m["kind"] == "worst-case" and "train" not in m
+    assert m["phases"].get("map", {}).get("blocks_done", 0) == (
+        1 if schedule == "progressive" else 0
+    )
+    assert (tmp_path / "run" / "progress.safetensors").exists()
+    resumed = fit_worst_case(x, risk, labels=c, config=cfg, folder=tmp_path / "run")
+    _same_fit(resumed, whole)
+    assert [h["step"] for h in resumed.history if h["block"] == 0] == [5, 10, 15, 20]
+    assert not (tmp_path / "run" / "progress.safetensors").exists()
+    # a finished folder loads its map: nothing is trained again (a budget of 0 steps would stop it)
+    again = fit_worst_case(
+        x, risk, labels=c, config=cfg, folder=tmp_path / "run", stop_after_steps=0
+    )
+    _same_fit(again, whole)
+    back = load_worst_case(tmp_path / "run")
+    assert torch.equal(back.map(x, c), resumed.map(x, c)) and back.history == whole.history
+
+
+def test_folder_of_another_config_or_reference_is_refused(tmp_path: Path) -> None:
+    x = points(32)
+    cfg = DROConfig(gamma=0.5, **{**RESUME, "steps": 4})
+    fit_worst_case(x, LinearRisk([1.0, 0.0]), config=cfg, folder=tmp_path / "run")
+    with pytest.raises(InputError, match=r"folder.*another config.*gamma"):
+        fit_worst_case(x, LinearRisk([1.0, 0.0]), config=DROConfig(gamma=0.4, **{**RESUME, "steps": 4}),
+                       folder=tmp_path / "run")  # fmt: skip
+    with pytest.raises(InputError, match=r"folder.*other reference points"):
+        fit_worst_case(x + 1, LinearRisk([1.0, 0.0]), config=cfg, folder=tmp_path / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"folder.*new or empty folder"):
+        fit_worst_case(x, LinearRisk([1.0, 0.0]), config=cfg, folder=tmp_path / "other")
+    # runtime settings may change on resume
+    fit_worst_case(x, LinearRisk([1.0, 0.0]), config=dataclasses.replace(cfg, checkpoint_every=7),
+                   folder=tmp_path / "run")  # fmt: skip
+
+
+def test_interrupted_classifier_resumes_to_the_uninterrupted_one(tmp_path: Path) -> None:
+    data = labelled_data("moons", 200, 10, seed=0)
+    x, y = data.train_x.double(), data.train_y
+    kw = dict(hidden=(16,), steps=20, batch_size=63, seed=0, checkpoint_every=4)
+    whole = train_classifier(x, y, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(x, y, **kw, folder=tmp_path, stop_after_steps=11)
+    resumed = train_classifier(x, y, **kw, folder=tmp_path)
+    for p, q in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not (tmp_path / "progress.json").exists()
+    loaded = train_classifier(
+        x, y, **kw, folder=tmp_path, stop_after_steps=0
+    )  # loaded, not trained
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), loaded.parameters()))
+    with pytest.raises(InputError, match=r"folder.*other settings.*steps"):
+        train_classifier(x, y, **{**kw, "steps": 21}, folder=tmp_path)
+
+
+def test_newer_or_unfinished_folders_are_refused(tmp_path: Path) -> None:
+    x = points(32)
+    cfg = DROConfig(gamma=0.5, **{**RESUME, "steps": 4})
+    fit_worst_case(x, LinearRisk([1.0, 0.0]), config=cfg, folder=tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
+    with pytest.raises(InputError, match=r"run.*newer"):
+        load_worst_case(tmp_path / "run")
+    with pytest.raises(InputError, match=r"folder.*newer"):
+        fit_worst_case(x, LinearRisk([1.0, 0.0]), config=cfg, folder=tmp_path / "run")
+    unfinished = {k: v for k, v in m.items() if k != "train"}
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(unfinished))
+    with pytest.raises(InputError, match=r"run.*finished map"):
+        load_worst_case(tmp_path / "run")
+
+
+def test_folders_of_earlier_versions_still_load(tmp_path: Path) -> None:
+    """A map saved as dro.json (before the manifest) loads; such a folder is not resumed."""
+    x = points(32)
+    res = fit_worst_case(
+        x, LinearRisk([1.0, 0.0]), config=DROConfig(gamma=0.5, **{**RESUME, "steps": 3})
+    )
+    save_worst_case(res, tmp_path / "old")
+    m = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    legacy = {k: m[k] for k in ("config", "event_shape", "networks", "train", "history", "seconds")}
+    legacy["config"] = {k: v for k, v in legacy["config"].items()
+                        if k not in ("device", "autocast", "checkpoint_every")}  # fmt: skip
+    (tmp_path / "old" / "dro.json").write_text(json.dumps({"format_version": 1, **legacy}))
+    (tmp_path / "old" / "manifest.json").unlink()
+    back = load_worst_case(tmp_path / "old")
+    assert torch.equal(back.map(x), res.map(x)) and back.train == res.train
+    with pytest.raises(InputError, match=r"folder.*older format"):
+        fit_worst_case(x, LinearRisk([1.0, 0.0]), config=res.config, folder=tmp_path / "old")
+
+
+def _cli_linear(out: Path, *extra: str) -> int:
+    args = ["worst-case", "--reference", "8gaussians", "--risk", "linear:1,0", "--gamma", "0.3"]
+    args += ["--steps", "30", "--ode-steps", "2", "--hidden", "16", "--n-train", "100"]
+    args += ["--n-test", "50", "--ascent-steps", "10", "--checkpoint-every", "7", "--quiet"]
+    return _cli([*args, *extra, "--out", str(out)])
+
+
+def test_cli_resumes_an_interrupted_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import iterflow.apps.dro.fit as fit_module
+    from iterflow.train.loop import StepBudget
+
+    assert _cli_linear(tmp_path / "whole") == 0
+    with monkeypatch.context() as mp:  # simulate a kill after the checkpoint of step 14
+        mp.setattr(fit_module, "StepBudget", lambda _steps: StepBudget(17))
+        assert _cli_linear(tmp_path / "cut") == 130
+    assert (tmp_path / "cut" / "progress.safetensors").exists()
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert _cli_linear(tmp_path / "cut") == 0  # the same command resumes
+    a, b = (load_worst_case(tmp_path / f) for f in ("whole", "cut"))
+    z = points(16)
+    assert torch.equal(a.map(z.float()), b.map(z.float())) and a.history == b.history
+    ma, mb = (json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("whole", "cut"))
+    assert ma["flow"]["test"] == mb["flow"]["test"] and ma["baseline"] == mb["baseline"]
+    assert _cli_linear(tmp_path / "cut") == 0  # a finished folder: evaluated again, not retrained
+
+
+def test_cli_refuses_another_config_or_a_newer_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "wc"
+    assert _cli_linear(out) == 0
+    capsys.readouterr()
+    assert _cli_linear(out, "--lr", "0.02") == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "another config" in err and len(err.strip().splitlines()) == 1
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
+    assert _cli_linear(out) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "newer" in err
+    (tmp_path / "file").write_text("x")
+    assert _cli_linear(tmp_path / "file") == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_cli_device_and_dtype(tmp_path: Path) -> None:
+    out = tmp_path / "wc"
+    assert _cli_linear(out, "--device", "cpu", "--dtype", "float64", "--autocast", "none") == 0
+    back = load_worst_case(out)
+    assert back.config.dtype == "float64" and back.config.device == "cpu"
+    assert back.map.dtype == torch.float64
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["dtype"] == "float64" and m["settings"]["reference"] == "8gaussians"
+
+
+def test_cli_classifier_folder_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "wc"
+    args = ["worst-case", "--reference", "moons", "--risk", "classifier", "--gamma", "0.2"]
+    args += ["--steps", "10", "--ode-steps", "2", "--hidden", "16", "--n-train", "100"]
+    args += ["--n-test", "50", "--classifier-steps", "20", "--classifier-hidden", "16"]
+    args += ["--no-baseline", "--quiet", "--out", str(out)]
+    assert _cli(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["phases"]["classifier"]["done"] and m["phases"]["map"]["done"]
+    first = json.loads((out / "metrics.json").read_text())
+    assert _cli(args) == 0  # classifier and map loaded, not retrained
+    assert json.loads((out / "metrics.json").read_text())["flow"] == first["flow"]
+
+
+TWO = dict(hidden=(16,), ode_steps=2, steps=12, batch_size=63, dtype="float64", log_every=4,
+           checkpoint_every=5, kinetic=0.5, blocks=2, schedule="progressive")  # fmt: skip
+
+
+def _two_process_fits(folder: Path) -> None:
+    x, c = labelled_pairs(40)
+    fit_worst_case(x, LabelledLinearRisk(A2), labels=c, config=DROConfig(gamma=0.5, **TWO),
+                   folder=folder / "map")  # fmt: skip
+    data = labelled_data("moons", 100, 10, seed=0)
+    clf = train_classifier(data.train_x.double(), data.train_y, hidden=(16,), steps=12,
+                           batch_size=63, folder=folder / "clf")  # fmt: skip
+    assert clf is not None
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_fit_the_same_map_as_one(tmp_path: Path) -> None:
+    _two_process_fits(tmp_path / "one")
+    path = os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, "--worker", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    x, c = labelled_pairs(40)
+    one, two = load_worst_case(tmp_path / "one" / "map"), load_worst_case(tmp_path / "two" / "map")
+    for p, q in zip(one.map.flow.parameters(), two.map.flow.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-9), float((p - q).abs().max())
+    assert torch.allclose(one.map(x, c), two.map(x, c), rtol=0, atol=1e-9)
+    c1, c2 = load_classifier(tmp_path / "one" / "clf"), load_classifier(tmp_path / "two" / "clf")
+    for p, q in zip(c1.parameters(), c2.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-9)
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    torch.set_num_threads(1)
+    _two_process_fits(Path(sys.argv[sys.argv.index("--worker") + 1]))

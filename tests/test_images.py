@@ -27,16 +27,18 @@ from iterflow.data.images import (
     read_idx,
 )
 from iterflow.errors import InputError
-from iterflow.evaluation.image_eval import (
+from iterflow.evaluation.bits_per_dim import bits_per_dim, image_bits_per_dim
+from iterflow.evaluation.feature_classifier import (
     ClassifierConfig,
-    bits_per_dim,
-    image_bits_per_dim,
+    FeatureClassifier,
     load_or_train_classifier,
     local_frechet_distance,
-    nearest_train_distance,
-    save_image_grid,
-    save_trajectory_strip,
+    rotation_task,
+    train_classifier,
 )
+from iterflow.evaluation.image_samples import save_image_grid, save_trajectory_strip
+from iterflow.evaluation.memorisation import nearest_train_distance
+from iterflow.train.loop import Checkpoint, StepBudget
 
 TINY_NET = {"channels": 8, "channel_mult": [1, 2]}
 
@@ -348,6 +350,58 @@ def test_local_classifier_is_cached_and_fd_separates_sets(tmp_path: Path) -> Non
     assert rot.task == "rotation" and rot.val_accuracy > 0.3  # chance is 0.25
 
 
+def _weights(clf: FeatureClassifier) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in clf.net.state_dict().items()}
+
+
+def _assert_same_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_feature_classifier_trains_on_the_loop_deterministically_and_resumes(
+    tmp_path: Path,
+) -> None:
+    ds = get_dataset("digits8")
+    sp, lab = ds.splits(10**6, 100, 100, seed=0), ds.label_splits(10**6, 100, 100, seed=0)
+    x, y = sp.train[:200], lab.train[:200]
+    cfg = ClassifierConfig(width=4, feature_dim=8, steps=12, batch_size=32, checkpoint_every=4)
+    state = torch.random.get_rng_state()
+    want = _weights(train_classifier(x, y, cfg))
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded from cfg.seed alone
+    _assert_same_weights(_weights(train_classifier(x, y, cfg)), want)  # same seed, same weights
+    other = _weights(train_classifier(x, y, dataclasses.replace(cfg, seed=1)))
+    assert not torch.equal(other["head.weight"], want["head.weight"])
+    # it trains on the loop: interrupted after 6 steps (checkpoint at step 4), a second call
+    # resumes from the checkpoint to the weights of the uninterrupted run, with the loop's log
+    ck = Checkpoint(tmp_path / "progress", "classifier")
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(x, y, cfg, checkpoint=ck, budget=StepBudget(6))
+    assert json.loads(ck.meta.read_text())["step"] == 4
+    _assert_same_weights(_weights(train_classifier(x, y, cfg, checkpoint=ck)), want)
+    assert ck.read_log()[-1]["step"] == 12
+    # the cache resumes an interrupted rotation-task training too, then drops its progress folder
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        load_or_train_classifier(x, None, cache_dir=cache, config=cfg, budget=StepBudget(5))
+    assert not list(cache.glob("*.safetensors")) and len(list(cache.glob("*.progress"))) == 1
+    clf = load_or_train_classifier(x, None, cache_dir=cache, config=cfg)
+    assert not clf.cached and clf.task == "rotation" and not list(cache.glob("*.progress"))
+    _assert_same_weights(_weights(clf), _weights(train_classifier(x, None, cfg)))
+    # checkpoint_every does not change the weights, hence not the cache file either
+    again = dataclasses.replace(cfg, checkpoint_every=5)
+    assert load_or_train_classifier(x, None, cache_dir=cache, config=again).cached
+
+
+def test_rotation_task_rotates_each_image_by_its_target() -> None:
+    x = torch.rand(40, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    out, k = rotation_task(x, torch.Generator().manual_seed(1))
+    assert set(k.tolist()) == {0, 1, 2, 3}
+    for xi, oi, ki in zip(x, out, k, strict=True):
+        assert torch.equal(oi, torch.rot90(xi, int(ki), dims=(-2, -1)))
+
+
 def test_nearest_train_distance_detects_copies() -> None:
     ds = get_dataset("digits8")
     sp = ds.splits(10**6, 100, 100, seed=0)
@@ -454,6 +508,33 @@ def test_cli_train_eval_and_image_eval_on_digits(
     again = json.loads(capsys.readouterr().out)
     assert again["classifier"]["cached"] and "bits_per_dim" not in again
     assert main(["image-eval", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.parametrize(
+    "flag, value, argument",
+    [
+        ("--classifier-steps", "0", "steps"),
+        ("--bpd-steps", "0", "bpd_steps"),
+        ("--bpd-solver", "nope", "bpd_solver"),
+        ("--tol", "-1", "tol"),
+        ("--n-samples", "1", "n_samples"),
+    ],
+)
+def test_image_eval_errors_name_the_python_argument_and_the_cli_flag(
+    flag: str, value: str, argument: str, capsys: pytest.CaptureFixture
+) -> None:
+    from iterflow.cli import main
+    from iterflow.evaluation.image_eval import ImageEvalOptions
+
+    _cli_app_with_image_eval()
+    assert main(["image-eval", "no-such-run", flag, value]) == 2
+    assert f"error: {flag}:" in capsys.readouterr().err
+    kind = ClassifierConfig if flag == "--classifier-steps" else ImageEvalOptions
+    typed = (
+        float(value) if argument == "tol" else value if argument.endswith("solver") else int(value)
+    )
+    with pytest.raises(InputError, match=f"^{argument}:"):
+        kind(**{argument: typed})
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_layer_contract_holds() -> None:
     exe = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
     if not Path(exe).exists():
-        pytest.fail("import-linter is a dev dependency: `pip install -e .[dev]` installs lint-imports")
+        pytest.fail(
+            "import-linter is a dev dependency: `pip install -e .[dev]` installs lint-imports"
+        )
     res = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "0 broken" in res.stdout or "broken" not in res.stdout.split("Contracts:")[-1]

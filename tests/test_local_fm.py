@@ -124,7 +124,7 @@ def test_schedule_constant_geometric_capped_and_explicit() -> None:
 def test_bad_options_name_the_option(raw: dict[str, str], argument: str) -> None:
     with pytest.raises(InputError) as err:
         parse_options(LocalFlowMatching, raw)
-    assert err.value.argument == argument
+    assert err.value.argument == f"option {argument!r}"  # the CLI shows -o {argument}
 
 
 def test_explicit_schedule_must_cover_every_ou_block() -> None:

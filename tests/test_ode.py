@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from iterflow.core.ode import (
+    BATCHED_MIN_PRODUCTS,
     FIXED_SOLVERS,
     SolverSpec,
     divergence_exact,
     divergence_hutchinson,
     integrate,
+    jacobian_terms,
     make_probes,
     solver_names,
+    use_batched_backward,
 )
 from iterflow.errors import InputError
 
@@ -129,18 +132,41 @@ def test_rademacher_probes_are_signs() -> None:
         make_probes((2, 2), 1, kind="uniform")
 
 
-def test_batched_and_looped_divergence_agree() -> None:
-    from iterflow.core.ode import _divergence_loop
-
+@pytest.mark.parametrize("with_probes", [False, True])
+def test_batched_and_looped_jacobian_terms_agree(with_probes: bool) -> None:
     net = _net()
     x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     v = net(x)
-    a = divergence_exact(v, x, create_graph=True)
-    b = _divergence_loop(v, x, create_graph=True)
-    assert torch.allclose(a, b, atol=1e-12)
+    eps = None
+    if with_probes:
+        eps = make_probes(
+            (7, 4), 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+        )
+    a = jacobian_terms(v, x, eps, create_graph=True, batched=True)
+    b = jacobian_terms(v, x, eps, create_graph=True, batched=False)
+    for p, q in zip(a, b):
+        assert torch.allclose(p, q, atol=1e-12)
     # differentiable (CNF training): gradients of both agree
-    params = list(net.parameters())[:-1]  # the output bias does not enter the divergence
-    ga = torch.autograd.grad(a.sum(), params, retain_graph=True)
-    gb = torch.autograd.grad(b.sum(), params)
+    params = list(net.parameters())[:-1]  # the output bias does not enter the Jacobian
+    ga = torch.autograd.grad((a[0] + a[1]).sum(), params, retain_graph=True)
+    gb = torch.autograd.grad((b[0] + b[1]).sum(), params)
     for p, q in zip(ga, gb):
         assert torch.allclose(p, q, atol=1e-12)
+
+
+def test_jacobian_terms_match_the_autograd_jacobian() -> None:
+    net = _net()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    div, frob = jacobian_terms(net(x), x, create_graph=False)
+    for i in range(5):
+        jac = torch.autograd.functional.jacobian(net, x[i : i + 1].detach())[0, :, 0, :]
+        assert torch.allclose(div[i], torch.trace(jac), atol=1e-12)
+        assert torch.allclose(frob[i], jac.pow(2).sum(), atol=1e-12)
+
+
+def test_batched_backward_rule() -> None:
+    cpu = torch.device("cpu")
+    assert not use_batched_backward(1, cpu)
+    assert not use_batched_backward(BATCHED_MIN_PRODUCTS - 1, cpu)
+    assert use_batched_backward(BATCHED_MIN_PRODUCTS, cpu)
+    assert use_batched_backward(2, torch.device("meta"))

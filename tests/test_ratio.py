@@ -1,7 +1,7 @@
 """Density-ratio estimators against exact log ratios between Gaussians.
 
 The telescopic estimator is tested on the *exact* optimal-transport flow between two Gaussians
-(:func:`iterflow.apps.transport.gaussian_ot_flow`), so that only the classifiers are learned: the
+(:func:`iterflow.apps.ot.gaussian.gaussian_ot_flow`), so that only the classifiers are learned: the
 chain's particles are known in closed form and the estimate must match
 ``log N(x; m2, S2) - log N(x; m1, S1)`` on points from both Gaussians.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterflow.apps.ot.ratio import (
+from iterflow.apps.ot import (
     ClassifierOptions,
     KDEOptions,
     KDERatio,
@@ -22,13 +22,15 @@ from iterflow.apps.ot.ratio import (
     fit_classifier,
     fit_kde,
     fit_telescopic,
+    gaussian_ot_flow,
+    gaussian_ot_map,
     load_ratio,
     log_ratio_mse,
-    logistic_loss,
 )
-from iterflow.apps.ot.transport import gaussian_ot_flow, gaussian_ot_map
 from iterflow.data import GaussianMixture
 from iterflow.errors import InputError
+from iterflow.methods.classifier import logistic_loss
+from iterflow.train import StepBudget
 
 F64 = torch.float64
 M1, M2 = torch.tensor([0.0, 0.0], dtype=F64), torch.tensor([2.0, 1.0], dtype=F64)
@@ -49,9 +51,13 @@ def samples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_logistic_loss_is_minimised_at_the_log_ratio() -> None:
     """Pointwise minimiser of f0 softplus(phi) + f1 softplus(-phi) is log f1/f0 (Lemma V.1)."""
     x0, x1 = samples(200_000, seed=0)
-    best = float(logistic_loss(truth(x0), truth(x1)))
+
+    def loss(a: float, b: float) -> float:  # the logistic loss of the logit a * phi* + b
+        return float(logistic_loss(lambda t: a * t + b, truth(x0), truth(x1)).value())
+
+    best = loss(1.0, 0.0)
     for shift, scale in [(0.3, 1.0), (-0.3, 1.0), (0.0, 1.2), (0.0, 0.8)]:
-        worse = float(logistic_loss(scale * truth(x0) + shift, scale * truth(x1) + shift))
+        worse = loss(scale, shift)
         assert worse > best + 1e-3, (shift, scale)
 
 
@@ -182,3 +188,63 @@ def test_inputs_are_validated(telescopic: object, tmp_path: Path) -> None:
     assert log_ratio_mse(torch.zeros(3), torch.ones(3)) == 1.0
     with pytest.raises(InputError, match="estimate"):
         log_ratio_mse(torch.zeros(3), torch.ones(4))
+
+
+@pytest.mark.parametrize("stops", [(4,), (5, 4)])
+def test_interrupted_ratio_fits_resume_to_the_uninterrupted_result(
+    stops: tuple[int, ...], tmp_path: Path
+) -> None:
+    """Telescopic and single-classifier fits into a folder, interrupted after checkpoints and run
+    again, give the uninterrupted estimators tensor for tensor (float64 on the CPU)."""
+    flow = gaussian_ot_flow(M1, S1, M2, S2, blocks=2)
+    x, y = (v.double() for v in samples(300, seed=9))
+    clf = ClassifierOptions(hidden=(16,), time_freqs=2, steps=11, batch_size=32)
+    tele = TelescopicOptions(intervals=2, classifier=clf)
+
+    def fit(kind: str, **kw: object) -> object:
+        gen = torch.Generator().manual_seed(0)
+        if kind == "telescopic":
+            return fit_telescopic(flow, x, y, tele, generator=gen, checkpoint_every=3, **kw)
+        return fit_classifier(x, y, clf, generator=gen, checkpoint_every=3, **kw)
+
+    for kind in ("telescopic", "classifier"):
+        folder = tmp_path / kind
+        whole = fit(kind)
+        for k in stops:
+            with pytest.raises(KeyboardInterrupt):
+                fit(kind, folder=folder, budget=StepBudget(k))
+        assert not (folder / "manifest.json").exists() and (folder / "progress.json").exists()
+        res = fit(kind, folder=folder)
+        module = "logits" if kind == "telescopic" else "net"
+        want, got = getattr(whole, module).state_dict(), getattr(res, module).state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), kind
+        assert not (folder / "progress.json").exists()
+        again = fit(kind, folder=folder)  # the finished estimator is loaded
+        assert torch.equal(again.log_ratio(x[:20]), res.log_ratio(x[:20]))
+        assert torch.equal(load_ratio(folder).log_ratio(x[:20]), res.log_ratio(x[:20]))
+    with pytest.raises(InputError, match="folder: holds an estimator fitted with another"):
+        fit_classifier(x, y, clf, generator=torch.Generator().manual_seed(1),
+                       folder=tmp_path / "classifier")  # fmt: skip
+
+
+def test_older_estimator_folders_load_and_newer_ones_are_refused(tmp_path: Path) -> None:
+    """A ``ratio.json`` folder of an earlier iterflow still loads; a manifest of a newer format is
+    refused naming ``ratio``."""
+    import json
+
+    p0, q0 = torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64)
+    est = KDERatio(p0, q0, 0.5, 0.7, torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64))
+    est.save(tmp_path / "new")
+    x = torch.randn(5, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    manifest = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert manifest["kind"] == "ratio" and manifest["estimator"] == "kde"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "ratio.safetensors").write_bytes((tmp_path / "new" / "ratio.safetensors").read_bytes())
+    (old / "ratio.json").write_text(json.dumps({"format_version": 1, "kind": "kde",
+                                                **manifest["state"]}))  # fmt: skip
+    assert torch.equal(load_ratio(old).log_ratio(x), est.log_ratio(x))
+    manifest["format_version"] = 99
+    (tmp_path / "new" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="ratio: .*newer"):
+        load_ratio(tmp_path / "new")

@@ -81,8 +81,12 @@ def test_run_folder_rules(tmp_path: Path) -> None:
         train(TrainConfig(**{**TINY, "lr": 1e-4}), tmp_path / "r")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
-    with pytest.raises(InputError, match="--out"):
+    with pytest.raises(InputError, match="^out: ") as err:
         train(cfg, tmp_path / "junk")
+    assert err.value.argument == "out"  # the Python argument; the CLI names its flag --out
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(InputError, match="^out: must be a folder.*not a file"):
+        train(cfg, tmp_path / "file.txt")
     flow, cfg2, meta = load_run(tmp_path / "r")
     assert cfg2 == cfg and meta["stages_done"] == 1
 
@@ -99,25 +103,28 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="empty"):
         load_run(tmp_path / "r")
     block.write_bytes(good)
-    meta_path = tmp_path / "r" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["networks"][0]["hidden"] = [16, 16]
-    meta_path.write_text(json.dumps(meta))
+    record = tmp_path / "r" / "manifest.json"  # the commit record (meta.json: a copy for format 1)
+    manifest = json.loads(record.read_text())
+    manifest["networks"][0]["hidden"] = [16, 16]
+    record.write_text(json.dumps(manifest))
     with pytest.raises(InputError, match="must match the network"):
         load_run(tmp_path / "r")
-    meta_path.write_text("{not json")
-    with pytest.raises(InputError, match="valid JSON"):
+    record.write_text("{not json")
+    with pytest.raises(InputError, match="manifest.json must be valid JSON"):
+        load_run(tmp_path / "r")
+    record.write_text("")
+    with pytest.raises(InputError, match="manifest.json must not be empty"):
         load_run(tmp_path / "r")
     with pytest.raises(InputError, match="existing run folder"):
         load_run(tmp_path / "nothing")
 
 
 def test_config_validation() -> None:
-    with pytest.raises(InputError, match="--method"):
+    with pytest.raises(InputError, match="^method: "):
         TrainConfig(method="gan")
-    with pytest.raises(InputError, match="--steps"):
+    with pytest.raises(InputError, match="^steps: "):
         TrainConfig(steps=0)
-    with pytest.raises(InputError, match="--ema"):
+    with pytest.raises(InputError, match="^ema: "):
         TrainConfig(ema=1.0)
     with pytest.raises(InputError, match="option 'nope'"):
         train(TrainConfig(**{**TINY, "options": {"nope": 1}}), "/tmp/never-created-iterflow")
@@ -173,25 +180,99 @@ def test_interpolant_endpoints_and_velocity(name: str) -> None:
     assert torch.allclose(path.sample(x0, x1, s).dx, fd, atol=1e-7)
 
 
-def test_sklearn_like_estimator(tmp_path: Path) -> None:
-    import numpy as np
+# ------------------------------------------------------------------------------------------------
+# The run folder: manifest.json (format 2), format-1 folders, newer formats refused
+# ------------------------------------------------------------------------------------------------
 
-    from iterflow.apps.estimator import FlowDensity
+PROGRESSIVE = dict(TINY, method="local-fm", blocks=2, steps=30, checkpoint_every=10)
 
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(600, 2)) * np.array([3.0, 0.5]) + np.array([10.0, -4.0])
-    model = FlowDensity(
-        steps=150, hidden=(32, 32), batch_size=256, run_dir=tmp_path, solver="rk4"
-    ).fit(X)
-    s = model.sample(2000, random_state=1)
-    assert s.shape == (2000, 2)
-    assert np.allclose(s.mean(0), [10.0, -4.0], atol=0.5)  # samples come back in the data's units
-    lp = model.score_samples(X[:100])
-    from scipy.stats import multivariate_normal
 
-    true = multivariate_normal([10.0, -4.0], np.diag([9.0, 0.25])).logpdf(X[:100])
-    assert abs(lp.mean() - true.mean()) < 0.3  # a Gaussian is easy: close to the true log-density
-    with pytest.raises(InputError, match="X"):
-        FlowDensity().fit(np.zeros(5))
-    with pytest.raises(InputError, match="fitted"):
-        FlowDensity().sample(3)
+def test_manifest_is_the_commit_record(tmp_path: Path) -> None:
+    from iterflow.io import FORMAT_VERSION
+
+    cfg = TrainConfig(**PROGRESSIVE, options={"h": "0.05"})
+    train(cfg, tmp_path / "r")
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert manifest["kind"] == "train" and manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["config"] == cfg.to_json() and manifest["config"]["options"] == {"h": 0.05}
+    assert manifest["stages_done"] == 2 and len(manifest["networks"]) == 2
+    assert manifest["data"]["name"] == "8gaussians" and manifest["event_shape"] == [2]
+    assert manifest["normalization"]["shape"] == [2]
+    assert manifest["method_options"]["h"] == 0.05 and "h_growth" in manifest["method_options"]
+    assert manifest["history"] == meta["history"] and len(meta["history"]) == 2
+    assert {k: v for k, v in manifest.items() if k not in ("kind", "config")} == meta
+    assert load_run(tmp_path / "r")[2] == meta
+
+
+def _interrupted_after_stage_0(cfg: TrainConfig, out: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, stop_after_steps=cfg.steps + 15)  # stage 0 committed, stage 1 half done
+    assert json.loads((out / "manifest.json").read_text())["stages_done"] == 1
+
+
+def test_format_1_folder_loads_and_resumes(tmp_path: Path) -> None:
+    """A folder of the previous format (meta.json as commit record, options as text) still works."""
+    cfg = TrainConfig(**PROGRESSIVE, options={"h": 0.05})
+    ref = train(cfg, tmp_path / "ref").flow
+    old = tmp_path / "old"
+    _interrupted_after_stage_0(cfg, old)
+    (old / "manifest.json").unlink()
+    meta = json.loads((old / "meta.json").read_text())
+    for key in ("method_options", "normalization"):
+        del meta[key]
+    (old / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "options": {"h": "0.05"}}))
+    resumed = train(cfg, old).flow
+    for p, q in zip(weights(ref), weights(resumed)):
+        assert torch.equal(p, q)
+    assert json.loads((old / "manifest.json").read_text())["stages_done"] == 2  # now format 2
+    (old / "manifest.json").unlink()  # a finished format-1 folder loads too
+    (old / "meta.json").write_text(json.dumps({**json.loads((old / "meta.json").read_text()),
+                                               "format_version": 1}))  # fmt: skip
+    flow, cfg2, meta2 = load_run(old)
+    assert cfg2 == cfg and meta2["stages_done"] == 2 and flow.num_blocks == 2
+
+
+def test_particles_ahead_of_the_record_are_pushed_again(tmp_path: Path) -> None:
+    """A kill between the particle cache and the commit record: resume replays the committed
+    stages instead of training stage 1 on particles that stage 1 already pushed."""
+    from iterflow.io import load_tensors, save_tensors
+
+    cfg = TrainConfig(**PROGRESSIVE)
+    ref = train(cfg, tmp_path / "ref").flow
+    out = tmp_path / "r"
+    _interrupted_after_stage_0(cfg, out)
+    cache = load_tensors(out / "particles.safetensors")
+    ahead = {
+        "train": cache["train"] + 1.0,
+        "val": cache["val"] + 1.0,
+        "stages_done": torch.tensor(2),
+    }
+    save_tensors(out / "particles.safetensors", ahead)
+    resumed = train(cfg, out).flow
+    for p, q in zip(weights(ref), weights(resumed)):
+        assert torch.allclose(p, q, atol=1e-12)
+
+
+def test_newer_format_is_refused(tmp_path: Path) -> None:
+    cfg = TrainConfig(**TINY)
+    train(cfg, tmp_path / "r")
+    path = tmp_path / "r" / "manifest.json"
+    good = path.read_text()
+    path.write_text(json.dumps({**json.loads(good), "format_version": 3}))
+    with pytest.raises(InputError, match="format 3 by a newer iterflow") as err:
+        load_run(tmp_path / "r")
+    assert err.value.argument == "run"
+    with pytest.raises(InputError, match="newer iterflow") as err:
+        train(cfg, tmp_path / "r")  # resuming refuses it too
+    assert err.value.argument == "out"
+    path.unlink()  # a format-1 reader's view: meta.json alone, of a newer format
+    meta = tmp_path / "r" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": 3}))
+    with pytest.raises(InputError, match="newer iterflow"):
+        load_run(tmp_path / "r")
+    path.write_text(json.dumps({**json.loads(good), "kind": "transport"}))
+    with pytest.raises(InputError, match="must be a 'train' folder"):
+        load_run(tmp_path / "r")

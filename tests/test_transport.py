@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from iterflow.apps.ot.transport import (
+from iterflow.apps.ot import (
     TransportOptions,
     fit_transport,
     gaussian_ot_flow,
@@ -26,8 +26,11 @@ from iterflow.apps.ot.transport import (
     save_transport,
     transport_cost,
 )
+from iterflow.apps.ot.transport import build_classifiers, build_transport_flow
 from iterflow.data import GaussianMixture
 from iterflow.errors import InputError
+from iterflow.methods.transport import joint_loss, kl_classifier_loss, relaxed_ot_loss
+from iterflow.train import StepBudget
 
 F64 = torch.float64
 M1, M2 = torch.tensor([0.0, 0.0], dtype=F64), torch.tensor([2.0, 1.0], dtype=F64)
@@ -95,8 +98,8 @@ FAST = TransportOptions(
     hidden=(64, 64),
     init_steps=500,
     ot_chunk=128,
-    refine_steps=60,
-    refine_lr=5e-5,
+    refine_steps=120,
+    refine_lr=2.5e-5,
     classifier_warmup=60,
     classifier_batch_size=512,
 )
@@ -136,7 +139,7 @@ def test_save_load_round_trip(fitted: tuple, tmp_path: Path) -> None:
     back = load_transport(tmp_path / "run")
     assert back.options == res.options and back.cost == res.cost
     assert torch.equal(back.forward(x[:50]), res.forward(x[:50]))
-    meta = json.loads((tmp_path / "run" / "transport.json").read_text())
+    meta = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert meta["data"] == {"note": "test"} and meta["kind"] == "transport"
 
 
@@ -177,6 +180,82 @@ def test_fit_transport_rejects_bad_samples() -> None:
     bad[3, 1] = float("nan")
     with pytest.raises(InputError, match="finite"):
         fit_transport(x, bad, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# the objective on the one loop, and resumption
+# ------------------------------------------------------------------------------------------------
+
+TINY = TransportOptions(
+    blocks=2,
+    hidden=(16,),
+    batch_size=32,
+    init_steps=12,
+    ot_chunk=16,
+    refine_steps=8,
+    classifier_hidden=(8,),
+    classifier_batch_size=48,
+    classifier_warmup=5,
+    eval_steps=4,
+)
+
+
+def test_each_part_of_the_joint_step_gets_only_its_own_gradient() -> None:
+    """The classifiers' loss moves particles without gradients; the relaxed objective uses frozen
+    classifiers: one backward pass of their sum gives each part exactly its own gradient."""
+    x, y = (v.double() for v in gaussian_samples(64, seed=3))
+    g = torch.Generator().manual_seed(0)
+    flow = build_transport_flow(2, torch.zeros(2), torch.ones(2), TINY, g).double()
+    clf = build_classifiers(2, TINY, g).double()
+    obj = TINY.objective()
+    fp, cp = list(flow.parameters()), list(clf.parameters())
+    for loss, reaches, spared in (
+        (kl_classifier_loss(clf, flow, x, y, obj.spec()), cp, fp),
+        (relaxed_ot_loss(flow, clf, x[:32], y[:32], obj), fp, cp),
+    ):
+        grads = torch.autograd.grad(loss.value(), reaches + spared, allow_unused=True)
+        assert all(gr is not None and bool(gr.abs().sum() > 0) for gr in grads[: len(reaches)])
+        assert all(gr is None for gr in grads[len(reaches) :])
+    joint = joint_loss(flow, clf, (x[:32], y[:32], x, y), obj)
+    parts = (
+        relaxed_ot_loss(flow, clf, x[:32], y[:32], obj).value()
+        + kl_classifier_loss(clf, flow, x, y, obj.spec()).value()
+    )
+    assert torch.allclose(joint.value(), parts, rtol=1e-12)
+    assert set(joint.terms) == {"kinetic", "kl_fwd", "kl_bwd", "logistic"}
+
+
+def _flow_state(res: object) -> dict[str, torch.Tensor]:
+    return res.flow.state_dict()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("stops", [(5,), (14, 3), (19, 2, 4)])
+def test_interrupted_fit_resumes_to_the_uninterrupted_result(
+    stops: tuple[int, ...], tmp_path: Path
+) -> None:
+    """Interrupted (after a checkpoint, mid-phase, in each phase) and run again, ``fit_transport``
+    gives the uninterrupted flow tensor for tensor (float64 on the CPU)."""
+    x, y = (v.double() for v in gaussian_samples(400, seed=2))
+    whole = fit_transport(x, y, TINY, generator=torch.Generator().manual_seed(0), eval_points=300)
+    folder = tmp_path / "run"
+    for k in stops:
+        with pytest.raises(KeyboardInterrupt):
+            fit_transport(x, y, TINY, generator=torch.Generator().manual_seed(0), folder=folder,
+                          checkpoint_every=3, budget=StepBudget(k), eval_points=300)  # fmt: skip
+    res = fit_transport(x, y, TINY, generator=torch.Generator().manual_seed(0), folder=folder,
+                        checkpoint_every=3, eval_points=300)  # fmt: skip
+    for (name, a), b in zip(_flow_state(whole).items(), _flow_state(res).values()):
+        assert torch.equal(a, b), name
+    assert res.cost == whole.cost
+    assert [h["phase"] for h in res.history] == ["init", "refine"]
+    back = load_transport(folder)  # a finished folder loads, and a re-run returns it
+    again = fit_transport(x, y, TINY, generator=torch.Generator().manual_seed(0), folder=folder,
+                          eval_points=300)  # fmt: skip
+    for a, b, c in zip(_flow_state(whole).values(), _flow_state(back).values(),
+                       _flow_state(again).values()):  # fmt: skip
+        assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(InputError, match="folder: holds a transport run with another config"):
+        fit_transport(x, y, TINY, generator=torch.Generator().manual_seed(1), folder=folder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,12 +303,12 @@ def test_cli_transport_and_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
     assert code == 0
     for name in (
-        "transport.json",
+        "manifest.json",
         "metrics.json",
         "normalization.safetensors",
         "blocks/block_000.safetensors",
         "blocks/block_001.safetensors",
-        "ratio/telescopic/ratio.json",
+        "ratio/telescopic/manifest.json",
         "plots/trajectories.png",
         "plots/transport.png",
         "plots/log_ratio.png",
@@ -252,7 +331,7 @@ def test_cli_transport_and_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert np.allclose(np.load(out), printed, rtol=1e-5)
     # a baseline is fitted on first use and cached in the run folder
     assert cli_main(["ratio", str(run), "--points", str(pts), "--estimator", "kde", "--quiet"]) == 0
-    assert (run / "ratio" / "kde" / "ratio.json").exists()
+    assert (run / "ratio" / "kde" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -278,3 +357,58 @@ def test_cli_bad_input_exits_2(
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+TINY_CLI = [
+    "transport", "--source", "gmm-2d", "--target", "8gaussians", "--n-train", "400",
+    "--n-test", "100", "--hidden", "16", "--init-steps", "12", "--refine-steps", "6",
+    "--batch-size", "32", "-o", "classifier_warmup=4", "-o", "classifier_batch_size=48",
+    "-o", "classifier_hidden=8", "-o", "ot_chunk=16", "-o", "eval_steps=4",
+    "--ratio-steps", "9", "--intervals", "2", "--checkpoint-every", "3", "--dtype", "float64",
+    "--quiet",
+]  # fmt: skip
+
+
+def test_cli_transport_resumes_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`iterflow transport` stopped (exit 130) in the flow-matching phase, then in the telescopic
+    classifier, and run again gives the uninterrupted run's tensors; a finished folder re-runs,
+    another config or a newer format is refused (exit 2)."""
+    from iterflow.apps.ot import telescopic, transport
+    from iterflow.io import load_tensors
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert cli_main([*TINY_CLI, "--out", str(whole)]) == 0
+    for steps in (7, 20):  # 12 + 4 + 6 transport steps, then 9 of the telescopic classifier
+        budget = StepBudget(steps)
+        monkeypatch.setattr(transport, "StepBudget", lambda _, b=budget: b)
+        monkeypatch.setattr(telescopic, "StepBudget", lambda _, b=budget: b)
+        assert cli_main([*TINY_CLI, "--out", str(part)]) == 130
+    monkeypatch.undo()
+    assert not (part / "ratio" / "telescopic" / "manifest.json").exists()
+    assert cli_main([*TINY_CLI, "--out", str(part)]) == 0
+    for name in ("blocks/block_000.safetensors", "blocks/block_001.safetensors",
+                 "ratio/telescopic/ratio.safetensors"):  # fmt: skip
+        a, b = load_tensors(whole / name), load_tensors(part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    meta = json.loads((part / "manifest.json").read_text())
+    assert meta["kind"] == "transport" and meta["dtype"] == "float64" and meta["complete"]
+    assert not (part / "progress.json").exists() and not (part / "phases").exists()
+    assert cli_main([*TINY_CLI, "--out", str(part)]) == 0  # a finished run: loaded, re-reported
+    capsys.readouterr()
+    assert cli_main([*TINY_CLI, "--out", str(part), "--init-steps", "13"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "another configuration" in err, err
+    meta["format_version"] = 99
+    (part / "manifest.json").write_text(json.dumps(meta))
+    pts = tmp_path / "pts.npy"
+    np.save(pts, np.zeros((2, 2)))
+    for argv, needle in (
+        ([*TINY_CLI, "--out", str(part)], "--out"),
+        (["ratio", str(part), "--points", str(pts), "--quiet"], "run"),
+        (["info", str(part)], "run"),
+    ):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "newer" in err[0], err

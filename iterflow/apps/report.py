@@ -31,14 +31,14 @@ def eval_run(
     test, entropy, ds = test_split(cfg, data)
     if tuple(test.shape[1:]) != flow.event_shape:
         fail(
-            "--data",
+            "data",
             f"must have samples of shape {flow.event_shape} like the run's data",
             tuple(test.shape[1:]),
         )
     out = evaluate(flow, test, entropy=entropy, n=n, seed=cfg.seed, **kwargs)
     quantization = getattr(ds, "quantization", None)  # dequantized images: bits/dim of the pixels
     if quantization is not None and math.isfinite(out["nll"]):
-        from iterflow.evaluation.image_eval import bits_per_dim
+        from iterflow.evaluation.bits_per_dim import bits_per_dim
 
         out["bits_per_dim"] = bits_per_dim(out["nll"], flow.dim, quantization)
     out["data"] = data or cfg.data
@@ -76,9 +76,11 @@ def plot_run(
     """Write the standard plots of a run: samples vs data, density, trajectories, per-block figures."""
     from iterflow import viz
 
+    out_dir = Path(out) if out is not None else Path(run) / "plots"
+    if out_dir.exists() and not out_dir.is_dir():
+        fail("out", "must be a folder for the plots, not a file", str(out_dir))
     flow, cfg, meta = load_run(run, device=device)
     rd = RunDir(run)
-    out_dir = Path(out) if out is not None else rd.path / "plots"
     test, _, ds = test_split(cfg)
     data = test[:n]
     gen = torch.Generator(device=flow.shift.device).manual_seed(seed)

@@ -18,7 +18,7 @@ from typing import Any
 import typer
 
 from iterflow.cli import images, reflow, transport, worst_case
-from iterflow.cli.options import parse_hidden, parse_key_values, parse_net_options
+from iterflow.cli.options import cli_error, parse_hidden, parse_key_values
 from iterflow.cli.ui import (
     interrupted,
     make_console,
@@ -137,7 +137,7 @@ def train(
         options=parse_key_values(option),
         img2d_dir=img2d_dir,
         network=network,
-        net_options=parse_net_options(net_option),
+        net_options=parse_key_values(net_option),
         autocast=autocast,
         compile=compile_,
     )
@@ -247,22 +247,36 @@ def info(
         ..., help="Folder of `iterflow train` (and reflow/distill), transport, ratio or worst-case."
     ),
 ) -> None:
-    """Print a folder's config and history as JSON (training runs: config, data, blocks, per-block
-    history; transport, ratio and worst-case folders: their config and metrics)."""
-    from iterflow.io import load_json
+    """Print a folder's kind, format, config and history as JSON (training runs: config, data, blocks,
+    per-block history; transport, ratio and worst-case folders: their manifest or config, and
+    metrics). A folder of a newer format than this iterflow reads is refused (exit 2)."""
+    from iterflow.io import MANIFEST, check_format, load_json, read_manifest
     from iterflow.train import RunDir, load_run
 
-    if not (run / "config.json").is_file():
+    out: dict[str, Any] | None = None
+    manifest = read_manifest(run) if (run / MANIFEST).is_file() else None
+    if manifest is not None and manifest["kind"] != "train":
+        out = {"kind": manifest["kind"], "format_version": manifest["format_version"]}
+        out["config"] = manifest.get("config")
+        out["manifest"] = manifest
+    elif manifest is None and not (run / "config.json").is_file():
         for kind, marker in FOLDER_KINDS.items():
             if (run / marker).is_file():
-                out = {"kind": kind, "config": load_json(run / marker, "run")}
-                if (run / "metrics.json").is_file():
-                    out["metrics"] = load_json(run / "metrics.json", "run")
-                print(json.dumps(out, indent=2))
-                return
-    load_run(run)  # validates the folder (and names what is missing or corrupt)
+                config = load_json(run / marker, "run")
+                check_format(config, "run", str(run))
+                version = config.get("format_version", 1) if isinstance(config, dict) else 1
+                out = {"kind": kind, "format_version": version, "config": config}
+                break
+    if out is not None:
+        if (run / "metrics.json").is_file():
+            out["metrics"] = load_json(run / "metrics.json", "run")
+        print(json.dumps(out, indent=2))
+        return
+    _, _, meta = load_run(run)  # validates the folder (and names what is missing or corrupt)
     rd = RunDir(run)
-    out = {"kind": "train", "config": load_json(rd.config), "meta": load_json(rd.meta)}
+    config = load_json(rd.config)
+    version = meta.get("format_version", 1)
+    out = {"kind": "train", "format_version": version, "config": config, "meta": meta}
     print(json.dumps(out, indent=2))
 
 
@@ -314,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    except InputError as e:
-        print(f"iterflow: error: {e}", file=sys.stderr)
+    except InputError as e:  # the library names Python arguments: show the flags that set them
+        shown = cli_error(e, app, sys.argv[1:] if argv is None else argv)
+        print(f"iterflow: error: {shown}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return interrupted()

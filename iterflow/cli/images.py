@@ -4,12 +4,41 @@ nearest-training-image distances, a sample grid and a noise-to-image strip of an
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from iterflow.errors import fail
+from iterflow.errors import InputError, fail
+
+#: Library arguments of :class:`ImageEvalOptions` -> the flags that set them.
+_OPTION_FLAGS: dict[str, str] = {
+    "n_bpd": "--n-bpd",
+    "bpd_solver": "--bpd-solver",
+    "bpd_steps": "--bpd-steps",
+    "bpd_tol": "--bpd-tol",
+    "solver": "--solver",
+    "tol": "--tol",
+    "n_samples": "--n-samples",
+    "steps": "--steps",
+    "nfes": "--nfe",
+    "probes": "--probes",
+    "divergence": "--divergence",
+    "cache_dir": "--cache-dir",
+}
+
+
+@contextmanager
+def _flags(names: dict[str, str]) -> Iterator[None]:
+    """Re-raise the library's :class:`InputError` naming the flag instead of the Python argument."""
+    try:
+        yield
+    except InputError as e:
+        if e.argument in names:
+            raise InputError(names[e.argument], e.rule, e.value) from None
+        raise
 
 
 def _parse_ints(text: str, argument: str) -> tuple[int, ...]:
@@ -56,29 +85,30 @@ def image_eval(
 
     Writes ``RUN/image_metrics.json`` and the two PNGs.
     """
-    from iterflow.evaluation.image_eval import (
-        ClassifierConfig,
-        ImageEvalOptions,
-        evaluate_image_run,
-    )
+    # imported here: the evaluation stack (matplotlib, scipy, POT) would slow every other command
+    from iterflow.evaluation.feature_classifier import ClassifierConfig
+    from iterflow.evaluation.image_eval import ImageEvalOptions, evaluate_image_run
     from iterflow.io import save_json
 
-    opts = ImageEvalOptions(
-        n_bpd=n_bpd,
-        bpd_solver=bpd_solver,
-        bpd_steps=bpd_steps,
-        bpd_tol=bpd_tol,
-        divergence=divergence,
-        probes=probes,
-        n_samples=n_samples,
-        solver=solver,
-        steps=steps,
-        tol=tol,
-        nfes=_parse_ints(nfe, "--nfe"),
-        seed=seed,
-        classifier=ClassifierConfig(steps=classifier_steps),
-        cache_dir=None if cache_dir is None else str(cache_dir),
-    )
+    with _flags({**_OPTION_FLAGS, "steps": "--classifier-steps"}):
+        classifier = ClassifierConfig(steps=classifier_steps)
+    with _flags(_OPTION_FLAGS):
+        opts = ImageEvalOptions(
+            n_bpd=n_bpd,
+            bpd_solver=bpd_solver,
+            bpd_steps=bpd_steps,
+            bpd_tol=bpd_tol,
+            divergence=divergence,
+            probes=probes,
+            n_samples=n_samples,
+            solver=solver,
+            steps=steps,
+            tol=tol,
+            nfes=_parse_ints(nfe, "--nfe"),
+            seed=seed,
+            classifier=classifier,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+        )
     plots = Path(run) / "plots"
     out = evaluate_image_run(
         run,
@@ -135,8 +165,5 @@ FOLDER_KINDS: dict[str, str] = {}
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``image-eval`` to the CLI (and make the image data sets and the U-Net known)."""
-    from iterflow.core.nn import unet  # noqa: F401  (registers the "unet" network)
-    from iterflow.data import images  # noqa: F401  (registers digits8, fashion-mnist, fashion-mnist-14)
-
+    """Add ``image-eval`` to the CLI."""
     app.command(name="image-eval")(image_eval)

@@ -1,34 +1,45 @@
 """``iterflow transport`` and ``iterflow ratio``: flow-based optimal transport between two sample
-sets and the telescopic density-ratio estimate along it (see :mod:`iterflow.apps.transport` and
-:mod:`iterflow.apps.ratio`).
+sets and the telescopic density-ratio estimate along it (see :mod:`iterflow.apps.ot`).
 
-A transport run folder holds ``transport.json`` (options, data, cost, history), ``blocks/``,
-``normalization.safetensors``, ``metrics.json``, the ratio estimators under
-``ratio/<estimator>/`` and the plots under ``plots/`` (2-D data only): ``trajectories.png``,
-``transport.png`` (pushed source vs target) and ``log_ratio.png`` (the estimated ``log q/p`` next to
-the truth when both densities are known).
+A transport run folder holds ``manifest.json`` (kind ``transport``: the config with the data and
+options, the cost, the per-phase history), ``blocks/``, ``normalization.safetensors``,
+``metrics.json``, ``log.jsonl``, the ratio estimators under ``ratio/<estimator>/`` (each with its
+``manifest.json``, kind ``ratio``) and the plots under ``plots/`` (2-D data only):
+``trajectories.png``, ``transport.png`` (pushed source vs target) and ``log_ratio.png`` (the
+estimated ``log q/p`` next to the truth when both densities are known). Training runs on the one loop
+(:func:`iterflow.train.optimize`): re-running the same command on the same folder resumes an
+interrupted run, also after ``kill -9``, to the result of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import typer
 
+from iterflow.cli.transport_report import (
+    print_summary,
+    transport_metrics,
+    transport_plots,
+    truth_fn,
+)
+from iterflow.cli.ui import interrupted
 from iterflow.errors import InputError, check_choice, fail
 from iterflow.train import DTYPES
 
 RATIO_ESTIMATORS = ("telescopic", "classifier", "kde")
+AUTOCAST = ("auto", "none", "bf16")
 
-
-# The folders these commands write, for `iterflow info`: kind -> the JSON file that marks them.
+# For `iterflow info`: kind -> the JSON file that marks the folders of earlier versions (folders
+# written now are marked by manifest.json, whose "kind" is "transport" or "ratio").
 FOLDER_KINDS = {"transport": "transport.json", "ratio": "ratio.json"}
 
 
@@ -67,37 +78,15 @@ class PhaseProgress:
 # ------------------------------------------------------------------------------------------------
 
 
-def _coerce(value: str, default: Any, key: str) -> Any:
-    try:
-        if isinstance(default, bool):
-            low = value.lower()
-            if low in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                return low in ("1", "true", "yes", "on")
-            raise ValueError
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, tuple):
-            return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        kind = "comma-separated integers" if isinstance(default, tuple) else type(default).__name__
-        fail(f"option {key!r}", f"must be {kind}", value)
-    return value
-
-
 def parse_transport_options(items: list[str], base: dict[str, Any]) -> Any:
     """``TransportOptions`` from the named CLI options ``base``, overridden by ``-o KEY=VALUE``."""
-    from iterflow.apps.ot.transport import TransportOptions
+    from iterflow.apps.ot import TransportOptions
     from iterflow.cli.options import parse_key_values
+    from iterflow.core.coerce import coerce_fields, field_types
 
-    fields = {f.name: f.default for f in dataclasses.fields(TransportOptions)}
-    kwargs = dict(base)
-    for key, value in parse_key_values(items).items():
-        if key not in fields:
-            fail(f"option {key!r}", f"must be one of {sorted(fields)}", key)
-        kwargs[key] = _coerce(value, fields[key], key)
-    return TransportOptions(**kwargs)
+    raw = parse_key_values(items)  # text, coerced once by each field's annotation
+    typed = coerce_fields(field_types(TransportOptions), raw, lambda key: f"option {key!r}")
+    return TransportOptions(**{**base, **typed})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,13 +117,6 @@ def load_pair(data: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     return src, tgt, sp, tp
 
 
-def _truth(src: Any, tgt: Any) -> Any:
-    """``x -> log q(x) - log p(x)`` when both data sets have exact densities, else ``None``."""
-    if not (src.has_log_prob and tgt.has_log_prob):
-        return None
-    return lambda x: (tgt.log_prob(x.double()) - src.log_prob(x.double())).to(x.dtype)
-
-
 # ------------------------------------------------------------------------------------------------
 # iterflow transport
 # ------------------------------------------------------------------------------------------------
@@ -143,13 +125,15 @@ def _truth(src: Any, tgt: Any) -> Any:
 def transport(
     source: str = typer.Option(..., help="Source P: a data set name or a .npy/.csv/.png file."),
     target: str = typer.Option(..., help="Target Q: a data set name or a .npy/.csv/.png file."),
-    out: Path = typer.Option(Path("runs/transport"), help="New (or empty) run folder."),
+    out: Path = typer.Option(
+        Path("runs/transport"), help="Run folder (resumed if it holds the same run)."
+    ),
     n_train: int = typer.Option(20_000, help="Training points of each side (caps for files)."),
     n_test: int = typer.Option(2_000, help="Held-out points of each side."),
     blocks: int = typer.Option(2, help="ODE blocks of the flow."),
     hidden: str = typer.Option("128,128,128", help="Hidden widths of each block's MLP."),
     init_steps: int = typer.Option(2000, help="Flow-matching (minibatch-OT) initialisation steps."),
-    refine_steps: int = typer.Option(300, help="Relaxed-OT refinement steps (0 skips)."),
+    refine_steps: int = typer.Option(600, help="Relaxed-OT refinement steps (0 skips)."),
     gamma: float = typer.Option(100.0, help="Weight of the two classifier-estimated KL terms."),
     batch_size: int = typer.Option(256),
     option: list[str] = typer.Option(
@@ -166,19 +150,33 @@ def transport(
     ),
     ratio_steps: int = typer.Option(2000, help="Optimiser steps of the telescopic classifier."),
     seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("float32", help="float32 or float64."),
+    autocast: str = typer.Option(
+        "auto", help="Mixed precision of the losses: auto (none here), none, bf16."
+    ),
+    checkpoint_every: int = typer.Option(200, help="Steps between in-phase checkpoints."),
     img2d_dir: str | None = typer.Option(None, help="Folder holding img_rose.png / img_tree.png."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Optimal transport from P to Q by a flow (kinetic energy + classifier KLs); W2 estimate."""
-    from iterflow.apps.ot.transport import fit_transport, save_transport
+    """Optimal transport from P to Q by a flow (kinetic energy + classifier KLs); W2 estimate.
+
+    Re-running the same command on the same folder resumes an interrupted run (also after
+    ``kill -9``) to the result of an uninterrupted one; under ``torchrun`` it trains data-parallel.
+    """
+    from iterflow.apps.ot import fit_transport
     from iterflow.cli.options import parse_hidden
+    from iterflow.core import distributed as ddp
+    from iterflow.train import resolve_device
 
     check_choice(dtype, list(DTYPES), "--dtype")
+    check_choice(autocast, AUTOCAST, "--autocast")
+    if autocast == "bf16" and dtype != "float32":
+        fail("--autocast", "bf16 needs --dtype float32", autocast)
     if isinstance(seed, bool) or seed < 0:
         fail("--seed", "must be a non-negative integer", seed)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        fail("--out", "must be a new or empty folder", str(out))
+    if out.exists() and not out.is_dir():
+        fail("--out", "must be a folder, not a file", str(out))
     options = parse_transport_options(
         option,
         {
@@ -193,7 +191,7 @@ def transport(
     ratio_opts = (
         _telescopic_options(intervals, ratio_steps, options.blocks) if ratio_estimator else None
     )
-    data = {
+    data: dict[str, Any] = {
         "source": _resolved(source),
         "target": _resolved(target),
         "n_train": n_train,
@@ -201,32 +199,79 @@ def transport(
         "seed": seed,
         "img2d_dir": img2d_dir,
     }
+    dev = resolve_device(device)
+    ctx = ddp.setup(dev)
+    if ctx is not None and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", ctx.local_rank)  # one GPU per process
+    main = ctx is None or ctx.is_main  # under torchrun only rank 0 reports and writes
     src, tgt, sp, tp = load_pair(data)
+    data.update({"source_info": src.describe(), "target_info": tgt.describe()})
     dt = DTYPES[dtype]
-    x_train, y_train, x_test, y_test = (s.to(dt) for s in (sp.train, tp.train, sp.test, tp.test))
-    gen = torch.Generator().manual_seed(seed)
+    x_train, y_train = sp.train.to(dev, dt), tp.train.to(dev, dt)
+    x_test, y_test = sp.test.to(dev, dt), tp.test.to(dev, dt)
+    amp = torch.bfloat16 if autocast == "bf16" else None  # auto: none (ODE and logit gradients)
+    run_config = {"data": data, "ratio": ratio_opts.to_json() if ratio_opts else None}
     t0 = time.perf_counter()
     est = None
-    with PhaseProgress(quiet) as prog:
-        result = fit_transport(x_train, y_train, options, generator=gen, progress=prog)
-        seconds = time.perf_counter() - t0
-        data.update({"source_info": src.describe(), "target_info": tgt.describe()})
-        save_transport(result, out, {"data": data, "train_seconds": seconds})
-        if ratio_opts is not None:
-            from iterflow.apps.ot.ratio import fit_telescopic
-
-            est = fit_telescopic(
-                result.flow, x_train, y_train, ratio_opts, generator=gen, progress=prog
-            )
-            est.save(out / "ratio" / "telescopic")
-    truth = _truth(src, tgt)
+    with PhaseProgress(quiet or not main) as prog, _out_flag():
+        try:
+            result = fit_transport(
+                x_train, y_train, options, generator=torch.Generator(dev).manual_seed(seed),
+                folder=out, progress=prog, ctx=ctx, autocast=amp,
+                checkpoint_every=checkpoint_every, extra_config=run_config,
+            )  # fmt: skip
+            if ratio_opts is not None:
+                est = _telescopic(out, result.flow, x_train, y_train, ratio_opts, seed, prog, ctx,
+                                  amp, checkpoint_every)  # fmt: skip
+        except KeyboardInterrupt:
+            raise typer.Exit(interrupted()) from None
+    seconds = time.perf_counter() - t0
+    if not main:
+        return
+    truth = truth_fn(src, tgt)
     pushed = result.forward(x_test)
-    metrics = _metrics(result, x_test, y_test, pushed, est, truth)
+    metrics = transport_metrics(result, x_test, y_test, pushed, est, truth)
     from iterflow.io import save_json
 
     save_json(out / "metrics.json", metrics)
-    plots = _plots(out, result, x_test, y_test, pushed, est, truth)
-    _summary(prog.console, metrics, seconds, out, plots)
+    plots = transport_plots(out, result, x_test.cpu(), y_test.cpu(), pushed.cpu(), est, truth)
+    print_summary(prog.console, metrics, seconds, out, plots)
+
+
+@contextmanager
+def _out_flag() -> Iterator[None]:
+    """Name ``--out`` in the library's errors about the run folder (``folder``)."""
+    try:
+        yield
+    except InputError as e:
+        if e.argument != "folder":
+            raise
+        raise InputError("--out", e.rule, e.value) from None
+
+
+def _telescopic(
+    out: Path,
+    flow: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    options: Any,
+    seed: int,
+    prog: PhaseProgress,
+    ctx: Any,
+    amp: torch.dtype | None,
+    checkpoint_every: int,
+) -> Any:
+    """The telescopic estimator of the run: loaded from ``OUT/ratio/telescopic`` when it is there,
+    else fitted into it (resuming an interrupted fit); seeded like `iterflow ratio` fits it."""
+    from iterflow.apps.ot import fit_telescopic, load_ratio
+    from iterflow.apps.ot.ratio_base import has_estimator
+
+    folder = out / "ratio" / "telescopic"
+    if has_estimator(folder):
+        return load_ratio(folder, device=x.device)
+    gen = torch.Generator(x.device).manual_seed(seed + 1)
+    return fit_telescopic(flow, x, y, options, generator=gen, folder=folder, progress=prog,
+                          ctx=ctx, autocast=amp, checkpoint_every=checkpoint_every)  # fmt: skip
 
 
 def _resolved(spec: str) -> str:
@@ -236,125 +281,13 @@ def _resolved(spec: str) -> str:
 
 
 def _telescopic_options(intervals: int, steps: int, blocks: int) -> Any:
-    from iterflow.apps.ot.ratio import TelescopicOptions
+    from iterflow.apps.ot import TelescopicOptions
 
     if isinstance(intervals, bool) or intervals < 1 or intervals % blocks != 0:
         fail("--intervals", f"must be a positive multiple of --blocks ({blocks})", intervals)
     default = TelescopicOptions().classifier
     return TelescopicOptions(
         intervals=intervals, classifier=dataclasses.replace(default, steps=steps)
-    )
-
-
-def _metrics(
-    result: Any,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    pushed: torch.Tensor,
-    est: Any,
-    truth: Any,
-) -> dict[str, Any]:
-    """Costs and sample distances of the maps; log-ratio errors of the telescopic estimator ``est``
-    (``None``: not fitted) when the densities are known (``truth``, see :func:`_truth`)."""
-    from iterflow.metrics import mmd, w2
-
-    pulled = result.backward(y_test)
-    m: dict[str, Any] = {
-        "w2_sq": result.cost.w2_sq,
-        "w2": math.sqrt(max(result.cost.w2_sq, 0.0)),
-        **{k: v for k, v in dataclasses.asdict(result.cost).items() if k != "w2_sq"},
-        "w2_exact_test": w2(x_test, y_test),
-        "w2_pushed_to_target": w2(pushed, y_test),
-        "w2_pulled_to_source": w2(pulled, x_test),
-        "mmd_pushed_to_target": mmd(pushed, y_test),
-        "mmd_pulled_to_source": mmd(pulled, x_test),
-    }
-    if truth is not None and est is not None:
-        from iterflow.apps.ot.ratio import log_ratio_mse
-
-        m["log_ratio_mse_source"] = log_ratio_mse(
-            est.log_ratio(x_test.to(est.shift)), truth(x_test)
-        )
-        m["log_ratio_mse_target"] = log_ratio_mse(
-            est.log_ratio(y_test.to(est.shift)), truth(y_test)
-        )
-    return m
-
-
-def _bounds(*clouds: torch.Tensor) -> tuple[float, float, float, float]:
-    pts = torch.cat([c.double() for c in clouds])
-    lo, hi = pts.quantile(0.005, dim=0), pts.quantile(0.995, dim=0)
-    centre, half = (lo + hi) / 2, float((hi - lo).max()) / 2 * 1.15
-    return (
-        float(centre[0]) - half,
-        float(centre[0]) + half,
-        float(centre[1]) - half,
-        float(centre[1]) + half,
-    )
-
-
-def _plots(
-    out: Path,
-    result: Any,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    pushed: torch.Tensor,
-    est: Any,
-    truth: Any,
-) -> list[Path]:
-    """Trajectories, pushed source (``pushed``) vs target and the log-ratio field of ``est`` (when
-    fitted) next to ``truth`` (when known); 2-D only."""
-    if result.flow.dim != 2:
-        return []
-    from iterflow.viz import plot_field, plot_samples, plot_trajectories
-
-    plots = out / "plots"
-    flow = result.flow
-    with torch.no_grad():
-        traj = flow.trajectory(x_test[:400], direction="encode", solver="rk4", steps=8)
-    paths = [
-        plot_trajectories(
-            traj,
-            plots / "trajectories.png",
-            n_show=400,
-            title="transport paths: source (blue) -> target (orange)",
-        ),
-        plot_samples(
-            y_test,
-            pushed,
-            plots / "transport.png",
-            title="target (left) and pushed source (right)",
-        ),
-    ]
-    if est is not None:
-        paths.append(
-            plot_field(
-                est.log_ratio,
-                plots / "log_ratio.png",
-                bounds=_bounds(x_test, y_test),
-                resolution=120,
-                true_fn=truth,
-                title="log q(x)/p(x): telescopic estimate"
-                + (" vs truth" if truth is not None else ""),
-            )
-        )
-    return paths
-
-
-def _summary(console: Any, m: dict[str, Any], seconds: float, out: Path, plots: list[Path]) -> None:
-    line = (
-        f"W2^2 estimate {m['w2_sq']:.4g} (kinetic), exact W2^2 on test samples "
-        f"{m['w2_exact_test'] ** 2:.4g}; W2(T#P, Q) {m['w2_pushed_to_target']:.3g}"
-    )
-    if "log_ratio_mse_source" in m:
-        line += (
-            f"; log-ratio MSE on P {m['log_ratio_mse_source']:.4g}, "
-            f"on Q {m['log_ratio_mse_target']:.4g}"
-        )
-    console.print(line)
-    console.print(
-        f"trained in {seconds:.1f} s -> {out}"
-        + (f" (plots: {', '.join(p.name for p in plots)})" if plots else "")
     )
 
 
@@ -375,13 +308,21 @@ def ratio(
         "the run's data and cached in RUN/ratio/ on first use).",
     ),
     steps: int = typer.Option(2000, help="Optimiser steps when a classifier must be fitted."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (fitting and evaluation)."),
+    checkpoint_every: int = typer.Option(200, help="Steps between checkpoints of a fit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Evaluate log q(x)/p(x) (q: target, p: source of RUN) at the given points."""
+    """Evaluate log q(x)/p(x) (q: target, p: source of RUN) at the given points.
+
+    An estimator fitted here is checkpointed in ``RUN/ratio/<estimator>``: re-running the command
+    resumes an interrupted fit (also after ``kill -9``) to the uninterrupted result.
+    """
     import numpy as np
 
-    from iterflow.apps.ot.transport import load_transport_meta
+    from iterflow.apps.ot import load_transport_meta
+    from iterflow.core import distributed as ddp
     from iterflow.data import load_array
+    from iterflow.train import resolve_device
 
     check_choice(estimator, RATIO_ESTIMATORS, "--estimator")
     if out is not None and out.suffix != ".npy":
@@ -396,10 +337,20 @@ def ratio(
     dim = int(meta["event_shape"][0])
     if x_np.shape[1] != dim:
         fail("--points", f"must have {dim} columns (the run's dimension)", x_np.shape[1])
-    with PhaseProgress(quiet) as prog:
-        est = _estimator(run, meta, estimator, steps, prog)
-    x = torch.as_tensor(x_np, dtype=est.shift.dtype)
-    values = est.log_ratio(x).double().numpy()
+    dev = resolve_device(device)
+    ctx = ddp.setup(dev)
+    if ctx is not None and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", ctx.local_rank)
+    main = ctx is None or ctx.is_main
+    with PhaseProgress(quiet or not main) as prog:
+        try:
+            est = _estimator(run, meta, estimator, steps, prog, dev, ctx, checkpoint_every)
+        except KeyboardInterrupt:
+            raise typer.Exit(interrupted()) from None
+    if not main:
+        return
+    x = torch.as_tensor(x_np, dtype=est.shift.dtype, device=est.shift.device)
+    values = est.log_ratio(x).double().cpu().numpy()
     if out is None:
         sys.stdout.write("".join(f"{v:.6g}\n" for v in values))
         return
@@ -413,42 +364,42 @@ def ratio(
     )
 
 
-def _estimator(run: Path, meta: dict[str, Any], kind: str, steps: int, prog: PhaseProgress) -> Any:
-    """Load ``RUN/ratio/<kind>``, fitting (and saving) it first when it is missing."""
-    from iterflow.apps.ot import ratio as R
+def _estimator(
+    run: Path,
+    meta: dict[str, Any],
+    kind: str,
+    steps: int,
+    prog: PhaseProgress,
+    device: torch.device,
+    ctx: Any,
+    checkpoint_every: int,
+) -> Any:
+    """Load ``RUN/ratio/<kind>``, fitting (and saving) it first when it is missing; a fit resumes
+    from its checkpoints in that folder."""
+    from iterflow.apps import ot
+    from iterflow.apps.ot.ratio_base import has_estimator
+    from iterflow.apps.ot.store import recorded
 
     folder = run / "ratio" / kind
-    if (folder / R.RATIO_CONFIG).exists():
-        return R.load_ratio(folder)
-    data = meta.get("data")
+    if has_estimator(folder):
+        return ot.load_ratio(folder, device=device)
+    data = recorded(meta, "data")
     if not isinstance(data, dict) or "source" not in data:
-        fail("run", "transport.json must record the data ('data') to fit an estimator", str(run))
+        fail("run", "must record the data ('data') to fit an estimator", str(run))
     _, _, sp, tp = load_pair(data)
     dt = DTYPES.get(meta.get("dtype", "float32"), torch.float32)
-    x, y = sp.train.to(dt), tp.train.to(dt)
-    gen = torch.Generator().manual_seed(int(data["seed"]) + 1)
+    x, y = sp.train.to(device, dt), tp.train.to(device, dt)
+    gen = torch.Generator(device).manual_seed(int(data["seed"]) + 1)
+    fit = {"folder": folder, "progress": prog, "ctx": ctx, "checkpoint_every": checkpoint_every}
     if kind == "telescopic":
-        from iterflow.apps.ot.transport import load_transport
-
-        flow = load_transport(run).flow
+        flow = ot.load_transport(run, device=device).flow
         intervals = flow.num_blocks * max(1, round(16 / flow.num_blocks))
-        est = R.fit_telescopic(
-            flow,
-            x,
-            y,
-            _telescopic_options(intervals, steps, flow.num_blocks),
-            generator=gen,
-            progress=prog,
-        )
-    elif kind == "classifier":
-        est = R.fit_classifier(
-            x,
-            y,
-            dataclasses.replace(R.ClassifierOptions(), steps=steps),
-            generator=gen,
-            progress=prog,
-        )
-    else:
-        est = R.fit_kde(x, y)
-    est.save(folder)
+        options = _telescopic_options(intervals, steps, flow.num_blocks)
+        return ot.fit_telescopic(flow, x, y, options, generator=gen, **fit)
+    if kind == "classifier":
+        options = dataclasses.replace(ot.ClassifierOptions(), steps=steps)
+        return ot.fit_classifier(x, y, options, generator=gen, **fit)
+    est = ot.fit_kde(x, y)
+    if ctx is None or ctx.is_main:
+        est.save(folder)
     return est

@@ -4,22 +4,32 @@ Maximises ``E R(F(X)) - E|X - F(X)|^2 / (2 gamma)`` (FlowDRO; Xu, Lee, Cheng, Xi
 and compares with per-sample gradient ascent calibrated to the same transport cost. With
 ``--risk classifier`` the map is conditioned on the points' labels (``--condition auto``, the default):
 the held-out points are moved with their own labels (true labels, or the classifier's predictions when
-the reference is unlabelled). The run folder
-gets the map (``dro.json``, ``blocks/``, ``normalization.safetensors``), the classifier when the risk
-is one, ``metrics.json`` and plots. See :mod:`iterflow.apps.dro`.
+the reference is unlabelled). The run folder gets ``manifest.json`` (the record), the map
+(``blocks/``, ``normalization.safetensors``), the classifier when the risk is one,
+``metrics.json`` and plots. See :mod:`iterflow.apps.dro`.
+
+Training (the classifier, then the map) runs on the one loop: re-running the same command on the
+same folder resumes an interrupted run (also after ``kill -9``) to the result of an uninterrupted
+one; it trains data-parallel under ``torchrun`` like ``iterflow train``.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import typer
 
-from iterflow.errors import fail
+from iterflow.errors import InputError, fail
 
+# For `iterflow info`: kind -> the JSON file that marks the folders of earlier versions (folders
+# written now are marked by manifest.json, whose "kind" is "worst-case").
 FOLDER_KINDS = {"worst-case": "dro.json"}
 
 
@@ -42,7 +52,9 @@ def worst_case(
         help="Labelled set the classifier is trained on "
         "(default: the reference, when it is a labelled set).",
     ),
-    out: Path = typer.Option(Path("runs/worst-case"), help="New (or empty) run folder."),
+    out: Path = typer.Option(
+        Path("runs/worst-case"), help="Run folder (resumed if it holds the same config)."
+    ),
     gamma: float = typer.Option(1.0, help="Wasserstein budget parameter (larger: farther moves)."),
     blocks: int = typer.Option(1, help="ODE blocks in the map."),
     schedule: str = typer.Option("joint", help="joint or progressive (gamma/blocks per block)."),
@@ -70,7 +82,12 @@ def worst_case(
     n_train: int = typer.Option(1000, help="Training points of P."),
     n_test: int = typer.Option(1000, help="Held-out points of P."),
     seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("float32", help="float32 or float64."),
+    autocast: str = typer.Option(
+        "auto", help="Mixed precision of the objective: auto (none here), none, bf16."
+    ),
+    checkpoint_every: int = typer.Option(500, help="Steps between in-stage checkpoints."),
     classifier_hidden: str = typer.Option("64,64", help="Hidden widths of the classifier."),
     classifier_steps: int = typer.Option(1500),
     label_smoothing: float = typer.Option(
@@ -85,57 +102,54 @@ def worst_case(
     """Worst-case sampling: a flow map F maximising E R(F(X)) - E|X - F(X)|^2 / (2 gamma)."""
     from iterflow.apps import dro
     from iterflow.cli.options import parse_hidden
-    from iterflow.cli.ui import RichReporter, make_console
+    from iterflow.cli.ui import make_console
+    from iterflow.core import distributed as ddp
+    from iterflow.train import DTYPES, resolve_device
 
-    console = make_console(quiet)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        fail("--out", "must be a new or empty folder", str(out))
-    config = dro.DROConfig(
-        gamma=gamma,
-        blocks=blocks,
-        schedule=schedule,
-        hidden=parse_hidden(hidden),
-        activation=activation,
-        solver=solver,
-        ode_steps=ode_steps,
-        kinetic=kinetic,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        gamma_warmup=gamma_warmup,
-        gamma_start=gamma_start,
-        condition=condition,
-        seed=seed,
-        dtype=dtype,
-    )
-    ref = dro.load_reference(reference, n_train=n_train, n_test=n_test, seed=seed)
-    dt = dro.DTYPES[dtype]
-    x_train, x_test = ref.train.to(dt), ref.test.to(dt)
-    the_risk, labels_train, labels_test, info = _make_risk(
-        risk,
-        ref,
-        data,
-        x_train,
-        x_test,
-        seed=seed,
-        hidden=parse_hidden(classifier_hidden),
-        steps=classifier_steps,
-        label_smoothing=label_smoothing,
-        console=console,
-    )
-    if isinstance(the_risk, dro.ClassifierLoss):
-        the_risk = dro.ClassifierLoss(the_risk.classifier.to(dt))
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports and writes
+    console = make_console(quiet or not main_rank)
     t0 = time.perf_counter()
-    with RichReporter(quiet) as rep:
-        rep.stage_start(0, 1, dro._total_steps(config), 0)
-        result = dro.fit_worst_case(
-            x_train,
-            the_risk,
-            labels=labels_train,
-            config=config,
-            progress=lambda s, _n, terms: rep.step(s, terms),
-        )
+    with _flags(out="--out", folder="--out", spec="--risk", name="--data", data="--data"):
+        config = dro.DROConfig(
+            gamma=gamma, blocks=blocks, schedule=schedule, hidden=parse_hidden(hidden),
+            activation=activation, solver=solver, ode_steps=ode_steps, kinetic=kinetic,
+            steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            gamma_warmup=gamma_warmup, gamma_start=gamma_start, condition=condition, seed=seed,
+            dtype=dtype, device=device, autocast=autocast, checkpoint_every=checkpoint_every,
+        )  # fmt: skip
+        with _flags(**{"--hidden": "--classifier-hidden"}):
+            clf_hidden = parse_hidden(classifier_hidden)
+        settings = {
+            "reference": reference, "risk": risk, "data": data, "n_train": n_train,
+            "n_test": n_test, "classifier_hidden": list(clf_hidden),
+            "classifier_steps": classifier_steps, "label_smoothing": label_smoothing,
+        }  # fmt: skip
+        dev = resolve_device(device)
+        ctx = ddp.setup(dev)
+        if ctx is not None and dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", ctx.local_rank)  # one GPU per process
+        store = dro.WorstCaseFolder(out, write=main_rank, argument="out")
+        store.open(config, settings, ctx)
+        with _flags(data="--reference", name="--reference", spec="--reference"):
+            ref = dro.load_reference(reference, n_train=n_train, n_test=n_test, seed=seed)
+        dt = DTYPES[dtype]
+        x_train, x_test = ref.train.to(dev, dt), ref.test.to(dev, dt)
+        with _Bars(quiet or not main_rank) as bars:
+            the_risk, labels_train, labels_test, info = _make_risk(
+                risk, ref, data, x_train, x_test, seed=seed, hidden=clf_hidden,
+                steps=classifier_steps, label_smoothing=label_smoothing, folder=out,
+                checkpoint_every=checkpoint_every, reporter=bars.phase("classifier"),
+            )  # fmt: skip
+            if isinstance(the_risk, dro.ClassifierLoss):
+                store.commit("classifier", {"done": True, "files": ["classifier.json",
+                             "classifier.safetensors"]})  # fmt: skip
+                the_risk = dro.ClassifierLoss(the_risk.classifier.to(dt))
+            result = dro.fit_worst_case(
+                x_train, the_risk, labels=labels_train, config=config, folder=out,
+                reporter=bars.phase("map"),
+            )  # fmt: skip
+    if not main_rank:
+        return
     with torch.no_grad():
         y_test = result.map(x_test, labels_test)
     metrics: dict[str, Any] = {
@@ -171,14 +185,66 @@ def worst_case(
             gamma,
             ascent_steps,
         )
-    dro.save_worst_case(result, out)
-    if isinstance(the_risk, dro.ClassifierLoss):
-        dro.save_classifier(the_risk.classifier, out)  # type: ignore[arg-type]
     from iterflow.io import save_json
 
     save_json(out / "metrics.json", metrics)
     plots = _plots(out, ref, x_train, x_test, y_test, labels_test, asc)
     _summary(console, metrics, time.perf_counter() - t0, out, plots)
+
+
+@contextmanager
+def _flags(**renames: str) -> Iterator[None]:
+    """Name the command's flags in the library's errors: an ``InputError`` naming a Python argument
+    is re-raised naming ``renames[argument]``, or ``--argument`` when it is one of this command's
+    options (``gamma_warmup`` -> ``--gamma-warmup``); other names pass unchanged."""
+    try:
+        yield
+    except InputError as e:
+        options = set(inspect.signature(worst_case).parameters) - {"quiet"}
+        flag = renames.get(e.argument)
+        if flag is None and e.argument in options:
+            flag = "--" + e.argument.replace("_", "-")
+        if flag is None:
+            raise
+        raise InputError(flag, e.rule, e.value) from None
+
+
+class _Bars:
+    """One rich progress bar per training phase: the classifier, then the map (or each block)."""
+
+    def __init__(self, quiet: bool) -> None:
+        from iterflow.cli.ui import make_console, progress_bar
+
+        self.progress = progress_bar(make_console(quiet), quiet)
+
+    def __enter__(self) -> _Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def phase(self, label: str) -> _PhaseBar:
+        return _PhaseBar(self.progress, label)
+
+
+class _PhaseBar:
+    """The loop's :class:`~iterflow.train.loop.Reporter` for the bars of one phase."""
+
+    def __init__(self, progress: Any, label: str) -> None:
+        self.progress, self.label, self.task = progress, label, None
+
+    def stage_start(self, index: int, n_stages: int, total_steps: int, done_steps: int) -> None:
+        desc = self.label if n_stages == 1 else f"{self.label} block {index + 1}/{n_stages}"
+        self.task = self.progress.add_task(desc, total=total_steps, completed=done_steps, info="")
+
+    def step(self, step: int, terms: dict[str, float]) -> None:
+        info = " ".join(f"{k}={v:.4g}" for k, v in list(terms.items())[:4])
+        self.progress.update(self.task, completed=step, info=info)
+
+    def stage_end(self, record: dict[str, Any]) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=record.get("steps"))
 
 
 def _make_risk(
@@ -192,9 +258,13 @@ def _make_risk(
     hidden: tuple[int, ...],
     steps: int,
     label_smoothing: float,
-    console: Any,
+    folder: Path,
+    checkpoint_every: int,
+    reporter: Any,
 ) -> tuple[Any, torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
-    """The risk, the labels of the train/test reference points, and what to record about them."""
+    """The risk, the labels of the train/test reference points, and what to record about them.
+
+    A classifier risk trains (or, in a resumed folder, loads) the classifier on ``x_train``'s device."""
     from iterflow.apps import dro
 
     if spec != "classifier":
@@ -215,18 +285,16 @@ def _make_risk(
             f"must have the reference's dimension {x_train.shape[1]}",
             f"{name} ({ld.train_x.shape[1]})",
         )
-    console.print(f"training a classifier on {name} ({ld.train_x.shape[0]} points) ...")
-    clf = dro.train_classifier(
-        ld.train_x,
-        ld.train_y,
-        hidden=hidden,
-        steps=steps,
-        label_smoothing=label_smoothing,
-        seed=seed,
-    )
+    dev = x_train.device
+    with _flags(hidden="--classifier-hidden", steps="--classifier-steps"):
+        clf = dro.train_classifier(
+            ld.train_x.to(dev), ld.train_y.to(dev), hidden=hidden, steps=steps,
+            label_smoothing=label_smoothing, seed=seed, folder=folder,
+            checkpoint_every=checkpoint_every, reporter=reporter,
+        )  # fmt: skip
     loss = dro.ClassifierLoss(clf)
     if same:
-        y_tr, y_te, how = ld.train_y, ld.test_y, "true labels"
+        y_tr, y_te, how = ld.train_y.to(dev), ld.test_y.to(dev), "true labels"
     else:  # unlabelled reference: attack the classifier's own predictions
         y_tr, y_te, how = (
             loss.predict(x_train.float()),
@@ -240,8 +308,8 @@ def _make_risk(
             "steps": steps,
             "label_smoothing": label_smoothing,
             "labels": how,
-            "train_accuracy": dro.accuracy(clf, ld.train_x, ld.train_y),
-            "test_accuracy": dro.accuracy(clf, ld.test_x, ld.test_y),
+            "train_accuracy": dro.accuracy(clf, ld.train_x.to(dev), ld.train_y.to(dev)),
+            "test_accuracy": dro.accuracy(clf, ld.test_x.to(dev), ld.test_y.to(dev)),
         }
     }
     return loss, y_tr, y_te, info

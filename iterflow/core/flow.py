@@ -11,6 +11,8 @@ returns data in its own units; log-densities include the normalisation's log-Jac
 
 Log-likelihood by the instantaneous change of variables (Chen et al. 2018; FFJORD, arXiv 1810.01367):
 ``log p(x) = log N(z; 0, I) + sum_n integral_0^1 div v_n(x_n(s), s) ds - sum log scale``.
+The path integrals come from the one augmented integrand of the ODE layer,
+:mod:`iterflow.core.integrand`.
 """
 
 from __future__ import annotations
@@ -23,23 +25,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from iterflow.core.ode import (
-    SolverSpec,
-    divergence_exact,
-    divergence_hutchinson,
-    integrate,
-    make_probes,
-)
+from iterflow.core.conditioning import bound_rows
+from iterflow.core.integrand import draw_probes, integrate_chain, integrate_path
+from iterflow.core.ode import SolverSpec, integrate
 from iterflow.errors import check_finite, fail
-
-EXACT_DIVERGENCE_MAX_DIM = 16  # "auto" uses the exact trace up to this many dimensions
 
 
 class Block(nn.Module):
     """One ODE block ``dx/ds = v(x, s)``, ``s`` in ``[0, 1]``.
 
     Arguments:
-        velocity: a module called as ``velocity(x, s)`` returning a tensor shaped like ``x``.
+        velocity: a module called as ``velocity(x, s, **cond)`` returning a tensor shaped like ``x``;
+            ``s`` is a 0-dim tensor or ``(B,)``; ``cond`` the per-row keyword arguments bound by
+            :func:`iterflow.core.conditioning.conditioning` (none outside it).
 
     Attributes:
         nfe: running count of velocity evaluations (one per batched call); read it through
@@ -53,7 +51,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, s: Tensor | float) -> Tensor:
         self.nfe += 1
-        return self.velocity(x, s)
+        return self.velocity(x, s, **bound_rows(x.shape[0]))
 
     def _field(self, t: Tensor, x: Tensor) -> Tensor:
         return self(x, t)
@@ -79,7 +77,8 @@ class Block(nn.Module):
         probes: Tensor | None = None,
         create_graph: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """Integrate ``(x, integral of div v)`` over ``s: 0 -> 1``.
+        """Integrate ``(x, integral of div v)`` over ``s: 0 -> 1`` (the divergence alone of
+        :func:`iterflow.core.integrand.integrate_path`).
 
         Arguments:
             x: ``(B, *E)`` start points.
@@ -91,24 +90,10 @@ class Block(nn.Module):
         Returns:
             ``(z, int_div)`` with ``int_div`` of shape ``(B,)``.
         """
-
-        def field(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-            xs = state[0]
-            with torch.enable_grad():
-                if not xs.requires_grad:
-                    xs = xs.detach().requires_grad_(True)
-                v = self(xs, t)
-                if probes is None:
-                    div = divergence_exact(v, xs, create_graph=create_graph)
-                else:
-                    div = divergence_hutchinson(v, xs, probes, create_graph=create_graph)
-            if not create_graph:
-                v, div = v.detach(), div.detach()
-            return v, div
-
-        zero = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        z, int_div = integrate(field, (x, zero), 0.0, 1.0, spec)  # type: ignore[misc]
-        return z, int_div
+        r = integrate_path(
+            self, x, spec, probes=probes, create_graph=create_graph, kinetic=False, jacobian=False
+        )
+        return r.z, r.div
 
 
 @dataclass
@@ -137,7 +122,7 @@ class Flow(nn.Module):
     ``atol``, ``rtol`` when a name is given; ``steps`` counts fixed steps *per block*.
 
     Example:
-        >>> from iterflow.nn import MLPVelocity
+        >>> from iterflow.core.nn import MLPVelocity
         >>> flow = Flow([Block(MLPVelocity(2, hidden=(16,)))], (2,))
         >>> x = flow.sample(4, generator=torch.Generator().manual_seed(0), solver="rk4", steps=4)
         >>> flow.log_prob(x, solver="rk4", steps=4).shape
@@ -183,9 +168,12 @@ class Flow(nn.Module):
         """Count velocity evaluations of every block inside the ``with`` body.
 
         Example:
-            >>> with flow.count_nfe() as c:  # doctest: +SKIP
-            ...     z = flow.encode(x)
-            >>> c.nfe  # doctest: +SKIP
+            >>> from iterflow.core.nn import MLPVelocity
+            >>> flow = Flow([Block(MLPVelocity(2, hidden=(8,)))], (2,))
+            >>> with flow.count_nfe() as c:
+            ...     z = flow.encode(torch.zeros(3, 2), solver="rk4", steps=2)
+            >>> c.nfe  # 2 RK4 steps of 4 evaluations
+            8
         """
         start = sum(b.nfe for b in self.blocks)
         counter = NFECount()
@@ -299,9 +287,11 @@ class Flow(nn.Module):
 
         Arguments:
             x: ``(B, *E)`` points.
-            divergence: ``"exact"`` (trace by autograd, one backward pass per dimension),
+            divergence: ``"exact"`` (trace by autograd, one vector-Jacobian product per dimension),
                 ``"hutchinson"`` (``probes`` random probes held fixed along each path, seeded by
-                ``generator``), or ``"auto"`` (exact up to 16 dimensions).
+                ``generator``), or ``"auto"`` (the one rule of
+                :func:`iterflow.core.integrand.resolve_divergence`: exact up to
+                :data:`~iterflow.core.integrand.EXACT_DIVERGENCE_MAX_DIM` = 16 entries per sample).
             probes, probe_kind: Hutchinson probes (``"rademacher"`` or ``"gaussian"``).
             generator: randomness of the probes.
             solver, steps, atol, rtol: integration.
@@ -312,28 +302,18 @@ class Flow(nn.Module):
         """
         x = self._check(x, "x")
         spec = self._spec(solver, steps, atol, rtol)
-        div_kind = divergence
-        if divergence == "auto":
-            div_kind = "exact" if self.dim <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
-        if div_kind not in ("exact", "hutchinson"):
-            fail("divergence", "must be 'auto', 'exact' or 'hutchinson'", divergence)
-        create_graph = torch.is_grad_enabled()
         u = self.normalize(x)
-        eps = None
-        if div_kind == "hutchinson":
-            eps = make_probes(
-                tuple(u.shape),
-                probes,
-                kind=probe_kind,
-                generator=generator,
-                dtype=u.dtype,
-                device=u.device,
-            )
-        total = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
-        for b in self.blocks:
-            u, int_div = b.encode_with_divergence(u, spec, probes=eps, create_graph=create_graph)
-            total = total + int_div
-        return standard_normal_log_prob(u) + total + self.normalization_log_det().to(u.dtype)
+        eps = draw_probes(u, divergence, probes, probe_kind, generator)
+        r = integrate_chain(
+            list(self.blocks),
+            u,
+            spec,
+            probes=eps,
+            create_graph=torch.is_grad_enabled(),
+            kinetic=False,
+            jacobian=False,
+        )
+        return standard_normal_log_prob(r.z) + r.div + self.normalization_log_det().to(u.dtype)
 
     def encode_by_block(
         self,

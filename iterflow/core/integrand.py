@@ -1,43 +1,62 @@
-"""The augmented integrand of the ODE layer: a block's end point together with its path integrals.
+"""The one augmented integrand of the ODE layer: a block's end point together with its path integrals.
 
 Each block integrates the augmented state ``(x, a, k, j)`` over its time ``s: 0 -> 1``:
 
 .. math::
     \\dot x = v(x, s), \\quad \\dot a = \\operatorname{div} v(x, s), \\quad
-    \\dot k = |v(x, s)|^2, \\quad \\dot j = |\\varepsilon^\\top \\partial_x v(x, s)|^2,
+    \\dot k = |v(x, s)|^2, \\quad \\dot j = \\|\\partial_x v(x, s)\\|_F^2
+    \\ \\text{(or its Hutchinson estimate } |\\varepsilon^\\top \\partial_x v|^2),
 
-so that ``a(1)`` is the log-determinant of the block's map (the change of variables of FFJORD,
-arXiv 1810.01367), ``k(1)`` its kinetic energy and ``j(1)`` the integrated squared Jacobian norm
-(RNODE, arXiv 2002.02798). Used by the CNF and JKO-flow losses, transport and the worst-case map.
+so that ``a(1)`` is the log-determinant of the block's map (the instantaneous change of variables of
+FFJORD, arXiv 1810.01367), ``k(1)`` its kinetic energy and ``j(1)`` the integrated squared Jacobian
+norm (RNODE, arXiv 2002.02798). Each integral is optional: a caller integrates only what it asks for
+(``divergence=False``, ``kinetic=False``, ``jacobian=False``), and without the divergence and the
+Jacobian norm no backward pass is made at all. Used by :meth:`iterflow.core.flow.Flow.log_prob`, the
+CNF and JKO-flow losses, transport and the worst-case map.
+
+The divergence is exact (``d`` vector-Jacobian products) or Hutchinson's estimate (``K`` random
+probes held fixed along the path); the ONE ``auto`` rule, :func:`resolve_divergence`, takes the exact
+trace up to :data:`EXACT_DIVERGENCE_MAX_DIM` entries per sample. Whether the products run as one
+batched backward pass or one pass each is decided (and measured) in
+:func:`iterflow.core.ode.jacobian_terms`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from iterflow.core.flow import EXACT_DIVERGENCE_MAX_DIM, Block
-from iterflow.core.ode import SolverSpec, integrate, make_probes
+from iterflow.core.ode import SolverSpec, integrate, jacobian_terms, make_probes
 from iterflow.errors import check_choice
 
+EXACT_DIVERGENCE_MAX_DIM = 16  # "auto" uses the exact trace up to this many entries per sample
 DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBE_KINDS = ("rademacher", "gaussian")
 
-AugmentedState = tuple[Tensor, Tensor, Tensor, Tensor]
+#: A velocity called as ``v(x, s)`` with ``x`` ``(B, *E)`` and ``s`` a 0-dim tensor, returning a
+#: tensor shaped like ``x`` (a :class:`~iterflow.core.flow.Block`, or any such callable).
+Velocity = Callable[[Tensor, Tensor], Tensor]
+#: ``(x, *integrals)``: the integrals asked for, in the order divergence, kinetic, Jacobian.
+AugmentedState = tuple[Tensor, ...]
 
 
 @dataclass
 class PathIntegrals:
-    """End point and path integrals of one block, per sample.
+    """End point and path integrals of one block (or a chain of blocks, summed), per sample.
+
+    An integral that was not asked for is a tensor of zeros (nothing was computed for it).
 
     Attributes:
         z: ``(B, *E)`` end point ``x(1)``.
-        div: ``(B,)`` ``int_0^1 div v(x(s), s) ds`` (the block's log-determinant).
+        div: ``(B,)`` ``int_0^1 div v(x(s), s) ds`` (the log-determinant of the map).
         kinetic: ``(B,)`` ``int_0^1 |v(x(s), s)|^2 ds``.
-        jacobian: ``(B,)`` ``int_0^1 |eps^T dv/dx|^2 ds`` (``||dv/dx||_F^2`` with the exact trace).
+        jacobian: ``(B,)`` ``int_0^1 ||dv/dx||_F^2 ds`` (exact trace) or its Hutchinson estimate
+            ``int_0^1 |eps^T dv/dx|^2 ds``.
     """
 
     z: Tensor
@@ -46,114 +65,202 @@ class PathIntegrals:
     jacobian: Tensor
 
 
-def resolve_divergence(kind: str, dim: int) -> str:
-    """``"auto"`` -> ``"exact"`` up to 16 dimensions, else ``"hutchinson"``; others unchanged."""
-    check_choice(kind, DIVERGENCES, "option 'divergence'")
+def resolve_divergence(kind: str, dim: int, *, argument: str = "divergence") -> str:
+    """The one ``auto`` rule: ``"auto"`` -> ``"exact"`` up to :data:`EXACT_DIVERGENCE_MAX_DIM`
+    entries per sample (``dim``), else ``"hutchinson"``; ``"exact"`` and ``"hutchinson"`` unchanged.
+
+    Raises:
+        InputError: (naming ``argument``) ``kind`` is not one of :data:`DIVERGENCES`.
+
+    Example:
+        >>> resolve_divergence("auto", 2), resolve_divergence("auto", 784)
+        ('exact', 'hutchinson')
+    """
+    check_choice(kind, DIVERGENCES, argument)
     if kind == "auto":
         return "exact" if dim <= EXACT_DIVERGENCE_MAX_DIM else "hutchinson"
     return kind
 
 
-def _jacobian_terms(
-    v: Tensor, x: Tensor, probes: Tensor | None, create_graph: bool
-) -> tuple[Tensor, Tensor]:
-    """Divergence and squared Jacobian norm at one time, each ``(B,)``.
+def draw_probes(
+    x: Tensor, divergence: str, probes: int, probe_kind: str, generator: torch.Generator | None
+) -> Tensor | None:
+    """Hutchinson probes ``(K, B, *E)`` for ``x``, or ``None`` when the trace is exact.
 
-    Exact (``probes is None``): row ``i`` of ``J = dv/dx`` is one vector-Jacobian product, so
-    ``tr J = sum_i J_ii`` and ``||J||_F^2 = sum_i |J_i|^2`` (``d`` backward passes). Hutchinson:
-    ``eps^T J eps`` and ``|eps^T J|^2`` averaged over the ``K`` probes (``K`` backward passes).
+    Arguments:
+        x: ``(B, *E)`` points the probes go with.
+        divergence: ``"auto"``, ``"exact"`` or ``"hutchinson"`` (:func:`resolve_divergence`).
+        probes: ``K``, the number of probes per sample.
+        probe_kind: ``"rademacher"`` or ``"gaussian"``.
+        generator: randomness of the probes.
     """
-    b = v.shape[0]
-    vf = v.reshape(b, -1)
-    div = v.new_zeros(b)
-    frob = v.new_zeros(b)
-    if probes is None:
-        for i in range(vf.shape[1]):
-            row = torch.autograd.grad(
-                vf[:, i].sum(), x, create_graph=create_graph, retain_graph=True
-            )[0]
-            row = row.reshape(b, -1)  # (B, d): dv_i/dx
-            div = div + row[:, i]
-            frob = frob + row.pow(2).sum(1)
-        return div, frob
-    for eps in probes:
-        g = torch.autograd.grad(v, x, eps, create_graph=create_graph, retain_graph=True)[
-            0
-        ]  # eps^T J
-        div = div + (g * eps).reshape(b, -1).sum(1)
-        frob = frob + g.pow(2).reshape(b, -1).sum(1)
-    k = probes.shape[0]
-    return div / k, frob / k
+    if resolve_divergence(divergence, x[0].numel()) == "exact":
+        return None
+    return make_probes(
+        tuple(x.shape), probes, kind=probe_kind, generator=generator, dtype=x.dtype, device=x.device
+    )
 
 
 def augmented_field(
-    block: Block, probes: Tensor | None, create_graph: bool
+    block: Velocity,
+    probes: Tensor | None,
+    create_graph: bool,
+    *,
+    divergence: bool = True,
+    kinetic: bool = True,
+    jacobian: bool = True,
+    derivatives: bool = True,
 ) -> Callable[[Tensor, AugmentedState], AugmentedState]:
-    """The vector field of the augmented state ``(x, a, k, j)`` (see the module docstring).
+    """The vector field of the augmented state ``(x, *integrals)`` (see the module docstring).
 
     Arguments:
-        block: the block whose velocity is integrated.
+        block: the velocity integrated.
         probes: ``(K, B, *E)`` Hutchinson probes held fixed along the path, or ``None`` (exact).
-        create_graph: keep the graph so that the integrals can be differentiated (training).
+        create_graph: keep the graph so that the integrals can be differentiated (training);
+            otherwise every output is detached.
+        divergence, kinetic, jacobian: which integrals the state carries after ``x`` (in this
+            order); with all three ``False`` the state is ``(x,)``.
+        derivatives: ``False`` drops the divergence and the Jacobian norm whatever their flags.
+
+    Returns:
+        ``field(t, state) -> d state / dt``.
     """
+    want_div, want_jac = divergence and derivatives, jacobian and derivatives
+    need_products = want_div or want_jac
 
     def field(t: Tensor, state: AugmentedState) -> AugmentedState:
         x = state[0]
-        with torch.enable_grad():
-            if not x.requires_grad:
-                x = x.detach().requires_grad_(True)
+        div = frob = None
+        if need_products:
+            with torch.enable_grad():
+                if not x.requires_grad:
+                    x = x.detach().requires_grad_(True)
+                v = block(x, t)
+                div, frob = jacobian_terms(v, x, probes, create_graph=create_graph)
+        elif create_graph:
             v = block(x, t)
-            div, frob = _jacobian_terms(v, x, probes, create_graph)
-            kin = v.pow(2).reshape(v.shape[0], -1).sum(1)
-        if not create_graph:
-            v, div, kin, frob = v.detach(), div.detach(), kin.detach(), frob.detach()
-        return v, div, kin, frob
+        else:
+            with torch.no_grad():
+                v = block(x, t)
+        out = [v]
+        if want_div:
+            out.append(div)  # type: ignore[arg-type]
+        if kinetic:
+            out.append(v.pow(2).reshape(v.shape[0], -1).sum(1))
+        if want_jac:
+            out.append(frob)  # type: ignore[arg-type]
+        return tuple(out) if create_graph else tuple(o.detach() for o in out)
 
     return field
 
 
 def integrate_path(
-    block: Block,
+    block: Velocity,
     x: Tensor,
     spec: SolverSpec,
     *,
     probes: Tensor | None = None,
     create_graph: bool = True,
+    divergence: bool = True,
+    kinetic: bool = True,
+    jacobian: bool = True,
+    derivatives: bool = True,
 ) -> PathIntegrals:
-    """Integrate one block over ``s: 0 -> 1`` with its divergence, kinetic and Jacobian integrals.
+    """Integrate one block over ``s: 0 -> 1`` with the path integrals asked for.
 
     Arguments:
-        block: the block.
+        block: the block (any :data:`Velocity`).
         x: ``(B, *E)`` start points (model units).
-        spec: solver (fixed-step or adaptive; adaptive solvers are differentiated through their steps).
-        probes: ``(K, B, *E)`` Hutchinson probes, or ``None`` for the exact trace.
+        spec: solver (fixed-step or adaptive; adaptive solvers are differentiated through their
+            steps, and their step-size control sees only the integrals asked for).
+        probes: ``(K, B, *E)`` Hutchinson probes (:func:`draw_probes`), or ``None`` for the exact
+            divergence and Jacobian norm.
         create_graph: differentiable results (training) or detached ones (evaluation).
+        divergence, kinetic, jacobian: integrate ``div v``, ``|v|^2``, ``||dv/dx||_F^2``; an
+            integral not asked for costs nothing and is returned as zeros.
+        derivatives: ``False``: neither the divergence nor the Jacobian norm (end point and
+            kinetic energy only, no backward pass), whatever their flags.
 
     Returns:
         :class:`PathIntegrals` of the block.
 
     Example:
-        >>> from iterflow.nn import MLPVelocity
+        >>> from iterflow.core.flow import Block
+        >>> from iterflow.core.nn import MLPVelocity
         >>> blk = Block(MLPVelocity(2, hidden=(8,)))
         >>> r = integrate_path(blk, torch.zeros(3, 2), SolverSpec("rk4", 2), create_graph=False)
         >>> r.z.shape, r.div.shape
         (torch.Size([3, 2]), torch.Size([3]))
     """
+    want = (divergence and derivatives, kinetic, jacobian and derivatives)
     zero = x.new_zeros(x.shape[0])
-    state0: AugmentedState = (x, zero, zero, zero)
-    z, div, kin, jac = integrate(
-        augmented_field(block, probes, create_graph), state0, 0.0, 1.0, spec
-    )  # type: ignore[misc]
+    if not any(want):
+        return _integrate_state(block, x, spec, create_graph, zero)
+    field = augmented_field(
+        block,
+        probes,
+        create_graph,
+        divergence=want[0],
+        kinetic=want[1],
+        jacobian=want[2],
+    )
+    state0: AugmentedState = (x, *(zero for w in want if w))
+    end = cast(AugmentedState, integrate(field, state0, 0.0, 1.0, spec))  # type: ignore[arg-type]
+    z, *integrals = end
+    values = iter(integrals)
+    div, kin, jac = (next(values) if w else zero for w in want)
     return PathIntegrals(z, div, kin, jac)
 
 
-def draw_probes(
-    x: Tensor, divergence: str, probes: int, probe_kind: str, generator: torch.Generator | None
-) -> Tensor | None:
-    """Hutchinson probes ``(K, B, *E)`` for ``x``, or ``None`` when the trace is exact."""
-    dim = x[0].numel()
-    if resolve_divergence(divergence, dim) == "exact":
-        return None
-    return make_probes(
-        tuple(x.shape), probes, kind=probe_kind, generator=generator, dtype=x.dtype, device=x.device
-    )
+def _integrate_state(
+    block: Velocity, x: Tensor, spec: SolverSpec, create_graph: bool, zero: Tensor
+) -> PathIntegrals:
+    """The end point alone (no integral asked for)."""
+
+    def field(t: Tensor, y: Tensor) -> Tensor:
+        return block(y, t)
+
+    with nullcontext() if create_graph else torch.no_grad():
+        z = cast(Tensor, integrate(field, x, 0.0, 1.0, spec))  # type: ignore[arg-type]
+    return PathIntegrals(z, zero, zero, zero)
+
+
+def integrate_chain(
+    blocks: Sequence[Velocity],
+    x: Tensor,
+    spec: SolverSpec,
+    *,
+    probes: Tensor | None = None,
+    create_graph: bool = True,
+    divergence: bool = True,
+    kinetic: bool = True,
+    jacobian: bool = True,
+) -> PathIntegrals:
+    """:func:`integrate_path` through ``blocks`` in order (the probes shared by every block); the
+    end point of the last block and each integral summed over the blocks.
+
+    Example:
+        >>> from iterflow.core.flow import Block
+        >>> from iterflow.core.nn import MLPVelocity
+        >>> chain = [Block(MLPVelocity(2, hidden=(8,))) for _ in range(2)]
+        >>> r = integrate_chain(chain, torch.zeros(3, 2), SolverSpec("rk4", 2), kinetic=False)
+        >>> r.kinetic
+        tensor([0., 0., 0.])
+    """
+    zero = x.new_zeros(x.shape[0])
+    total = PathIntegrals(x, zero, zero, zero)
+    for b in blocks:
+        r = integrate_path(
+            b,
+            total.z,
+            spec,
+            probes=probes,
+            create_graph=create_graph,
+            divergence=divergence,
+            kinetic=kinetic,
+            jacobian=jacobian,
+        )
+        total = PathIntegrals(
+            r.z, total.div + r.div, total.kinetic + r.kinetic, total.jacobian + r.jacobian
+        )
+    return total

@@ -11,7 +11,7 @@ import torch
 from iterflow.core.flow import Block, Flow
 from iterflow.core.nn import build_network
 from iterflow.errors import fail
-from iterflow.io import RunDir, load_json, load_tensors
+from iterflow.io import RunDir, check_format, load_json, load_tensors
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -68,6 +68,7 @@ def load_trained_flow(path: str | Path, *, device: str | torch.device = "cpu") -
         fail("run", "must be an existing run folder", str(path))
     cfg = load_json(run.config, "run")
     meta = load_json(run.meta, "run")
+    check_format(meta, "run", str(run.path))  # a newer iterflow's folder is refused
     if not isinstance(meta, dict) or not meta.get("networks") or "event_shape" not in meta:
         fail("run", "meta.json must hold trained 'networks' and 'event_shape'", str(run.meta))
     dtype = DTYPES.get(cfg.get("dtype", "float32")) if isinstance(cfg, dict) else None

@@ -87,12 +87,12 @@ def get_dataset(spec: str | os.PathLike[str], *, img2d_dir: str | Path | None = 
             directory or the repository root.
 
     Raises:
-        InputError: (argument ``"--data"``) for an unknown name or a missing/unsupported file.
+        InputError: (argument ``"data"``) for an unknown name or a missing/unsupported file.
     """
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec:
-        fail("--data", "must be a data set name or a file path (a non-empty string)", spec)
+        fail("data", "must be a data set name or a file path (a non-empty string)", spec)
     if spec in DATASETS.names():  # Registry lookups of unknown names raise, hence names()
         factory = DATASETS[spec]
         return factory(img2d_dir=img2d_dir) if spec in _IMAGE_NAMES else factory()
@@ -107,13 +107,13 @@ def _dataset_from_path(spec: str) -> Dataset:
     known = f"must be one of {DATASETS.names()} or an existing .npy/.csv/.png file"
     if path.suffix.lower() in _FILE_SUFFIXES:
         if not path.is_file():
-            fail("--data", f"{known}; no file at {str(path.resolve())!r}", spec)
+            fail("data", f"{known}; no file at {str(path.resolve())!r}", spec)
         if path.suffix.lower() == ".png":
             return ImageDensity(path)
         return load_file_dataset(path)
     if path.is_file():
-        fail("--data", "a data file must end in .npy, .csv or .png", spec)
-    fail("--data", known, spec)
+        fail("data", "a data file must end in .npy, .csv or .png", spec)
+    fail("data", known, spec)
 
 
 _register_all()

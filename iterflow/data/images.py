@@ -14,7 +14,8 @@ image ``x`` with integer pixels in ``{0, ..., K-1}`` (``K`` = ``levels``) become
     u \\sim U[0, 1)^D,
 
 a point of ``[low, high)^D`` (default ``[0, 1)``). The continuous model is fitted to ``s``; bits per
-dimension (:func:`iterflow.images.bits_per_dim`) undo the scaling with its log-Jacobian. The trainer
+dimension (:func:`iterflow.evaluation.bits_per_dim.bits_per_dim`) undo the scaling with its
+log-Jacobian. The trainer
 takes fixed split tensors, so each split is dequantized once with a noise seeded from the run's seed
 (:meth:`ImageDataset.sample` draws fresh noise).
 
@@ -240,11 +241,11 @@ class ImageDataset(Dataset):
             InputError: the data set has no labels.
         """
         if self.labels is None:
-            fail("--data", "must have class labels for this use", self.name)
+            fail("data", "must have class labels for this use", self.name)
         rows = self._split_rows(n_train, n_val, n_test, seed)
         test_labels = self.test_labels if self.test_images is not None else self.labels
         if test_labels is None:
-            fail("--data", "must have labels for its test images", self.name)
+            fail("data", "must have labels for its test images", self.name)
         return Splits(
             self.labels[rows["train"]], self.labels[rows["val"]], test_labels[rows["test"]]
         )
@@ -571,7 +572,7 @@ def fashion_mnist(size: int = 28) -> ImageDataset:
             found = [p for p in (base.with_name(base.name + ".gz"), base) if p.is_file()]
             if not found:
                 fail(
-                    "--data",
+                    "data",
                     "fashion-mnist needs its IDX files: install them with `sudo apt-get install "
                     f"dataset-fashion-mnist` (Debian/Ubuntu) or set {FASHION_MNIST_ENV} to a "
                     f"folder holding {part}-{kind}-ubyte.gz",

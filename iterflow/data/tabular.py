@@ -186,12 +186,10 @@ def sklearn_dataset(name: str) -> ArrayDataset:
     """Features of one of scikit-learn's bundled sets (``iris``, ``wine``, ``breast_cancer``, ...).
 
     Raises:
-        InputError: (argument ``"--data"``) for a name outside :data:`SKLEARN_SETS`.
+        InputError: (argument ``"data"``) for a name outside :data:`SKLEARN_SETS`.
     """
     if name not in SKLEARN_SETS:
-        fail(
-            "--data", f"must be one of {[f'sklearn:{s}' for s in SKLEARN_SETS]}", f"sklearn:{name}"
-        )
+        fail("data", f"must be one of {[f'sklearn:{s}' for s in SKLEARN_SETS]}", f"sklearn:{name}")
     import sklearn.datasets
 
     features = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)[0]

@@ -118,9 +118,9 @@ def evaluate(
     """
     from iterflow.metrics import mmd, w2
 
-    check_positive(n, "--n", integer=True)
+    check_positive(n, "n", integer=True)
     if test.shape[0] == 0:
-        fail("--data", "must provide at least one test point", 0)
+        fail("test", "must provide at least one test point", 0)
     x = test[:n].to(device=flow.shift.device, dtype=flow.shift.dtype)
     spec = SolverSpec(solver, steps, atol, rtol)
     out: dict[str, Any] = {

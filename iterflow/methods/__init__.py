@@ -5,7 +5,14 @@ by import side effects): a new method is one module of this package and one line
 """
 
 from iterflow.errors import Registry
-from iterflow.methods.base import Loss, Method, MethodOptions, parse_options
+from iterflow.methods.base import (
+    Loss,
+    Method,
+    MethodOptions,
+    options_record,
+    parse_options,
+    typed_options,
+)
 from iterflow.methods.cnf import CNF
 from iterflow.methods.distill import Distill
 from iterflow.methods.fm import FlowMatching
@@ -25,4 +32,12 @@ METHODS: Registry[type[Method]] = Registry(
     },
 )
 
-__all__ = ["METHODS", "Loss", "Method", "MethodOptions", "parse_options"]
+__all__ = [
+    "METHODS",
+    "Loss",
+    "Method",
+    "MethodOptions",
+    "options_record",
+    "parse_options",
+    "typed_options",
+]

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from iterflow.core.coerce import coerce_fields, field_types, to_json_value
 from iterflow.core.distributed import DistContext, row_mean
 from iterflow.core.flow import Flow
 from iterflow.core.ode import SolverSpec
-from iterflow.errors import fail
+from iterflow.errors import InputError, fail
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Method(ABC):
         self.num_blocks = num_blocks
         if self.max_blocks is not None and num_blocks > self.max_blocks:
             fail(
-                "--blocks",
+                "blocks",
                 f"method {self.name!r} trains at most {self.max_blocks} block(s)",
                 num_blocks,
             )
@@ -112,6 +114,11 @@ class Method(ABC):
     ) -> tuple[Tensor, ...]:
         """Tensors whose rows the trainer samples minibatches from (default: the particles)."""
         return (particles,)
+
+    def start_at(self, step: int) -> None:
+        """Called before a stage's first step with the step it starts from (0, or the checkpoint's
+        step after a resume); methods whose state depends on the step restore it here."""
+        del step  # most methods keep no step-dependent state
 
     @abstractmethod
     def loss(
@@ -137,37 +144,50 @@ class Method(ABC):
         return False
 
 
-def parse_options(cls: type[Method], raw: dict[str, Any]) -> MethodOptions:
-    """Build ``cls.Options`` from strings or values, with errors naming the option."""
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in fields:
-            fail(f"option {key!r}", f"must be one of {sorted(fields)} for method {cls.name!r}", key)
-        default = fields[key].default
-        kwargs[key] = _coerce(value, default, key)
+def parse_options(cls: type[Method], raw: Mapping[str, Any]) -> MethodOptions:
+    """``cls.Options`` from text (``-o gamma=0.5``) or values, each coerced once by its field's
+    annotated type (:func:`iterflow.core.coerce.coerce`); errors name the option (``option 'gamma'``).
+
+    Example:
+        >>> from iterflow.methods import METHODS
+        >>> parse_options(METHODS["local-fm"], {"hs": "0.1,0.2", "final_block": "false"}).hs
+        (0.1, 0.2)
+    """
+    kwargs = _coerced(cls, raw)
     try:
         return cls.Options(**kwargs)
+    except InputError as e:
+        if e.argument in field_types(cls.Options):  # a field's own check: name it as an option
+            raise InputError(f"option {e.argument!r}", e.rule, e.value) from None
+        raise
     except TypeError as e:
-        fail("options", str(e), raw)
+        fail("options", str(e), dict(raw))
 
 
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, tuple):
-            return tuple(float(v) for v in value.split(",") if v)
-    except ValueError:
-        fail(f"option {key!r}", f"must be a {type(default).__name__}", value)
-    return value
+def typed_options(cls: type[Method], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The options given in ``raw``, coerced to their typed values in JSON form (tuples as lists)
+    and validated together by building ``cls.Options``: what a saved configuration records, so that
+    text from the command line and values from Python give one configuration (and one hash).
+
+    Example:
+        >>> from iterflow.methods import METHODS
+        >>> typed_options(METHODS["jko"], {"gamma": "1", "substeps": "2"})
+        {'gamma': 1.0, 'substeps': 2}
+    """
+    parse_options(cls, raw)
+    return to_json_value(_coerced(cls, raw))
+
+
+def options_record(options: MethodOptions) -> dict[str, Any]:
+    """Every field of ``options`` (given or default) in JSON form, for a run's manifest."""
+    return to_json_value(dataclasses.asdict(options))
+
+
+def _coerced(cls: type[Method], raw: Mapping[str, Any]) -> dict[str, Any]:
+    return coerce_fields(
+        field_types(cls.Options),
+        raw,
+        lambda key: f"option {key!r}",
+        name="options",
+        owner=f" for method {cls.name!r}",
+    )

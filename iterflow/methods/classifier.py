@@ -41,7 +41,11 @@ def cross_entropy_loss(
         1.3863
     """
     if labels.shape != x.shape[:1]:
-        fail("labels", f"must have one entry per row of x, shape {tuple(x.shape[:1])}", tuple(labels.shape))
+        fail(
+            "labels",
+            f"must have one entry per row of x, shape {tuple(x.shape[:1])}",
+            tuple(labels.shape),
+        )
     n = x.shape[0]
     rows = local_rows(n)
     ce = F.cross_entropy(logits_fn(x[rows]), labels[rows], reduction="none",

@@ -16,8 +16,9 @@ the trace is exact, because then every row of the Jacobian is computed). Over a 
 .. math::
     \\mathcal L = \\mathbb E[-\\log p(x)] + \\lambda_K\\, \\mathbb E[k(1)] + \\lambda_J\\, \\mathbb E[j(1)].
 
-The augmented integrand is :func:`iterflow.core.integrand.integrate_path`; :func:`kl_proxy_report`
-is shared with JKO-flow (:mod:`iterflow.methods.jko`).
+The augmented integrand is the one of the ODE layer (:func:`iterflow.core.integrand.integrate_chain`,
+with its ``auto`` divergence rule); :func:`kl_proxy_report` is shared with JKO-flow
+(:mod:`iterflow.methods.jko`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from iterflow.core.integrand import (
     DIVERGENCES,
     PROBE_KINDS,
     draw_probes,
-    integrate_path,
+    integrate_chain,
 )
 from iterflow.core.ode import SolverSpec
 from iterflow.errors import check_choice, check_positive, fail
@@ -77,11 +78,17 @@ def kl_proxy_report(
     divs, energies = [], []
     for part in before.split(chunk):
         eps = draw_probes(part, divergence, probes, probe_kind, gen)
-        for b in stage.blocks:
-            r = integrate_path(b, part, spec, probes=eps, create_graph=False)
-            part = r.z
-            divs.append(r.div)
-        energies.append(0.5 * part.pow(2).reshape(part.shape[0], -1).sum(1))
+        r = integrate_chain(
+            list(stage.blocks),
+            part,
+            spec,
+            probes=eps,
+            create_graph=False,
+            kinetic=False,
+            jacobian=False,
+        )
+        divs.append(r.div)
+        energies.append(0.5 * r.z.pow(2).reshape(r.z.shape[0], -1).sum(1))
     logdet = float(torch.cat(divs).sum() / before.shape[0])
     energy = float(torch.cat(energies).mean())
     return {"logdet": logdet, "kl_proxy": energy - (logdet_before + logdet)}
@@ -116,7 +123,8 @@ class CNFOptions(MethodOptions):
             adaptive, differentiated through its steps).
         steps: fixed steps per block of the training solver.
         atol, rtol: tolerances of an adaptive training solver.
-        divergence: ``auto`` (exact trace up to 16 dimensions), ``exact`` or ``hutchinson``.
+        divergence: ``auto`` (exact trace up to 16 dimensions,
+            :func:`iterflow.core.integrand.resolve_divergence`), ``exact`` or ``hutchinson``.
         probes: Hutchinson probes per sample; probe_kind: ``rademacher`` or ``gaussian``.
         kinetic: weight of ``int |v|^2 ds`` (0: off).
         jacobian: weight of ``int |eps^T dv/dx|^2 ds`` (0: off).
@@ -174,14 +182,9 @@ def likelihood_loss(
     n = x.shape[0]
     rows = local_rows(n)
     x, probes = x[rows], None if probes is None else probes[:, rows]
-    logdet = x.new_zeros(x.shape[0])
-    kin = x.new_zeros(x.shape[0])
-    jac = x.new_zeros(x.shape[0])
-    z = x
-    for b in stage.blocks:
-        r = integrate_path(b, z, spec, probes=probes, create_graph=True)
-        z, logdet, kin, jac = r.z, logdet + r.div, kin + r.kinetic, jac + r.jacobian
-    nll_rows = -(standard_normal_log_prob(z) + logdet)
+    r = integrate_chain(list(stage.blocks), x, spec, probes=probes, create_graph=True)
+    kin, jac = r.kinetic, r.jacobian
+    nll_rows = -(standard_normal_log_prob(r.z) + r.div)
     total = nll_rows
     if kinetic:
         total = total + kinetic * kin

@@ -38,17 +38,11 @@ from torch import Tensor
 
 from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Flow
+from iterflow.core.integrand import DIVERGENCES, PROBE_KINDS, draw_probes, integrate_path
 from iterflow.core.ode import FIXED_SOLVERS, SolverSpec
 from iterflow.errors import check_choice, check_positive, fail
 from iterflow.methods.base import Loss, Method, MethodOptions
-from iterflow.methods.cnf import (
-    DIVERGENCES,
-    PROBE_KINDS,
-    check_solver_option,
-    draw_probes,
-    integrate_path,
-    likelihood_stage_report,
-)
+from iterflow.methods.cnf import check_solver_option, likelihood_stage_report
 
 GAMMA_SCHEDULES = ("constant", "geometric")
 KNN_MAX_DIM = 5  # the k-NN KL estimate is reported up to this dimension
@@ -65,7 +59,8 @@ class JKOOptions(MethodOptions):
         gamma_max: cap of ``gamma_n`` (0: none).
         solver: fixed-step training solver of each block (``rk4`` in the paper).
         substeps: steps of the training solver over one block.
-        divergence: ``auto`` (exact trace up to 16 dimensions), ``exact`` or ``hutchinson``.
+        divergence: ``auto`` (exact trace up to 16 dimensions,
+            :func:`iterflow.core.integrand.resolve_divergence`), ``exact`` or ``hutchinson``.
         probes, probe_kind: Hutchinson probes per sample and their law.
         kinetic: weight of ``int |v|^2 ds`` added to the objective (0: off).
         jacobian: weight of ``int |eps^T dv/dx|^2 ds`` (0: off); keeps each block's field smooth

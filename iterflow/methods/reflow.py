@@ -223,6 +223,15 @@ class PairedMethod(Method):
         gen = torch.Generator(device=like.device).manual_seed(_seed_from(self._seed, round_))
         return simulate_pairs(self._source, opts.n_pairs, spec=opts.pair_spec(), generator=gen)
 
+    def start_at(self, step: int) -> None:
+        """Restore the step count and the pool of the round that ``step`` falls in (a resume)."""
+        opts: PairedOptions = self.options  # type: ignore[assignment]
+        self._calls = step
+        if opts.regenerate_every > 0 and self._pool is not None and step >= opts.regenerate_every:
+            new = self._simulate(step // opts.regenerate_every, self._pool.data)
+            self._pool.data.copy_(new.data)
+            self._pool.noise.copy_(new.noise)
+
     def refresh(self) -> None:
         """Count a training step; every ``regenerate_every`` steps re-simulate the pool in place."""
         opts: PairedOptions = self.options  # type: ignore[assignment]

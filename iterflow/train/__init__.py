@@ -1,5 +1,7 @@
 """Training: the one optimisation loop (:mod:`.loop`), the progressive trainer of flow blocks built
-on it (:mod:`.progressive`) and the run configuration (:mod:`.config`).
+on it (:mod:`.progressive`: :func:`train` on a data set name, :func:`train_tensors` on tensors), what
+a run is given (:mod:`.inputs`: :class:`TrainData`, a user's velocity) and the run configuration
+(:mod:`.config`).
 
 Example:
     >>> from iterflow.train import TrainConfig
@@ -21,6 +23,7 @@ from iterflow.train.config import (
     stage_seed,
     standardization,
 )
+from iterflow.train.inputs import TrainData, VelocitySource
 from iterflow.train.loop import (
     Checkpoint,
     OptimConfig,
@@ -30,7 +33,7 @@ from iterflow.train.loop import (
     cosine_lr,
     optimize,
 )
-from iterflow.train.progressive import TrainResult, load_run, train
+from iterflow.train.progressive import TrainResult, load_run, train, train_tensors
 
 __all__ = [
     "DTYPES",
@@ -41,7 +44,9 @@ __all__ = [
     "SilentReporter",
     "StepBudget",
     "TrainConfig",
+    "TrainData",
     "TrainResult",
+    "VelocitySource",
     "autocast_dtype",
     "build_velocity",
     "cosine_lr",
@@ -55,4 +60,5 @@ __all__ = [
     "stage_seed",
     "standardization",
     "train",
+    "train_tensors",
 ]

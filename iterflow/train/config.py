@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iterflow.core.nn import build_network
+from iterflow.core.coerce import coerce, coerce_fields, field_types, to_json_value
+from iterflow.core.nn import NETWORKS, build_network
 from iterflow.core.store import DTYPES
 from iterflow.errors import check_positive, fail
-from iterflow.methods import METHODS, Method
+from iterflow.methods import METHODS, Method, typed_options
 from iterflow.train.loop import OptimConfig
 
 AUTOCAST = ("auto", "none", "bf16")
@@ -44,7 +45,8 @@ class TrainConfig:
         standardize: affine normalisation recorded from the training data: ``dim`` (per-dimension mean
             and standard deviation), ``scalar`` (one mean and standard deviation for all entries),
             ``none``, or ``auto`` (``dim`` for vectors, ``scalar`` for images and other tensors).
-        net_options: extra keyword arguments of non-MLP networks (e.g. U-Net widths).
+        net_options: extra keyword arguments of non-MLP networks (e.g. U-Net widths), coerced by the
+            network constructor's annotations (``{"channel_mult": "1,2"}`` -> ``[1, 2]``).
         seed: seeds data splits, initialisation and every random draw of training.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; dtype: ``float32`` or ``float64``.
         autocast: mixed precision of the training losses' forward passes: ``none``, ``bf16``
@@ -55,7 +57,21 @@ class TrainConfig:
             it did not pay off on the 2-core CPU this was measured on).
         checkpoint_every: steps between in-stage checkpoints; log_every: steps between log lines.
         options: method-specific options (see each method's ``Options``), e.g. ``{"gamma": 0.5}``.
+            Only the keys given are kept (unset options take the method's defaults; the run's
+            ``manifest.json`` records all of them), each coerced once to its typed value in JSON
+            form: ``{"gamma": "0.5"}`` (the command line's ``-o gamma=0.5``) and ``{"gamma": 0.5}``
+            are one configuration, with one :func:`config_hash`; tuples are stored as lists.
         img2d_dir: folder of the image-defined 2-D densities (``rose``, ``tree``).
+
+    Every field is coerced by its annotation when the config is built (text from the command line,
+    values from Python, JSON from ``config.json``), so equal configurations compare and hash equal.
+    Errors name the field (``lr``, ``steps``) or the option (``option 'gamma'``).
+
+    Example:
+        >>> TrainConfig(method="jko", lr=1, hidden=[64], options={"gamma": "1"}).options
+        {'gamma': 1.0}
+        >>> config_hash(TrainConfig(lr=1)) == config_hash(TrainConfig(lr=1.0))
+        True
     """
 
     method: str = "fm"
@@ -90,6 +106,14 @@ class TrainConfig:
     img2d_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.standardize, bool):  # older configs: True/False
+            object.__setattr__(self, "standardize", "auto" if self.standardize else "none")
+        # Every field coerced once, by its annotation (values, not text: the command line parses its
+        # flags): 1 and 1.0, [32] and (32,) are one configuration (one hash) from the command line,
+        # from Python and from config.json. Method options may be text (-o gamma=0.5): see below.
+        for name, annotation in field_types(TrainConfig).items():
+            value = coerce(getattr(self, name), annotation, name, text=False)
+            object.__setattr__(self, name, value)
         for name in (
             "blocks",
             "steps",
@@ -100,29 +124,37 @@ class TrainConfig:
             "checkpoint_every",
             "log_every",
         ):
-            check_positive(getattr(self, name), f"--{name.replace('_', '-')}", integer=True)
-        check_positive(self.lr, "--lr")
-        check_positive(self.weight_decay, "--weight-decay", allow_zero=True)
-        check_positive(self.grad_clip, "--grad-clip", allow_zero=True)
+            check_positive(getattr(self, name), name, integer=True)
+        check_positive(self.lr, "lr")
+        check_positive(self.weight_decay, "weight_decay", allow_zero=True)
+        check_positive(self.grad_clip, "grad_clip", allow_zero=True)
         if not 0.0 <= self.ema < 1.0:
-            fail("--ema", "must be in [0, 1)", self.ema)
+            fail("ema", "must be in [0, 1)", self.ema)
         if self.lr_schedule not in ("cosine", "constant"):
-            fail("--lr-schedule", "must be 'cosine' or 'constant'", self.lr_schedule)
+            fail("lr_schedule", "must be 'cosine' or 'constant'", self.lr_schedule)
         if self.dtype not in DTYPES:
-            fail("--dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
+            fail("dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
         if self.autocast not in AUTOCAST:
-            fail("--autocast", f"must be one of {list(AUTOCAST)}", self.autocast)
+            fail("autocast", f"must be one of {list(AUTOCAST)}", self.autocast)
         if self.autocast == "bf16" and self.dtype != "float32":
-            fail("--autocast", "bf16 needs --dtype float32", self.autocast)
-        if not isinstance(self.compile, bool):
-            fail("--compile", "must be true or false", self.compile)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            fail("--seed", "must be a non-negative integer", self.seed)
-        METHODS.get(self.method, "--method")
-        if isinstance(self.standardize, bool):  # older configs: True/False
-            object.__setattr__(self, "standardize", "auto" if self.standardize else "none")
+            fail("autocast", "bf16 needs dtype float32", self.autocast)
+        if self.seed < 0:
+            fail("seed", "must be a non-negative integer", self.seed)
         if self.standardize not in ("auto", "dim", "scalar", "none"):
-            fail("--standardize", "must be 'auto', 'dim', 'scalar' or 'none'", self.standardize)
+            fail("standardize", "must be 'auto', 'dim', 'scalar' or 'none'", self.standardize)
+        # The method's options: the keys given, typed and validated (unset ones take the method's
+        # defaults when training; the manifest records all of them).
+        method = METHODS.get(self.method, "method")
+        object.__setattr__(self, "options", typed_options(method, self.options))
+        if self.network != "mlp" and self.network in NETWORKS and self.net_options:
+            typed = coerce_fields(
+                field_types(NETWORKS[self.network]),
+                self.net_options,
+                lambda key: f"net option {key!r}",
+                name="net_options",
+                owner=f" for network {self.network!r}",
+            )
+            object.__setattr__(self, "net_options", to_json_value(typed))
 
     @classmethod
     def for_method(cls, method: str = "fm", **given: Any) -> TrainConfig:
@@ -140,7 +172,7 @@ class TrainConfig:
             >>> cfg.blocks, cfg.steps, cfg.options["gamma"], cfg.options["jacobian"]
             (5, 100, 0.5, 0.2)
         """
-        rec = dict(METHODS.get(method, "--method").recommended)
+        rec = dict(METHODS.get(method, "method").recommended)
         given = {k: v for k, v in given.items() if v is not None}
         if given.get("network", "mlp") != "mlp":  # tuned for vectors and the MLP: keep the options
             rec = {"options": rec.get("options", {})}
@@ -185,9 +217,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        fail("--device", "must be 'cpu', 'cuda', 'cuda:N' or 'auto'", name)
+        fail("device", "must be 'cpu', 'cuda', 'cuda:N' or 'auto'", name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        fail("--device", "asks for CUDA but no CUDA device is available here", name)
+        fail("device", "asks for CUDA but no CUDA device is available here", name)
     return dev
 
 
@@ -262,14 +294,14 @@ def network_config(cfg: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, 
     if cfg.network == "mlp":
         if len(event_shape) != 1:
             fail(
-                "--network",
+                "network",
                 "mlp needs vector data of shape (n, d); use an image network for images",
                 event_shape,
             )
         if cfg.net_options:
             fail(
-                "--net-option",
-                "is only for non-MLP networks (use --hidden etc. for the MLP)",
+                "net_options",
+                "is only for non-MLP networks (use hidden, activation, ... for the MLP)",
                 cfg.net_options,
             )
         return {

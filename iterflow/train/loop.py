@@ -292,6 +292,7 @@ def optimize(
     stage: int = 0,
     n_stages: int = 1,
     budget: StepBudget | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``module``'s parameters on ``loss_fn`` in place (they end as their EMA); return the record.
 
@@ -310,6 +311,9 @@ def optimize(
         lr_scales: learning-rate factor per named parameter prefix (e.g. ``{"critic.": 2.0}``);
             other parameters get 1.
         budget: testing aid (see :class:`StepBudget`).
+        on_start: called once with the step training starts from (0, or the step of the
+            checkpoint it resumes from), so that an objective with its own step-dependent state
+            (e.g. a pool of pairs regenerated every k steps) can restore it.
 
     Returns:
         ``steps``, ``seconds_optimize`` (including ``seconds_before_resume``, the optimisation time
@@ -337,6 +341,8 @@ def optimize(
     if checkpoint is not None:
         for r in checkpoint._trim_log(start):  # the stage's means count rows before the kill too
             acc_n += _accumulate(acc, r)
+    if on_start is not None:
+        on_start(start)
     reporter.stage_start(stage, n_stages, config.steps, start)
     tag = checkpoint.key if checkpoint is not None else stage  # log rows' "stage"
     was_training = module.training
@@ -433,7 +439,7 @@ def _drawer(data: BatchSource, batch_size: int) -> Callable[[torch.Generator], t
 def _terms(loss: Loss, ctx: ddp.DistContext | None) -> dict[str, float]:
     """The logged scalars: the loss and its named terms, each this rank's share of the global mean."""
     with torch.no_grad():
-        out = {name: float(ddp.row_mean(v.detach().float(), loss.n, ctx))
+        out = {name: float(ddp.row_mean(v.detach().double(), loss.n, ctx))
                for name, v in loss.terms.items()}  # fmt: skip
         out["loss"] = float(loss.value(ctx).detach())
     return out

@@ -9,13 +9,20 @@ For stage ``k`` the trainer
    earlier blocks are never re-run), keeping an exponential moving average of the weights;
 3. pushes the training and validation particles through the EMA blocks, logs the movement
    ``E|x_after - x_before|^2``, the time and the function evaluations, and
-4. writes the blocks, the pushed particles and ``meta.json`` atomically (``meta.json`` last: it is the
-   commit record). Every ``checkpoint_every`` steps inside a stage it also saves the optimiser, EMA and
-   random-generator states, so that ``kill -9`` loses at most that many steps.
+4. writes the blocks, the pushed particles, ``meta.json`` and ``manifest.json`` atomically (the
+   manifest last: it is the commit record; :mod:`iterflow.train.folder`). Every
+   ``checkpoint_every`` steps inside a stage it also saves the optimiser, EMA and random-generator
+   states, so that ``kill -9`` loses at most that many steps.
 
-Run-folder layout: ``config.json``, ``meta.json``, ``blocks/block_XXX.safetensors``,
-``normalization.safetensors``, ``particles.safetensors`` (cache), ``progress.*`` (inside a stage),
-``log.jsonl``.
+Run-folder layout: ``config.json``, ``meta.json``, ``manifest.json``,
+``blocks/block_XXX.safetensors``, ``normalization.safetensors``, ``particles.safetensors``
+(cache), ``progress.*`` (inside a stage), ``log.jsonl``. Without a run folder (``out=None``) the
+same training runs in memory and writes nothing (no checkpoints: an interruption loses the run).
+
+Data. The core, :func:`train_tensors`, trains on tensors (:class:`TrainData`: training and validation
+rows, their description, optional per-row conditioning); :func:`train` is the thin layer that builds
+them from a data set name (:func:`iterflow.data.get_dataset`). Velocity networks are the built-in ones
+of the config, or a user's module (or a factory of modules) called as ``v(x, t, **cond)``.
 
 Speed: the hot loop samples minibatches by index from tensors prepared once per stage, runs the loss
 under bf16 autocast where that is measured to keep results (``TrainConfig.autocast``), uses the fused
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,16 +45,16 @@ from torch import Tensor
 
 from iterflow._version import __version__
 from iterflow.core import distributed as ddp
+from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Block, Flow
-from iterflow.core.nn import build_network
+from iterflow.core.nn import NETWORKS
 from iterflow.core.store import load_flow
 from iterflow.data import Splits, get_dataset
-from iterflow.errors import InputError, fail
-from iterflow.io import FORMAT_VERSION, RunDir, load_json, load_tensors, save_json, save_tensors
-from iterflow.methods import METHODS, Loss, Method, parse_options
+from iterflow.errors import fail
+from iterflow.io import FORMAT_VERSION, RunDir, load_json, load_tensors, save_tensors
+from iterflow.methods import METHODS, Loss, Method, options_record, parse_options
 from iterflow.train.config import (
     DTYPES,
-    RUNTIME_KEYS,
     TrainConfig,
     autocast_dtype,
     build_velocity,
@@ -55,53 +63,38 @@ from iterflow.train.config import (
     stage_seed,
     standardization,
 )
+from iterflow.train.folder import commit, prepare_run_dir, read_meta
+from iterflow.train.inputs import (
+    TrainData,
+    VelocitySource,
+    block_network_config,
+    new_velocity,
+    rebuild_velocity,
+)
 from iterflow.train.loop import Checkpoint, Reporter, SilentReporter, StepBudget, optimize
+
+#: Most validation rows a conditioned stage report integrates in one call (the reports of the
+#: likelihood methods integrate chunks of 4096 rows; bound conditioning must match each call).
+COND_REPORT_ROWS = 4096
+#: Rows per ``method.push`` call in a conditioned run (within the methods' own push chunk, 8192).
+PUSH_CHUNK = 8192
 
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns."""
+    """What :func:`train` and :func:`train_tensors` return.
+
+    Attributes:
+        flow: the trained flow (data units, evaluation mode).
+        history: one record per trained stage (losses, movement, seconds, method figures).
+        run_dir: the run folder (``None`` for a run trained without one).
+        splits: the training, validation and test rows the run used.
+    """
 
     flow: Flow
     history: list[dict[str, Any]]
-    run_dir: Path
+    run_dir: Path | None
     splits: Splits
-
-
-def _prepare_run_dir(
-    run: RunDir, cfg: TrainConfig, resume: bool, ctx: ddp.DistContext | None = None
-) -> dict[str, Any] | None:
-    """Create the folder, or return the existing meta when resuming the same config.
-
-    Under data-parallel training every rank validates the folder, then rank 0 alone creates it.
-    """
-    if run.config.exists():
-        old = load_json(run.config, "--out")
-        try:
-            old_cfg = TrainConfig.from_json(old)
-        except (TypeError, InputError) as e:
-            fail("--out", f"holds a config.json this version cannot read ({e})", str(run.path))
-        if config_hash(old_cfg) != config_hash(cfg):
-            diff = {
-                k: (old.get(k), v)
-                for k, v in cfg.to_json().items()
-                if old.get(k) != v and k not in RUNTIME_KEYS
-            }
-            fail(
-                "--out",
-                f"already holds a run with another config {diff}; use a new folder",
-                str(run.path),
-            )
-        if not resume:
-            fail("--out", "already holds a run; resume it or choose a new folder", str(run.path))
-        return load_json(run.meta, "--out") if run.meta.exists() else None
-    if run.path.exists() and any(run.path.iterdir()):
-        fail("--out", "must be a new or empty folder, or a run folder to resume", str(run.path))
-    ddp.barrier(ctx)  # every rank has seen the folder before rank 0 writes into it
-    if ctx is None or ctx.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        save_json(run.config, cfg.to_json())
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,17 +104,22 @@ def _prepare_run_dir(
 
 def train(
     cfg: TrainConfig,
-    out: str | Path,
+    out: str | Path | None,
     *,
     resume: bool = True,
     reporter: Reporter | None = None,
     stop_after_steps: int | None = None,
 ) -> TrainResult:
-    """Train ``cfg.method`` into the run folder ``out`` (resuming it when it holds the same config).
+    """Train ``cfg.method`` on the data set named ``cfg.data`` into the run folder ``out``.
+
+    The thin layer of names over :func:`train_tensors`: the splits of the data set
+    (:func:`iterflow.data.get_dataset`, ``cfg.n_train`` / ``n_val`` / ``n_test`` rows drawn from
+    ``cfg.seed``) are its tensors.
 
     Arguments:
         cfg: the run's configuration.
-        out: run folder.
+        out: run folder, resumed when it holds the same config (``None``: train in memory and write
+            nothing).
         resume: continue an interrupted run with the same config (otherwise such a folder is an error).
         reporter: progress sink (default: silent).
         stop_after_steps: testing aid: raise ``KeyboardInterrupt`` after this many optimiser steps in
@@ -130,8 +128,50 @@ def train(
     Returns:
         :class:`TrainResult` with the trained flow (data units) and the per-stage history.
     """
+    dataset = get_dataset(cfg.data, img2d_dir=cfg.img2d_dir)
+    splits = dataset.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+    data = TrainData(splits.train, splits.val, dataset.describe(), test=splits.test)
+    return train_tensors(
+        cfg, data, out, resume=resume, reporter=reporter, stop_after_steps=stop_after_steps
+    )
+
+
+def train_tensors(
+    cfg: TrainConfig,
+    data: TrainData,
+    out: str | Path | None = None,
+    *,
+    velocity: VelocitySource | None = None,
+    resume: bool = True,
+    reporter: Reporter | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train ``cfg.method`` on the tensors ``data`` (the trainer's core; ``cfg.data`` only names them).
+
+    For stage ``k`` the trainer builds the stage's blocks (seeded from ``(cfg.seed, k)``, warm-started
+    from the previous block for progressive methods), optimises the method's loss on the particles
+    the earlier stages pushed (:func:`iterflow.train.loop.optimize`), pushes the training and
+    validation particles through the trained blocks and records the stage.
+
+    Arguments:
+        cfg: the run's configuration (its ``device`` and ``dtype`` apply to ``data``).
+        data: training and validation rows, their description and optional conditioning.
+        out: run folder (checkpoints, resumption, ``load_run``), or ``None``: train in memory and
+            write nothing.
+        velocity: the velocity network of every block instead of ``cfg``'s built-in one: a module
+            ``v(x, t, **cond)`` (``x`` ``(B, *E)``; ``t`` a 0-dim tensor or ``(B,)``; ``cond`` the
+            rows of ``data.cond``), deep-copied into each block (the module itself is not trained),
+            or a factory ``() -> nn.Module`` called once per block under a seed derived from
+            ``cfg.seed``. Saved with ``out`` as its ``config()`` when it has one (then
+            :func:`load_run` rebuilds it), otherwise as weights only (pass ``velocity`` to
+            :func:`load_run` again).
+        resume, reporter, stop_after_steps: as in :func:`train`.
+
+    Returns:
+        :class:`TrainResult` with the trained flow (data units) and the per-stage history.
+    """
     reporter = reporter or SilentReporter()
-    method_cls = METHODS.get(cfg.method, "--method")
+    method_cls = METHODS.get(cfg.method, "method")
     options = parse_options(method_cls, cfg.options)
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
     ctx = ddp.setup(device)
@@ -140,19 +180,25 @@ def train(
     main = ctx is None or ctx.is_main
     if not main:
         reporter = SilentReporter()
-    dataset = get_dataset(cfg.data, img2d_dir=cfg.img2d_dir)
-    splits = dataset.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-    train_x = splits.train.to(device=device, dtype=dtype)
-    val_x = splits.val.to(device=device, dtype=dtype)
+    train_x = data.train.to(device=device, dtype=dtype)
+    val_x = data.val.to(device=device, dtype=dtype)
+    cond, val_cond = _to_device(data.cond, device, dtype), _to_device(data.val_cond, device, dtype)
     event_shape = tuple(train_x.shape[1:])
     method = method_cls(options, event_shape=event_shape, num_blocks=cfg.blocks)
+    if cond and type(method).stage_data is not Method.stage_data:
+        fail(
+            "cond",
+            f"is not supported by method {cfg.method!r} (its minibatches are not data rows)",
+            sorted(cond),
+        )
     amp = autocast_dtype(cfg, method, device, dtype)
 
-    run = RunDir(out)
-    meta = _prepare_run_dir(run, cfg, resume, ctx)
+    run = RunDir(out) if out is not None else None
+    writer = run if main else None  # the folder this process writes (rank 0 alone)
+    meta = prepare_run_dir(run, cfg, resume, ctx) if run is not None else None
     shift, scale = (t.cpu() for t in standardization(train_x, cfg.standardize))
-    if main:
-        save_tensors(run.normalization, {"shift": shift, "scale": scale})
+    if writer is not None:
+        save_tensors(writer.normalization, {"shift": shift, "scale": scale})
     norm = Flow([], event_shape, shift=shift.cpu(), scale=scale.cpu()).to(
         device=device, dtype=dtype
     )
@@ -164,23 +210,31 @@ def train(
             "python": platform.python_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "config_hash": config_hash(cfg),
-            "data": dataset.describe(),
+            "data": data.description,
             "event_shape": list(event_shape),
             "networks": [],
             "stages_done": 0,
             "history": [],
             "train_seconds": 0.0,
         }
+    meta.setdefault("method_options", options_record(options))  # all of them, defaults included
+    meta.setdefault("normalization", {"mode": cfg.standardize, "shape": list(shift.shape)})
+    if writer is not None and meta["stages_done"] == 0:
+        commit(writer, cfg, meta)  # the manifest names the folder's kind
     stages = method.stages()
     blocks: list[Block] = []
-    for i, net_cfg in enumerate(meta["networks"]):
-        b = Block(build_network(net_cfg)).to(device=device, dtype=dtype)
-        b.load_state_dict(load_tensors(run.block(i), "--out", device))
+    for i, net_cfg in enumerate(meta["networks"]):  # a resumed run: its finished blocks
+        b = Block(rebuild_velocity(net_cfg, velocity, i)).to(device=device, dtype=dtype)
+        b.load_state_dict(load_tensors(run.block(i), "out", device))  # type: ignore[union-attr]
         blocks.append(b)
     done = meta["stages_done"]
     if done > 0:
-        cache = load_tensors(run.particles, "--out", device)
+        cache = load_tensors(run.particles, "out", device)  # type: ignore[union-attr]
         cur_train, cur_val = cache["train"].to(dtype), cache["val"].to(dtype)
+        if int(cache.get("stages_done", done)) != done:  # killed between particles and record
+            cur_train, cur_val = _replay(
+                method, blocks, stages[:done], norm, train_x, val_x, ctx, cond, val_cond
+            )
     else:
         cur_train, cur_val = norm.normalize(train_x), norm.normalize(val_x)
     budget = StepBudget(stop_after_steps)
@@ -188,41 +242,48 @@ def train(
         if meta["history"] and method.should_stop(meta["history"]):
             break
         t_stage = time.perf_counter()
-        stage_blocks = _make_stage_blocks(cfg, stages[k], blocks, k, event_shape, device, dtype)
+        stage_blocks = _make_stage_blocks(
+            cfg, stages[k], blocks, k, event_shape, device, dtype, velocity
+        )
         stage = Flow(stage_blocks, event_shape).to(device=device, dtype=dtype)
         last = k == len(stages) - 1
         record = _optimize_stage(
-            cfg, method, stage, cur_train, k, len(stages), run, reporter, budget, ctx, amp
+            cfg, method, stage, cur_train, k, len(stages), run, reporter, budget, ctx, amp, cond
         )
         stage.eval()
         with stage.count_nfe() as c_val:
-            new_val = _push(method, stage, cur_val, ctx)
-        new_train = None if last else _push(method, stage, cur_train, ctx)
+            new_val = _push(method, stage, cur_val, ctx, val_cond)
+        new_train = None if last else _push(method, stage, cur_train, ctx, cond)
         record.update(
             {
                 "stage": k,
                 "blocks": stages[k],
                 "movement": float((new_val - cur_val).pow(2).flatten(1).sum(1).mean()),
                 "push_nfe": c_val.nfe,
-                **method.stage_report(stage, cur_val, new_val, k),
+                **_stage_report(method, stage, cur_val, new_val, k, val_cond),
             }
         )
-        # this call's wall time plus the optimisation time spent before an interruption
-        record["seconds"] = time.perf_counter() - t_stage + record["seconds_before_resume"]
+        record["seconds"] = record["seconds_optimize"] + (
+            time.perf_counter() - t_stage - record["seconds_optimize"]
+        )
         blocks.extend(stage_blocks)
-        meta["networks"].extend(_block_network_config(b) for b in stage_blocks)
+        meta["networks"].extend(block_network_config(b) for b in stage_blocks)
         meta["stages_done"] = k + 1
         meta["history"].append(record)
         meta["train_seconds"] = float(meta["train_seconds"]) + record["seconds"]
-        if main:  # commit: blocks, particles, then meta.json (the record that makes them count)
+        if writer is not None:  # commit: blocks, particles, then meta.json and manifest.json
             for j, b in zip(stages[k], stage_blocks):
-                save_tensors(run.block(j), b.state_dict())
+                save_tensors(writer.block(j), b.state_dict())
             save_tensors(
-                run.particles,
-                {"train": (new_train if new_train is not None else cur_train[:0]), "val": new_val},
+                writer.particles,
+                {
+                    "train": (new_train if new_train is not None else cur_train[:0]),
+                    "val": new_val,
+                    "stages_done": torch.tensor(k + 1),  # which record these particles belong to
+                },
             )
-            save_json(run.meta, meta)
-            Checkpoint(run.path, k).clear()
+            commit(writer, cfg, meta)
+            Checkpoint(writer.path, k).clear()
         ddp.barrier(ctx)  # no rank looks for the next stage's progress file before this commit
         reporter.stage_end(record)
         cur_val = new_val
@@ -232,16 +293,83 @@ def train(
         device=device, dtype=dtype
     )
     flow.eval()
-    return TrainResult(flow=flow, history=meta["history"], run_dir=run.path, splits=splits)
+    return TrainResult(
+        flow=flow,
+        history=meta["history"],
+        run_dir=run.path if run is not None else None,
+        splits=data.splits(),
+    )
 
 
-def _push(method: Method, stage: Flow, x: Tensor, ctx: ddp.DistContext | None) -> Tensor:
+def _replay(
+    method: Method,
+    blocks: list[Block],
+    stages: list[list[int]],
+    norm: Flow,
+    train_x: Tensor,
+    val_x: Tensor,
+    ctx: ddp.DistContext | None,
+    cond: dict[str, Tensor],
+    val_cond: dict[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The training and validation particles after the committed ``stages``, pushed again from the
+    data: needed only when a kill fell between writing the particle cache and the commit record."""
+    x, v = norm.normalize(train_x), norm.normalize(val_x)
+    for indices in stages:
+        stage = Flow([blocks[i] for i in indices], tuple(x.shape[1:])).to(x.device, x.dtype).eval()
+        x, v = _push(method, stage, x, ctx, cond), _push(method, stage, v, ctx, val_cond)
+    return x, v
+
+
+def _to_device(
+    cond: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Conditioning tensors on ``device``; floating ones in the run's ``dtype`` (labels keep theirs)."""
+    return {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        for k, v in cond.items()
+    }
+
+
+def _stage_report(
+    method: Method,
+    stage: Flow,
+    before: Tensor,
+    after: Tensor,
+    k: int,
+    val_cond: dict[str, Tensor],
+) -> dict[str, float]:
+    """``method.stage_report`` on the validation particles (at most :data:`COND_REPORT_ROWS` of
+    them, with their conditioning bound, in a conditioned run)."""
+    if not val_cond:
+        return method.stage_report(stage, before, after, k)
+    n = min(before.shape[0], COND_REPORT_ROWS)
+    with conditioning(**{name: v[:n] for name, v in val_cond.items()}):
+        return method.stage_report(stage, before[:n], after[:n], k)
+
+
+def _push(
+    method: Method,
+    stage: Flow,
+    x: Tensor,
+    ctx: ddp.DistContext | None,
+    cond: dict[str, Tensor] | None = None,
+) -> Tensor:
     """``method.push`` of the particles ``x``; under data parallelism each rank pushes its shard of
-    rows and the shards are all-gathered (pushes are row by row: fixed-step solvers)."""
-    if ctx is None:
-        return method.push(stage, x)
-    lo, hi = ctx.bounds(x.shape[0])
-    return ddp.all_gather_rows(method.push(stage, x[lo:hi]), x.shape[0], ctx)
+    rows and the shards are all-gathered (pushes are row by row: fixed-step solvers). With
+    conditioning, rows are pushed in chunks of :data:`PUSH_CHUNK`, each with its rows of ``cond``."""
+    n = x.shape[0]
+    lo, hi = (0, n) if ctx is None else ctx.bounds(n)
+    if not cond:
+        out = method.push(stage, x[lo:hi] if ctx is not None else x)
+    else:
+        parts = []
+        for a in range(lo, hi, PUSH_CHUNK):
+            b = min(hi, a + PUSH_CHUNK)
+            with conditioning(**{name: v[a:b] for name, v in cond.items()}):
+                parts.append(method.push(stage, x[a:b]))
+        out = torch.cat(parts) if parts else x[lo:hi]
+    return out if ctx is None else ddp.all_gather_rows(out, n, ctx)
 
 
 def _optimize_stage(
@@ -251,19 +379,30 @@ def _optimize_stage(
     particles: Tensor,
     k: int,
     n_stages: int,
-    run: RunDir,
+    run: RunDir | None,
     reporter: Reporter,
     budget: StepBudget,
     ctx: ddp.DistContext | None,
     amp: torch.dtype | None,
+    cond: dict[str, Tensor],
 ) -> dict[str, Any]:
-    """Optimise the blocks of stage ``k`` on the one loop (:func:`iterflow.train.loop.optimize`)."""
+    """Optimise the blocks of stage ``k`` on the one loop (:func:`iterflow.train.loop.optimize`).
+
+    Conditioning rows are drawn with the particle rows (the loop draws the same rows of every
+    tensor of the batch source) and bound around the method's loss."""
     gen = torch.Generator(device=particles.device).manual_seed(stage_seed(cfg.seed, k, salt=2))
     data = method.stage_data(stage, particles, k, gen)
     view = _training_view(stage, cfg)
+    names = list(cond)
+    m = len(data)
+    if cond:
+        data = (*data, *cond.values())
 
     def loss_fn(batch: tuple[Tensor, ...], generator: torch.Generator) -> Loss:
-        return method.loss(view, batch, k, generator)
+        if not names:
+            return method.loss(view, batch, k, generator)
+        with conditioning(**dict(zip(names, batch[m:]))):
+            return method.loss(view, batch[:m], k, generator)
 
     return optimize(
         stage,
@@ -271,13 +410,14 @@ def _optimize_stage(
         data,
         cfg.optim_config(),
         generator=gen,
-        checkpoint=Checkpoint(run.path, k, write=ctx is None or ctx.is_main),
+        checkpoint=Checkpoint(run.path, k, write=ctx is None or ctx.is_main) if run else None,
         reporter=reporter,
         ctx=ctx,
         autocast=amp,
         stage=k,
         n_stages=n_stages,
         budget=budget,
+        on_start=method.start_at,
     )
 
 
@@ -291,13 +431,6 @@ def _training_view(stage: Flow, cfg: TrainConfig) -> Flow:
     return view.to(device=stage.shift.device, dtype=stage.shift.dtype)
 
 
-def _block_network_config(b: Block) -> dict[str, Any]:
-    cfg = getattr(b.velocity, "config", None)
-    if cfg is None:
-        raise TypeError(f"velocity network {type(b.velocity).__name__} must define config()")
-    return cfg()
-
-
 def _make_stage_blocks(
     cfg: TrainConfig,
     indices: list[int],
@@ -306,10 +439,17 @@ def _make_stage_blocks(
     event_shape: tuple[int, ...],
     device: torch.device,
     dtype: torch.dtype,
+    velocity: VelocitySource | None = None,
 ) -> list[Block]:
+    """Fresh blocks ``indices`` of stage ``k``, seeded per block; a single block warm-starts from the
+    last finished one (``cfg.warm_start``) when their architectures agree."""
     out = []
     for j in indices:
-        net = build_velocity(cfg, event_shape, stage_seed(cfg.seed, j, salt=1))
+        seed = stage_seed(cfg.seed, j, salt=1)
+        if velocity is None:
+            net = build_velocity(cfg, event_shape, seed)
+        else:
+            net = new_velocity(velocity, seed)
         if cfg.warm_start and previous and len(indices) == 1:
             try:
                 net.load_state_dict(previous[-1].velocity.state_dict())
@@ -319,29 +459,43 @@ def _make_stage_blocks(
     return out
 
 
-def load_run(path: str | Path, *, device: str = "cpu") -> tuple[Flow, TrainConfig, dict[str, Any]]:
-    """Load a run folder: ``(flow, config, meta)``. Never unpickles; mismatches raise InputError."""
+def load_run(
+    path: str | Path, *, device: str = "cpu", velocity: VelocitySource | None = None
+) -> tuple[Flow, TrainConfig, dict[str, Any]]:
+    """Load a run folder: ``(flow, config, meta)``. Never unpickles; mismatches raise InputError.
+
+    Arguments:
+        path: the run folder.
+        device: where the flow goes.
+        velocity: the module (or factory) the run was trained with; required when its blocks are
+            user networks without a ``config()`` (saved as weights only), else optional.
+    """
     run = RunDir(path)
     if not run.path.is_dir():
         fail("run", "must be an existing run folder", str(path))
+    meta = read_meta(run, "run")  # manifest.json, or a format-1 folder's meta.json
+    if meta is None:
+        fail("run", "must hold a committed record (manifest.json or meta.json)", str(path))
     cfg = TrainConfig.from_json(load_json(run.config, "run"))
-    meta = load_json(run.meta, "run")
-    if not isinstance(meta, dict) or "networks" not in meta or "event_shape" not in meta:
-        fail("run", "meta.json must hold 'networks' and 'event_shape'", str(run.meta))
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        fail(
-            "run",
-            f"was written by a newer iterflow (format {meta.get('format_version')}); upgrade",
-            str(path),
-        )
     if not meta["networks"]:
         fail("run", "must hold at least one trained block (is training still running?)", str(path))
-    flow = load_flow(
-        run,
-        meta["networks"],
-        meta["event_shape"],
-        dtype=DTYPES[cfg.dtype],
-        device=resolve_device(device),
-        source="meta.json",
-    )
-    return flow, cfg, meta
+    dtype, dev = DTYPES[cfg.dtype], resolve_device(device)
+    custom = any(n.get("kind") not in NETWORKS.names() for n in meta["networks"])
+    if velocity is None and not custom:
+        source = run.manifest.name if run.manifest.exists() else run.meta.name
+        flow = load_flow(
+            run, meta["networks"], meta["event_shape"], dtype=dtype, device=dev, source=source
+        )
+        return flow, cfg, meta
+    blocks = []
+    for i, net_cfg in enumerate(meta["networks"]):
+        b = Block(rebuild_velocity(net_cfg, velocity, i)).to(dtype)
+        try:
+            b.load_state_dict(load_tensors(run.block(i), "run"))
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            fail("velocity", f"must match the network of {run.block(i).name} ({first})", str(path))
+        blocks.append(b)
+    norm = load_tensors(run.normalization, "run")
+    flow = Flow(blocks, meta["event_shape"], shift=norm["shift"], scale=norm["scale"])
+    return flow.to(device=dev, dtype=dtype).eval(), cfg, meta
