@@ -231,8 +231,9 @@ def plot_trajectories(
     fig, (ax,) = _figure(1, size=5.5)
     lines = LineCollection(list(tr.transpose(1, 0, 2)), colors="0.35", linewidths=0.5, alpha=0.4)
     ax.add_collection(lines)
-    ax.scatter(*tr[0].T, s=6, color=START_COLOR, label="start (index 0)", zorder=3)
-    ax.scatter(*tr[-1].T, s=6, color=END_COLOR, label=f"end (index {tr.shape[0] - 1})", zorder=3)
+    ax.scatter(tr[0, :, 0], tr[0, :, 1], s=6, color=START_COLOR, label="start (index 0)", zorder=3)
+    ax.scatter(tr[-1, :, 0], tr[-1, :, 1], s=6, color=END_COLOR,
+               label=f"end (index {tr.shape[0] - 1})", zorder=3)  # fmt: skip
     ax.legend(loc="upper right", markerscale=2.5, fontsize=9, framealpha=0.9)
     _style2d(ax, lims, f"{tr.shape[1]} paths, {tr.shape[0] - 1} steps{_dropped(dropped)}")
     return _save(fig, path, title)

@@ -13,7 +13,7 @@ import typer
 from iterflow.train import TrainConfig
 
 
-def make_console(quiet: bool):  # noqa: ANN202
+def make_console(quiet: bool) -> Any:  # a rich Console (rich is imported lazily)
     """The rich console every command prints its progress and summaries to (stderr; silent if quiet)."""
     from rich.console import Console
 

@@ -32,6 +32,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,7 +70,7 @@ class DistContext:
         constant buffers.
         """
         ids = [device.index if device.index is not None else self.local_rank]
-        no_sync = {"broadcast_buffers": False}
+        no_sync: dict[str, Any] = {"broadcast_buffers": False}
         if (
             "forward_sync_buffers"
             in inspect.signature(nn.parallel.DistributedDataParallel).parameters

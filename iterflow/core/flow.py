@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,8 @@ class Block(nn.Module):
         nfe: running count of velocity evaluations (one per batched call); read it through
             :meth:`Flow.count_nfe`.
     """
+
+    velocity: nn.Module
 
     def __init__(self, velocity: nn.Module) -> None:
         super().__init__()
@@ -129,6 +132,10 @@ class Flow(nn.Module):
         torch.Size([4])
     """
 
+    blocks: nn.ModuleList
+    shift: Tensor  # buffers (normalisation), declared for type checkers
+    scale: Tensor
+
     def __init__(
         self,
         blocks: Sequence[Block],
@@ -157,6 +164,11 @@ class Flow(nn.Module):
         return math.prod(self.event_shape)
 
     @property
+    def chain(self) -> list[Block]:
+        """The blocks in encoding order, typed (``self.blocks`` is a ``ModuleList``)."""
+        return cast("list[Block]", list(self.blocks))
+
+    @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
@@ -175,12 +187,12 @@ class Flow(nn.Module):
             >>> c.nfe  # 2 RK4 steps of 4 evaluations
             8
         """
-        start = sum(b.nfe for b in self.blocks)
+        start = sum(b.nfe for b in self.chain)
         counter = NFECount()
         try:
             yield counter
         finally:
-            counter.nfe = sum(b.nfe for b in self.blocks) - start
+            counter.nfe = sum(b.nfe for b in self.chain) - start
 
     def _check(self, x: Tensor, argument: str) -> Tensor:
         if not isinstance(x, Tensor):
@@ -217,7 +229,7 @@ class Flow(nn.Module):
         return -self.scale.log().sum()
 
     def _select(self, blocks: slice | None) -> Sequence[Block]:
-        return list(self.blocks) if blocks is None else list(self.blocks)[blocks]
+        return self.chain if blocks is None else self.chain[blocks]
 
     # -- maps -----------------------------------------------------------------------------------
     def encode(
@@ -232,7 +244,7 @@ class Flow(nn.Module):
         """Data -> noise: normalise, then integrate every block forward. Shape ``(B, *E)``."""
         spec = self._spec(solver, steps, atol, rtol)
         u = self.normalize(self._check(x, "x"))
-        for b in self.blocks:
+        for b in self.chain:
             u = b.encode(u, spec)
         return u
 
@@ -248,7 +260,7 @@ class Flow(nn.Module):
         """Noise -> data: integrate every block backward (last first), then de-normalise."""
         spec = self._spec(solver, steps, atol, rtol)
         u = self._check(z, "z")
-        for b in reversed(self.blocks):
+        for b in reversed(self.chain):
             u = b.decode(u, spec)
         return self.denormalize(u)
 
@@ -328,7 +340,7 @@ class Flow(nn.Module):
         spec = self._spec(solver, steps, atol, rtol)
         u = self.normalize(self._check(x, "x"))
         out = [u]
-        for b in self.blocks:
+        for b in self.chain:
             u = b.encode(u, spec)
             out.append(u)
         return out
@@ -354,9 +366,9 @@ class Flow(nn.Module):
         spec = self._spec(solver, steps, atol, rtol)
         x = self._check(x, "x")
         if direction == "encode":
-            u, blocks, rev = self.normalize(x), list(self.blocks), False
+            u, blocks, rev = self.normalize(x), self.chain, False
         else:
-            u, blocks, rev = x, list(reversed(self.blocks)), True
+            u, blocks, rev = x, list(reversed(self.chain)), True
         states = [u]
         for b in blocks:
             path = b.path(states[-1], spec, reverse=rev)

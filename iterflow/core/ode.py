@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,7 +19,8 @@ from torch import Tensor
 from iterflow.errors import Registry, check_positive, fail
 
 State = Tensor | tuple[Tensor, ...]
-VectorField = Callable[[Tensor, State], State]
+# f(t, y) -> dy/dt with y and dy/dt of one State form (a tensor, or a tuple of tensors).
+VectorField = Callable[[Tensor, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,9 @@ def _axpy(y: State, h: Tensor | float, ks: list[State], coeffs: tuple[float, ...
         out = y
         for c, k in zip(coeffs, ks):
             if c != 0.0:
-                out = out + (h * c) * k
+                out = out + (h * c) * k  # type: ignore[operator]
         return out
-    return tuple(_axpy(yi, h, [k[i] for k in ks], coeffs) for i, yi in enumerate(y))  # type: ignore[index]
+    return tuple(_axpy(yi, h, [k[i] for k in ks], coeffs) for i, yi in enumerate(y))  # type: ignore[index,misc]
 
 
 def _time_grid(t0: float, t1: float, steps: int, like: Tensor) -> Tensor:

@@ -96,6 +96,8 @@ class ClosedFormVelocity(nn.Module):
                 [-1., -2.]])
     """
 
+    points: Tensor  # buffer
+
     def __init__(
         self, points: Tensor, *, s_min: float = 1e-3, compute_dtype: torch.dtype = torch.float64
     ) -> None:
@@ -287,7 +289,7 @@ def straightness(
         fail("z", f"must have shape (batch, *{flow.event_shape})", tuple(z.shape))
     with flow.count_nfe() as c:
         x, per_block = z, []
-        for b in reversed(flow.blocks):
+        for b in reversed(flow.chain):
             x, s_b = _block_straightness(b, x, spec)
             per_block.append(float(s_b.double().mean()))
     cost = float((z - x).flatten(1).double().pow(2).sum(1).mean())
@@ -321,7 +323,7 @@ class Pairs:
 
 def decode_model_units(flow: Flow, z: Tensor, spec: SolverSpec) -> Tensor:
     """Integrate every block of ``flow`` backward from ``z`` and stay in model units."""
-    for b in reversed(flow.blocks):
+    for b in reversed(flow.chain):
         z = b.decode(z, spec)
     return z
 

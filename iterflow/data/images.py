@@ -361,7 +361,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) < head:
         fail(argument, "must hold its dimensions after the magic number", f"{len(raw)} bytes")
     shape = tuple(int(d) for d in np.frombuffer(raw[4:head], dtype=">i4"))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])  # type: ignore[call-overload]
     need = math.prod(shape) * dtype.itemsize
     if len(raw) - head != need:
         fail(argument, f"must hold {need} data bytes for shape {shape}", f"{len(raw) - head} bytes")

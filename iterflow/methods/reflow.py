@@ -96,6 +96,12 @@ def _seed_from(*parts: Any) -> int:
     return int.from_bytes(h[:7], "little")
 
 
+def _network_config(net: torch.nn.Module) -> dict[str, Any] | None:
+    """The recorded ``config()`` of a velocity network (``None`` for modules without one)."""
+    config = getattr(net, "config", None)
+    return config() if callable(config) else None
+
+
 class PairedMethod(Method):
     """Base of one-block methods trained on pairs simulated from a source flow (reflow, distill).
 
@@ -172,11 +178,8 @@ class PairedMethod(Method):
         source_name = getattr(opts, "source", "")
         if src is None:  # stage_data loads the source whenever warm_start is set
             raise RuntimeError("warm start needs the source flow loaded")
-        net = stage.blocks[0].velocity
-        mine = net.config() if hasattr(net, "config") else None
-        theirs = (
-            src.blocks[0].velocity.config() if hasattr(src.blocks[0].velocity, "config") else None
-        )
+        net = stage.chain[0].velocity
+        mine, theirs = _network_config(net), _network_config(src.chain[0].velocity)
         if src.num_blocks != 1 or mine != theirs:
             fail(
                 "option 'warm_start'",
@@ -185,7 +188,7 @@ class PairedMethod(Method):
                 source_name,
             )
         with torch.no_grad():
-            net.load_state_dict(src.blocks[0].velocity.state_dict())
+            net.load_state_dict(src.chain[0].velocity.state_dict())
 
     def _initial_pairs(self, like: Tensor) -> Pairs:
         opts: PairedOptions = self.options  # type: ignore[assignment]

@@ -40,7 +40,7 @@ class FourierTime(nn.Module):
         self.out_features = 1 + 2 * n_freq
 
     def forward(self, t: Tensor) -> Tensor:  # (B, 1) -> (B, 1 + 2 n_freq)
-        ang = t * self.freqs.to(t.dtype)
+        ang = t * self.freqs.to(t.dtype)  # type: ignore[operator]
         return torch.cat([t, ang.sin(), ang.cos()], dim=1)
 
 

@@ -187,7 +187,7 @@ class UNet(nn.Module):
         self.out = nn.Conv2d(c, c_img, 3, padding=1)
         if self.zero_init:
             nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
+            nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]
 
     # -- conditioning ----------------------------------------------------------------------------
     @contextmanager
