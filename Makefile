@@ -2,7 +2,7 @@
 VENV ?= .venv
 OUT ?= runs/demo
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench docs
 
 setup:
 	bash scripts/setup.sh
@@ -18,3 +18,6 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_fm.py
+
+docs: setup
+	$(VENV)/bin/mkdocs build --strict

@@ -2,9 +2,10 @@
 
 The Python face: :func:`fit` trains any method on a tensor, an array or a ``Dataset`` (with the
 built-in networks or your own velocity module); :class:`FlowDensity` is the same as a scikit-learn
-density estimator; :class:`Flow` samples, encodes and scores; :func:`conditioning` binds per-row
-keyword arguments of conditional velocity networks. ``fit``, ``FlowDensity``, ``TrainConfig`` and
-``load_run`` are imported on first use, so ``import iterflow`` stays light.
+density estimator; :class:`Flow` samples, encodes and scores; :func:`score_rows` gives one
+log-density per row (with Hutchinson's standard error); :func:`conditioning` binds per-row keyword
+arguments of conditional velocity networks. ``fit``, ``FlowDensity``, ``TrainConfig``, ``load_run``
+and ``score_rows`` are imported on first use, so ``import iterflow`` stays light.
 """
 
 from typing import Any
@@ -20,6 +21,7 @@ _LAZY = {
     "TrainConfig": "iterflow.train",
     "TrainResult": "iterflow.train",
     "load_run": "iterflow.train",
+    "score_rows": "iterflow.evaluation.score",
 }
 
 
@@ -43,4 +45,5 @@ __all__ = [
     "conditioning",
     "fit",
     "load_run",
+    "score_rows",
 ]

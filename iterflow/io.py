@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -238,3 +239,114 @@ def check_format(record: Any, argument: str, where: str) -> None:
             f"{FORMAT_VERSION}); upgrade iterflow",
             where,
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# TOML: configuration files (read with tomllib / tomli, written by the small writer below)
+# ------------------------------------------------------------------------------------------------
+
+
+def read_toml(path: str | Path, argument: str = "config") -> dict[str, Any]:
+    """The table in the TOML file ``path`` (``tomllib``; the ``tomli`` package on Python 3.10).
+
+    Raises:
+        InputError: naming ``argument`` for a missing or unreadable file or invalid TOML (the
+            message gives the line and column).
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "run.toml"
+        >>> _ = p.write_text('steps = 100\\n[options]\\ngamma = 0.5\\n')
+        >>> read_toml(p)
+        {'steps': 100, 'options': {'gamma': 0.5}}
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser, packaged
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        fail(argument, "must be an existing TOML file", str(path))
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        fail(argument, "must be a UTF-8 text file", str(path))
+    except tomllib.TOMLDecodeError as e:
+        fail(argument, f"must be valid TOML ({e})", str(path))
+
+
+def toml_key(key: str) -> str:
+    """``key`` as a TOML key: bare when it can be (``batch_size``), quoted otherwise."""
+    if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
+        return key
+    return _toml_string(key)
+
+
+def toml_value(value: Any) -> str:
+    """A TOML value: booleans, integers, floats (``repr``: read back to the same float, ``inf`` and
+    ``nan`` included), strings, paths, arrays (lists and tuples) and inline tables (mappings).
+
+    Raises:
+        InputError: naming ``value`` for ``None`` (TOML has no null: leave the key out) or a value
+            of another type.
+
+    Example:
+        >>> toml_value([1, 2.5, "a", True]), toml_value(1e-05), toml_value({"h": 0.1})
+        ('[1, 2.5, "a", true]', '1e-05', '{ h = 0.1 }')
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # 'inf', '-inf' and 'nan' are TOML too
+    if isinstance(value, (str, os.PathLike)):
+        return _toml_string(os.fspath(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{toml_key(str(k))} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # NumPy / 0-dim tensor
+        return toml_value(value.item())
+    fail("value", "must be a bool, number, string, list or mapping to be written as TOML", value)
+
+
+def toml_dumps(table: Mapping[str, Any], *, header: str = "") -> str:
+    """TOML text of ``table``: its plain keys first, then each mapping as a ``[section]`` (nested
+    mappings as ``[section.sub]``). Keys whose value is ``None`` are written as a comment (TOML has
+    no null; a reader then sees the key unset). ``header`` lines become ``#`` comments on top.
+
+    Example:
+        >>> print(toml_dumps({"steps": 100, "img2d_dir": None, "options": {"gamma": 0.5}}), end="")
+        steps = 100
+        # img2d_dir: unset
+        <BLANKLINE>
+        [options]
+        gamma = 0.5
+    """
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    lines += _toml_table(table, ())
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_table(table: Mapping[str, Any], path: tuple[str, ...]) -> list[str]:
+    lines, sections = [], []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            sections.append((key, value))
+        elif value is None:
+            lines.append(f"# {key}: unset")
+        else:
+            lines.append(f"{toml_key(key)} = {toml_value(value)}")
+    for key, value in sections:
+        sub = (*path, key)
+        lines += ["", "[" + ".".join(toml_key(k) for k in sub) + "]", *_toml_table(value, sub)]
+    return lines
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's (``ensure_ascii=False`` keeps every non-ASCII
+    character as itself, so no surrogate pair is written), DEL escaped as TOML requires."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")

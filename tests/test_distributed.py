@@ -79,17 +79,17 @@ def test_shard_bounds_cover_the_batch_and_shard_means_average_to_the_mean() -> N
         assert bounds[0][0] == 0 and bounds[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
         assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
-    values = torch.randn(63, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values = torch.randn(63, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     shares = []
     for rank in range(2):
         ctx = ddp.DistContext(rank=rank, world_size=2, local_rank=rank, backend="gloo")
         with ddp.sharding(ctx):
             rows = ddp.local_rows(63)
-            shares.append(ddp.shard_mean(values[rows], 63))
-    # DDP averages the ranks' gradients, i.e. the ranks' losses: that average is the global mean.
+            shares.append(ddp.row_mean(values[rows], 63, ctx))
+    # The loop averages the ranks' gradients, i.e. the ranks' losses: that average is the global mean.
     assert torch.allclose(sum(shares) / 2, values.mean(), atol=1e-14)
     assert ddp.local_rows(63) == slice(0, 63)  # outside sharding(): every row
-    assert torch.equal(ddp.shard_mean(values, 63), values.mean())
+    assert torch.equal(ddp.row_mean(values, 63, None), values.mean())
     assert ddp.all_gather_rows(values, 63, None) is values
 
 

@@ -28,8 +28,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from iterflow.apps.api import fit
 from iterflow.core.flow import Flow
-from iterflow.core.ode import ADAPTIVE_SOLVERS
+from iterflow.core.ode import ADAPTIVE_SOLVERS, SolverSpec
 from iterflow.errors import InputError, fail
+from iterflow.evaluation.score import log_density_rows
 from iterflow.train import VelocitySource
 
 #: Seeds drawn for ``random_state=None`` or a ``RandomState`` lie in ``[0, 2**31)``.
@@ -143,11 +144,16 @@ class FlowDensity(DensityMixin, BaseEstimator):
         return self
 
     def score_samples(self, X: Any) -> np.ndarray:
-        """Log-density of each row of ``X`` (nats, in the data's units), shape ``(n,)``."""
+        """Log-density of each row of ``X`` (nats, in the data's units), shape ``(n,)``.
+
+        Computed in chunks of rows by the loop behind ``iterflow score``
+        (:func:`iterflow.evaluation.score.log_density_rows`); for Hutchinson's per-row standard
+        errors or bits/dim use :func:`iterflow.evaluation.score.score_rows` on ``flow_``.
+        """
         check_is_fitted(self)
         x = self._tensor(self._validate(X, reset=False))
-        with torch.no_grad():
-            lp = self.flow_.log_prob(x, solver=self.solver, steps=self.steps_per_block)
+        spec = SolverSpec(self.solver, self.steps_per_block)
+        lp, _ = log_density_rows(self.flow_, x, spec=spec)
         return lp.cpu().numpy().astype(np.float64)
 
     def score(self, X: Any, y: Any = None) -> float:

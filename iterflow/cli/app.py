@@ -17,11 +17,12 @@ from typing import Any
 
 import typer
 
-from iterflow.cli import images, reflow, transport, worst_case
-from iterflow.cli.options import cli_error, parse_hidden, parse_key_values
+from iterflow.cli import config_file, images, reflow, score, transport, worst_case
+from iterflow.cli.options import cli_error, parse_hidden
 from iterflow.cli.ui import (
     interrupted,
     make_console,
+    open_tensorboard,
     train_with_progress,
     write_report,
 )
@@ -45,7 +46,9 @@ FOLDER_KINDS: dict[str, str] = {}
 
 
 @app.command()
+@config_file.reads_config
 def train(
+    cli: typer.Context,
     method: str = typer.Option(_D.method, help="Training method: fm, cnf, jko, local-fm, ..."),
     data: str = typer.Option(_D.data, help="Data set name or path to .npy/.csv/.png."),
     out: Path = typer.Option(
@@ -66,6 +69,9 @@ def train(
     ),
     time_freqs: int | None = typer.Option(
         None, help=f"Fourier frequencies of the time embedding.{_PER_METHOD}"
+    ),
+    zero_init: bool = typer.Option(
+        _D.zero_init, help="Start each block's output layer at zero (the identity map)."
     ),
     ema: float = typer.Option(_D.ema, help="EMA decay of weights (0 disables)."),
     weight_decay: float = typer.Option(_D.weight_decay),
@@ -89,6 +95,9 @@ def train(
     checkpoint_every: int = typer.Option(
         _D.checkpoint_every, help="Steps between in-stage checkpoints."
     ),
+    log_every: int = typer.Option(
+        _D.log_every, help="Steps between the lines of log.jsonl (and TensorBoard points)."
+    ),
     autocast: str = typer.Option(
         _D.autocast,
         help="Mixed precision of the loss: auto (bf16 where measured to help), none, bf16.",
@@ -106,9 +115,19 @@ def train(
         True, help="After training write samples.npy, metrics.json and plots."
     ),
     eval_n: int = typer.Option(2000, help="Test points for the report's metrics."),
+    tensorboard: Path | None = typer.Option(
+        None, help="Also log to TensorBoard in this folder (needs the tensorboard package)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    config_path: Path | None = config_file.config_option(),
+    print_config: bool = config_file.print_option(),
 ) -> None:
-    """Train a flow into a run folder (resumes an interrupted run with the same config)."""
+    """Train a flow into a run folder (resumes an interrupted run with the same config).
+
+    Settings may come from a TOML file (--config; flags given on the command line win); the run
+    folder gets the resolved configuration as config.toml, so `--config RUN --out NEW` trains the
+    same run again."""
+    from iterflow.io import load_json
     from iterflow.train import TrainConfig
 
     cfg = TrainConfig.for_method(
@@ -125,6 +144,7 @@ def train(
         hidden=None if hidden is None else parse_hidden(hidden),
         activation=activation,
         time_freqs=time_freqs,
+        zero_init=zero_init,
         warm_start=warm_start,
         n_train=n_train,
         n_val=n_val,
@@ -134,24 +154,38 @@ def train(
         device=device,
         dtype=dtype,
         checkpoint_every=checkpoint_every,
-        options=parse_key_values(option),
+        log_every=log_every,
+        options=config_file.table(cli, "option", option),
         img2d_dir=img2d_dir,
         network=network,
-        net_options=parse_key_values(net_option),
+        net_options=config_file.table(cli, "net_option", net_option),
         autocast=autocast,
         compile=compile_,
     )
+    text = config_file.train_config_text(cli, cfg)
+    if print_config:
+        print(text, end="")
+        return
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     quiet = quiet or not main_rank
     console = make_console(quiet)
+    tb = open_tensorboard(tensorboard, cli) if main_rank else None
     t0 = time.perf_counter()
-    result = train_with_progress(cfg, out, quiet)
+    result = train_with_progress(cfg, out, quiet, tb)
     console.print(
         f"trained {cfg.method} ({result.flow.num_blocks} block(s)) in {time.perf_counter() - t0:.1f} s "
         f"-> {out}"
     )
-    if report and main_rank:
+    if not main_rank:
+        return
+    config_file.save_config(out, text)
+    if report:
         write_report(out, eval_n, device, console)
+    if tb is not None:
+        if report:
+            tb.add_scalars("metrics", load_json(out / "metrics.json"), 0)
+        tb.add_text("config", "```toml\n" + text + "```")
+        tb.add_images((out / "plots").glob("*.png"))
 
 
 @app.command()
@@ -316,7 +350,7 @@ def datasets() -> None:
 
 
 # The command groups of the other modules, registered explicitly (no import side effects).
-for _module in (images, reflow, transport, worst_case):
+for _module in (images, reflow, score, transport, worst_case):
     _module.register(app)
     FOLDER_KINDS.update(_module.FOLDER_KINDS)
 

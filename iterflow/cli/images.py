@@ -146,6 +146,11 @@ def _print_table(run: Path, m: dict[str, Any]) -> None:
     for k, v in m["fd_local_classifier_by_nfe"].items():
         t.add_row(f"  FD at {k} Euler NFE", f"{v:.4g}")
     t.add_row("  FD test vs train (floor)", f"{m['fd_test_vs_train']:.4g}")
+    if m.get("precision") is not None:
+        t.add_row(
+            f"precision / recall / density / coverage (k={m['prdc_k']})",
+            " / ".join(f"{m[k]:.3f}" for k in ("precision", "recall", "density", "coverage")),
+        )
     nn = m["nearest_train"]
     t.add_row(
         "NN distance to train (RMS/pixel)",

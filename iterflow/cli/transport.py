@@ -25,13 +25,14 @@ from typing import Any
 import torch
 import typer
 
+from iterflow.cli import config_file
 from iterflow.cli.transport_report import (
     print_summary,
     transport_metrics,
     transport_plots,
     truth_fn,
 )
-from iterflow.cli.ui import interrupted
+from iterflow.cli.ui import interrupted, open_tensorboard
 from iterflow.errors import InputError, check_choice, fail
 from iterflow.train import DTYPES
 
@@ -45,7 +46,7 @@ FOLDER_KINDS = {"transport": "transport.json", "ratio": "ratio.json"}
 
 def register(app: typer.Typer) -> None:
     """Add the ``transport`` and ``ratio`` commands to the CLI (and their folders to `iterflow info`)."""
-    app.command(name="transport")(transport)
+    app.command(name="transport")(config_file.reads_config(transport))
     app.command(name="ratio")(ratio)
 
 
@@ -78,15 +79,29 @@ class PhaseProgress:
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_transport_options(items: list[str], base: dict[str, Any]) -> Any:
-    """``TransportOptions`` from the named CLI options ``base``, overridden by ``-o KEY=VALUE``."""
+def parse_transport_options(raw: dict[str, Any], base: dict[str, Any]) -> Any:
+    """``TransportOptions`` from the named CLI options ``base``, overridden by the ``-o KEY=VALUE``
+    entries ``raw`` (text or values, coerced once by each field's annotation)."""
     from iterflow.apps.ot import TransportOptions
-    from iterflow.cli.options import parse_key_values
     from iterflow.core.coerce import coerce_fields, field_types
 
-    raw = parse_key_values(items)  # text, coerced once by each field's annotation
     typed = coerce_fields(field_types(TransportOptions), raw, lambda key: f"option {key!r}")
     return TransportOptions(**{**base, **typed})
+
+
+#: TransportOptions fields that are flags of `iterflow transport` (the others are -o options).
+OPTION_FLAGS = ("blocks", "hidden", "init_steps", "refine_steps", "gamma", "batch_size")
+
+
+def transport_config_text(ctx: typer.Context, options: Any) -> str:
+    """The resolved configuration of `iterflow transport`: its flags (the ``TransportOptions``
+    ones with the values the run uses) and every other ``TransportOptions`` field in
+    ``[options]``."""
+    values = options.to_json() if hasattr(options, "to_json") else dataclasses.asdict(options)
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    flags = {k: values[k] for k in OPTION_FLAGS}
+    rest = {k: v for k, v in values.items() if k not in OPTION_FLAGS}
+    return config_file.config_text(ctx, flags, {"options": rest})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,6 +138,7 @@ def load_pair(data: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
 
 
 def transport(
+    cli: typer.Context,
     source: str = typer.Option(..., help="Source P: a data set name or a .npy/.csv/.png file."),
     target: str = typer.Option(..., help="Target Q: a data set name or a .npy/.csv/.png file."),
     out: Path = typer.Option(
@@ -157,12 +173,19 @@ def transport(
     ),
     checkpoint_every: int = typer.Option(200, help="Steps between in-phase checkpoints."),
     img2d_dir: str | None = typer.Option(None, help="Folder holding img_rose.png / img_tree.png."),
+    tensorboard: Path | None = typer.Option(
+        None, help="Also log to TensorBoard in this folder (needs the tensorboard package)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    config_path: Path | None = config_file.config_option(),
+    print_config: bool = config_file.print_option(),
 ) -> None:
     """Optimal transport from P to Q by a flow (kinetic energy + classifier KLs); W2 estimate.
 
     Re-running the same command on the same folder resumes an interrupted run (also after
     ``kill -9``) to the result of an uninterrupted one; under ``torchrun`` it trains data-parallel.
+    Settings may come from a TOML file (--config); the run folder gets the resolved configuration
+    as config.toml.
     """
     from iterflow.apps.ot import fit_transport
     from iterflow.cli.options import parse_hidden
@@ -178,7 +201,7 @@ def transport(
     if out.exists() and not out.is_dir():
         fail("--out", "must be a folder, not a file", str(out))
     options = parse_transport_options(
-        option,
+        config_file.table(cli, "option", option),
         {
             "blocks": blocks,
             "hidden": parse_hidden(hidden),
@@ -191,6 +214,10 @@ def transport(
     ratio_opts = (
         _telescopic_options(intervals, ratio_steps, options.blocks) if ratio_estimator else None
     )
+    text = transport_config_text(cli, options)
+    if print_config:
+        print(text, end="")
+        return
     data: dict[str, Any] = {
         "source": _resolved(source),
         "target": _resolved(target),
@@ -213,16 +240,18 @@ def transport(
     run_config = {"data": data, "ratio": ratio_opts.to_json() if ratio_opts else None}
     t0 = time.perf_counter()
     est = None
+    tb = open_tensorboard(tensorboard, cli) if main else None
     with PhaseProgress(quiet or not main) as prog, _out_flag():
+        progress: Any = prog if tb is None else tb.progress(prog)
         try:
             result = fit_transport(
                 x_train, y_train, options, generator=torch.Generator(dev).manual_seed(seed),
-                folder=out, progress=prog, ctx=ctx, autocast=amp,
+                folder=out, progress=progress, ctx=ctx, autocast=amp,
                 checkpoint_every=checkpoint_every, extra_config=run_config,
             )  # fmt: skip
             if ratio_opts is not None:
-                est = _telescopic(out, result.flow, x_train, y_train, ratio_opts, seed, prog, ctx,
-                                  amp, checkpoint_every)  # fmt: skip
+                est = _telescopic(out, result.flow, x_train, y_train, ratio_opts, seed, progress,
+                                  ctx, amp, checkpoint_every)  # fmt: skip
         except KeyboardInterrupt:
             raise typer.Exit(interrupted()) from None
     seconds = time.perf_counter() - t0
@@ -234,8 +263,13 @@ def transport(
     from iterflow.io import save_json
 
     save_json(out / "metrics.json", metrics)
+    config_file.save_config(out, text)
     plots = transport_plots(out, result, x_test.cpu(), y_test.cpu(), pushed.cpu(), est, truth)
     print_summary(prog.console, metrics, seconds, out, plots)
+    if tb is not None:
+        tb.add_scalars("metrics", metrics, 0)
+        tb.add_text("config", "```toml\n" + text + "```")
+        tb.add_images(plots)
 
 
 @contextmanager
@@ -256,7 +290,7 @@ def _telescopic(
     y: torch.Tensor,
     options: Any,
     seed: int,
-    prog: PhaseProgress,
+    prog: Any,
     ctx: Any,
     amp: torch.dtype | None,
     checkpoint_every: int,

@@ -76,16 +76,38 @@ class RichReporter:
         self.console.print(f"  block(s) {record.get('blocks')}: {shown}")
 
 
-def train_with_progress(cfg: TrainConfig, out: Path, quiet: bool) -> Any:
+def train_with_progress(cfg: TrainConfig, out: Path, quiet: bool, tensorboard: Any = None) -> Any:
     """Train ``cfg`` into ``out`` (resuming a run of the same config) with the progress bar; Ctrl-C
-    exits with status 130 and the hint to resume. Returns the trainer's result."""
+    exits with status 130 and the hint to resume. Returns the trainer's result.
+
+    ``tensorboard``: a :class:`~iterflow.train.tensorboard.TensorBoardLog` that also gets the
+    progress (``None``: none)."""
     from iterflow.train import train as run_train
 
     try:
         with RichReporter(quiet) as rep:
-            return run_train(cfg, out, reporter=rep)
+            shown = rep if tensorboard is None else tensorboard.reporter(rep)
+            return run_train(cfg, out, reporter=shown)
     except KeyboardInterrupt:
         raise typer.Exit(interrupted()) from None
+
+
+def open_tensorboard(logdir: Path | None, ctx: Any) -> Any:
+    """A :class:`~iterflow.train.tensorboard.TensorBoardLog` writing into ``logdir`` (``--tensorboard``),
+    closed with the command's click context ``ctx`` (also when training stops with an error or
+    Ctrl-C), or ``None`` without ``logdir``. A missing ``tensorboard`` package is an error naming
+    the flag."""
+    if logdir is None:
+        return None
+    from iterflow.errors import InputError
+    from iterflow.train.tensorboard import TensorBoardLog
+
+    try:
+        log = TensorBoardLog(logdir)
+    except InputError as e:
+        raise InputError("--tensorboard", e.rule, e.value) from None
+    ctx.call_on_close(log.close)
+    return log
 
 
 def write_report(out: Path, n: int, device: str, console: Any) -> None:

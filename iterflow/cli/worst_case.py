@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import typer
 
+from iterflow.cli import config_file
 from iterflow.errors import InputError, fail
 
 # For `iterflow info`: kind -> the JSON file that marks the folders of earlier versions (folders
@@ -35,10 +36,11 @@ FOLDER_KINDS = {"worst-case": "dro.json"}
 
 def register(app: typer.Typer) -> None:
     """Add the ``worst-case`` command to the CLI (and its folders to `iterflow info`)."""
-    app.command(name="worst-case")(worst_case)
+    app.command(name="worst-case")(config_file.reads_config(worst_case))
 
 
 def worst_case(
+    cli: typer.Context,
     reference: str = typer.Option(
         ...,
         help="Reference P: a run folder, a labelled set (moons, circles, "
@@ -97,12 +99,20 @@ def worst_case(
         True, help="Also run the gradient-ascent baseline at equal cost."
     ),
     ascent_steps: int = typer.Option(100, help="Gradient-ascent steps of the baseline."),
+    tensorboard: Path | None = typer.Option(
+        None, help="Also log to TensorBoard in this folder (needs the tensorboard package)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    config_path: Path | None = config_file.config_option(),
+    print_config: bool = config_file.print_option(),
 ) -> None:
-    """Worst-case sampling: a flow map F maximising E R(F(X)) - E|X - F(X)|^2 / (2 gamma)."""
+    """Worst-case sampling: a flow map F maximising E R(F(X)) - E|X - F(X)|^2 / (2 gamma).
+
+    Settings may come from a TOML file (--config); the run folder gets the resolved configuration
+    as config.toml."""
     from iterflow.apps import dro
     from iterflow.cli.options import parse_hidden
-    from iterflow.cli.ui import make_console
+    from iterflow.cli.ui import make_console, open_tensorboard
     from iterflow.core import distributed as ddp
     from iterflow.train import DTYPES, resolve_device
 
@@ -124,6 +134,11 @@ def worst_case(
             "n_test": n_test, "classifier_hidden": list(clf_hidden),
             "classifier_steps": classifier_steps, "label_smoothing": label_smoothing,
         }  # fmt: skip
+        text = config_file.config_text(cli)
+        if print_config:
+            print(text, end="")
+            return
+        tb = open_tensorboard(tensorboard, cli) if main_rank else None
         dev = resolve_device(device)
         ctx = ddp.setup(dev)
         if ctx is not None and dev.type == "cuda" and dev.index is None:
@@ -138,7 +153,7 @@ def worst_case(
             the_risk, labels_train, labels_test, info = _make_risk(
                 risk, ref, data, x_train, x_test, seed=seed, hidden=clf_hidden,
                 steps=classifier_steps, label_smoothing=label_smoothing, folder=out,
-                checkpoint_every=checkpoint_every, reporter=bars.phase("classifier"),
+                checkpoint_every=checkpoint_every, reporter=_shown(bars, "classifier", tb),
             )  # fmt: skip
             if isinstance(the_risk, dro.ClassifierLoss):
                 store.commit("classifier", {"done": True, "files": ["classifier.json",
@@ -146,7 +161,7 @@ def worst_case(
                 the_risk = dro.ClassifierLoss(the_risk.classifier.to(dt))
             result = dro.fit_worst_case(
                 x_train, the_risk, labels=labels_train, config=config, folder=out,
-                reporter=bars.phase("map"),
+                reporter=_shown(bars, "map", tb),
             )  # fmt: skip
     if not main_rank:
         return
@@ -188,8 +203,19 @@ def worst_case(
     from iterflow.io import save_json
 
     save_json(out / "metrics.json", metrics)
+    config_file.save_config(out, text)
     plots = _plots(out, ref, x_train, x_test, y_test, labels_test, asc)
     _summary(console, metrics, time.perf_counter() - t0, out, plots)
+    if tb is not None:
+        tb.add_scalars("metrics", metrics, 0)
+        tb.add_text("config", "```toml\n" + text + "```")
+        tb.add_images(plots)
+
+
+def _shown(bars: _Bars, label: str, tb: Any) -> Any:
+    """The reporter of one training phase: its progress bar, and TensorBoard when logging."""
+    bar = bars.phase(label)
+    return bar if tb is None else tb.reporter(bar, prefix=label)
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Data-parallel training on PyTorch's own ``torch.distributed`` (DDP, launched by ``torchrun``).
+"""Data-parallel training on PyTorch's own ``torch.distributed`` (launched by ``torchrun``).
 
 The trainer (:func:`iterflow.train.train`) calls :func:`setup`: under ``torchrun`` (``WORLD_SIZE > 1``
 in the environment) it joins the process group (``nccl`` on GPUs, ``gloo`` on CPUs) and returns a
@@ -7,11 +7,12 @@ in the environment) it joins the process group (``nccl`` on GPUs, ``gloo`` on CP
 Equivalence with one process. Every rank draws the *global* minibatch (indices, noise, times) from
 identically seeded generators and keeps only its own contiguous slice of rows (:func:`local_rows`)
 for the network's forward and backward passes. Each rank's loss is its rows' share of the global mean
-(:func:`shard_mean`); DDP averages the gradients over ranks, so the averaged gradient is the gradient
-of the global mean loss — the same update as one process with the same global batch, up to
-floating-point summation order. Minibatch couplings (OT) are computed on the global batch before the
-slicing. Progressive methods push their cached particles shard by shard and :func:`all_gather_rows`.
-Rank 0 alone writes the run folder.
+(:func:`row_mean`); the loop (:func:`iterflow.train.loop.optimize`) averages the gradients over the
+ranks with one all-reduce, so the averaged gradient is the gradient of the global mean loss — the
+same update as one process with the same global batch, up to floating-point summation order. No
+``DistributedDataParallel`` wrapper is needed, so any ``nn.Module`` trains data-parallel. Minibatch
+couplings (OT) are computed on the global batch before the slicing. Progressive methods push their
+cached particles shard by shard and :func:`all_gather_rows`. Rank 0 alone writes the run folder.
 
 GPUs (one process per GPU; the global batch is ``--batch-size``, split across the ranks)::
 
@@ -26,17 +27,14 @@ from __future__ import annotations
 
 import atexit
 import contextvars
-import inspect
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -62,23 +60,6 @@ class DistContext:
     def bounds(self, n: int) -> tuple[int, int]:
         """Rows ``[start, stop)`` of a length-``n`` batch owned by this rank (see :func:`shard_bounds`)."""
         return shard_bounds(n, self.rank, self.world_size)
-
-    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        """``module`` wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`.
-
-        Buffers are not re-broadcast at each forward pass: iterflow's velocity networks hold only
-        constant buffers.
-        """
-        ids = [device.index if device.index is not None else self.local_rank]
-        no_sync: dict[str, Any] = {"broadcast_buffers": False}
-        if (
-            "forward_sync_buffers"
-            in inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        ):
-            no_sync = {"forward_sync_buffers": False}  # the newer name of the same setting
-        return nn.parallel.DistributedDataParallel(
-            module, device_ids=ids if device.type == "cuda" else None, **no_sync
-        )
 
 
 _SHARD: contextvars.ContextVar[DistContext | None] = contextvars.ContextVar(
@@ -157,20 +138,6 @@ def local_rows(n: int) -> slice:
     if ctx is None:
         return slice(0, n)
     return slice(*ctx.bounds(n))
-
-
-def shard_mean(values: Tensor, n: int) -> Tensor:
-    """This rank's share of the mean over a global batch of ``n`` rows.
-
-    ``values`` holds this rank's rows (``local_rows(n)`` of them, any trailing shape). Returns
-    ``values.sum() * world_size / (n * per_row)``: averaged over ranks (as DDP averages gradients)
-    it is the global mean. Outside :func:`sharding` it is ``values.mean()``.
-    """
-    ctx = _SHARD.get()
-    if ctx is None:
-        return values.mean()
-    per_row = math.prod(values.shape[1:])
-    return values.sum() * (ctx.world_size / (n * per_row))
 
 
 def row_mean(rows: Tensor, n: int, ctx: DistContext | None) -> Tensor:

@@ -43,6 +43,7 @@ from iterflow.data.tabular import (
     ArrayDataset,
     load_array,
     load_file_dataset,
+    read_table,
     sklearn_dataset,
 )
 from iterflow.data.toy2d import TOY_FACTORIES
@@ -140,4 +141,5 @@ __all__ = [
     "Splits",
     "get_dataset",
     "load_array",
+    "read_table",
 ]

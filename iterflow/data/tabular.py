@@ -36,64 +36,104 @@ def load_array(path: str | Path) -> np.ndarray:
             not a 2-D array, fewer than 3 rows, or NaN/inf entries.
     """
     path = Path(path)
-    argument = str(path)
+    return _check_table(read_table(path), str(path))
+
+
+def read_table(path: str | Path, argument: str | None = None) -> np.ndarray:
+    """The numbers of a ``.npy`` or ``.csv`` file as float64, without :func:`load_array`'s checks
+    of the row count and of finite values (for callers that check rows themselves and name them,
+    such as ``iterflow score``).
+
+    A ``.npy`` file keeps its shape (never unpickled); a ``.csv`` file is read as by
+    :func:`load_array` into ``(n, d)``, and a row of another width or a field that is not a number
+    is named by its index among the data rows (0-based, after any header) and its line in the file.
+
+    Args:
+        path: the file.
+        argument: the name errors give (default: the path).
+
+    Raises:
+        InputError: missing or empty file, unknown suffix, unreadable or unparsable content.
+    """
+    path = Path(path)
+    argument = str(path) if argument is None else argument
     if not path.is_file():
         fail(argument, "must be an existing file", str(path.resolve()))
     if path.stat().st_size == 0:
         fail(argument, "must not be empty", "0 bytes")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        arr = _read_npy(path)
-    elif suffix == ".csv":
-        arr = _read_csv(path)
-    else:
-        fail(argument, "must end in .npy or .csv", path.suffix or "no suffix")
-    return _check_table(arr, argument)
+        return _read_npy(path, argument)
+    if suffix == ".csv":
+        return _read_csv(path, argument)
+    fail(argument, "must end in .npy or .csv", path.suffix or "no suffix")
 
 
-def load_npy(path: Path) -> np.ndarray:
-    """One array from a ``.npy`` file, never unpickling; errors name the file and the rule."""
+def load_npy(path: Path, argument: str | None = None) -> np.ndarray:
+    """One array from a ``.npy`` file, never unpickling; errors name the file (or ``argument``)
+    and the rule."""
+    argument = str(path) if argument is None else argument
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         fail(
-            str(path),
+            argument,
             "must be a readable .npy file (saved with numpy.save, no pickled objects)",
             str(err),
         )
     if not isinstance(arr, np.ndarray):
-        fail(str(path), "must hold a single array (.npy, not .npz)", type(arr).__name__)
+        fail(argument, "must hold a single array (.npy, not .npz)", type(arr).__name__)
     return arr
 
 
-def _read_npy(path: Path) -> np.ndarray:
-    arr = load_npy(path)
+def _read_npy(path: Path, argument: str) -> np.ndarray:
+    arr = load_npy(path, argument)
     if arr.dtype == np.bool_ or not (
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     ):
-        fail(str(path), "must hold real numbers (integer or floating dtype)", str(arr.dtype))
+        fail(argument, "must hold real numbers (integer or floating dtype)", str(arr.dtype))
     return arr.astype(np.float64)
 
 
-def _read_csv(path: Path) -> np.ndarray:
-    argument = str(path)
+def _read_csv(path: Path, argument: str) -> np.ndarray:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         fail(argument, "must be a readable text (CSV) file", str(err))
-    lines = [ln.strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
+    numbered = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
+    numbered = [(i, ln) for i, ln in numbered if ln and not ln.startswith("#")]
+    if not numbered:
         fail(argument, "must contain at least one row of numbers", "only blank or comment lines")
-    delimiter = "," if "," in lines[0] else None
-    if _is_header(lines[0], delimiter):
-        lines = lines[1:]
-    if not lines:
+    delimiter = "," if "," in numbered[0][1] else None
+    if _is_header(numbered[0][1], delimiter):
+        numbered = numbered[1:]
+    if not numbered:
         fail(argument, "must contain rows of numbers after the header line", "a header only")
     try:
-        return np.loadtxt(lines, delimiter=delimiter, dtype=np.float64, ndmin=2)
+        return np.loadtxt(
+            [ln for _, ln in numbered], delimiter=delimiter, dtype=np.float64, ndmin=2
+        )
     except ValueError as err:
-        fail(argument, "must contain only numbers, the same count on every row", str(err))
+        where = _first_bad_row(numbered, delimiter) or str(err)
+        fail(argument, "must contain only numbers, the same count on every row", where)
+
+
+def _first_bad_row(numbered: list[tuple[int, str]], delimiter: str | None) -> str | None:
+    """Where a CSV body first breaks: ``row i (line L) ...``, ``i`` counting data rows from 0."""
+    width = None
+    for row, (line_no, line) in enumerate(numbered):
+        fields = line.split(delimiter)
+        width = len(fields) if width is None else width
+        if len(fields) != width:
+            return f"row {row} (line {line_no}) has {len(fields)} values, row 0 has {width}"
+        for col, field in enumerate(fields):
+            try:
+                float(field)
+            except ValueError:
+                return (
+                    f"row {row} (line {line_no}), column {col}: {field.strip()!r} is not a number"
+                )
+    return None
 
 
 def _is_header(line: str, delimiter: str | None) -> bool:

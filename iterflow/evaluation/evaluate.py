@@ -14,8 +14,11 @@ from iterflow.core.flow import Flow
 from iterflow.core.ode import SolverSpec
 from iterflow.errors import Registry, check_positive, fail
 from iterflow.evaluation.quality import euler_samples, eval_straightness
+from iterflow.evaluation.score import log_density_rows
 
 W2_NFES = (1, 2, 4, 8, 32)
+#: Neighbour order of precision, recall, density and coverage (5, as in both papers).
+PRDC_K = 5
 
 # Extra figures added to every evaluation: name -> fn(flow, test_x, seed) -> dict merged into the JSON.
 # Features register here (e.g. straightness and transport cost), so ``eval --json`` grows by keys.
@@ -54,17 +57,13 @@ def nll_per_sample(
     chunk: int = 4096,
 ) -> tuple[Tensor, int]:
     """``-log p(x_i)`` in nats (float64, on ``x``'s device) in chunks of ``chunk`` rows, with one
-    probe generator seeded by ``seed``; and the number of velocity evaluations it took."""
+    probe generator seeded by ``seed``; and the number of velocity evaluations it took (the loop
+    of :func:`iterflow.evaluation.score.log_density_rows`)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    vals = []
-    with flow.count_nfe() as c, torch.no_grad():
-        for part in x.split(chunk):
-            vals.append(
-                -flow.log_prob(
-                    part, divergence=divergence, probes=probes, generator=gen, solver=spec
-                )
-            )
-    return torch.cat(vals).double(), c.nfe
+    lp, nfe = log_density_rows(
+        flow, x, spec=spec, divergence=divergence, probes=probes, generator=gen, chunk=chunk
+    )
+    return -lp, nfe
 
 
 def euler_steps_per_block(nfes: tuple[int, ...], blocks: int) -> list[int]:
@@ -114,9 +113,12 @@ def evaluate(
 
     Returns:
         A JSON-serialisable dict with ``nll``, ``nll_stderr``, ``entropy``, ``nll_gap``, ``bits_per_dim``,
-        ``w2``, ``mmd``, ``w2_by_nfe``, ``nfe``, ``inversion_error`` and timings.
+        ``w2``, ``mmd``, ``w2_by_nfe``, ``nfe``, ``inversion_error``, ``precision``, ``recall``,
+        ``density``, ``coverage`` (model samples against the test points, ``k = prdc_k``
+        neighbours, in the flow's standardised units; ``None`` with ``k`` or fewer points; see
+        :func:`~iterflow.metrics.precision_recall_density_coverage`) and timings.
     """
-    from iterflow.metrics import mmd, w2
+    from iterflow.metrics import PRDC_KEYS, mmd, precision_recall_density_coverage, w2
 
     check_positive(n, "n", integer=True)
     if test.shape[0] == 0:
@@ -148,6 +150,15 @@ def evaluate(
     xf, sf = x.flatten(1).cpu(), samples.flatten(1).cpu()
     out["w2"] = w2(sf, xf, seed=seed)
     out["mmd"] = mmd(sf, xf)
+    t0 = time.perf_counter()
+    with torch.no_grad():  # k-NN balls in the run's standardised units (scale-free features)
+        xn, sn = flow.normalize(x).flatten(1).cpu(), flow.normalize(samples).flatten(1).cpu()
+    if xn.shape[0] > PRDC_K:
+        out.update(precision_recall_density_coverage(xn, sn, k=PRDC_K, seed=seed))
+    else:
+        out.update(dict.fromkeys(PRDC_KEYS))
+    out["prdc_k"] = PRDC_K
+    out["seconds_prdc"] = time.perf_counter() - t0
     by_nfe = {}
     for k in euler_steps_per_block(tuple(nfes), flow.num_blocks):
         s_k, used = euler_samples(flow, x.shape[0], k, seed + 2)

@@ -1,6 +1,6 @@
-"""One image evaluation: bits/dim, FD (local classifier features) against NFE, the
-nearest-training-image distance, and pictures, of a flow or of a run folder (``iterflow
-image-eval``).
+"""One image evaluation: bits/dim, FD (local classifier features) against NFE, precision, recall,
+density and coverage on the same features, the nearest-training-image distance, and pictures, of a
+flow or of a run folder (``iterflow image-eval``).
 
 The parts live in their own modules: :mod:`iterflow.evaluation.bits_per_dim` (likelihood of
 dequantized images), :mod:`iterflow.evaluation.feature_classifier` (the locally trained feature
@@ -24,6 +24,7 @@ from iterflow.data import DATASETS, get_dataset
 from iterflow.data.images import ImageDataset, image_dataset_from_path
 from iterflow.errors import InputError, check_positive, fail
 from iterflow.evaluation.bits_per_dim import image_bits_per_dim
+from iterflow.evaluation.evaluate import PRDC_K
 from iterflow.evaluation.feature_classifier import (
     FD_LABEL,
     ClassifierConfig,
@@ -38,6 +39,7 @@ from iterflow.evaluation.image_samples import (
     save_trajectory_strip,
 )
 from iterflow.evaluation.memorisation import nearest_train_distance
+from iterflow.metrics import PRDC_KEYS, precision_recall_density_coverage
 from iterflow.train import TrainConfig, load_run
 
 __all__ = [
@@ -128,8 +130,9 @@ def evaluate_images(
 
     Returns:
         A JSON-serialisable dict (keys ``bits_per_dim``, ``fd_local_classifier``,
-        ``fd_local_classifier_by_nfe``, ``fd_test_vs_train``, ``nearest_train``, ``classifier``,
-        ...).
+        ``fd_local_classifier_by_nfe``, ``fd_test_vs_train``, ``precision``, ``recall``,
+        ``density``, ``coverage`` (samples against the FD's training reference, on the same
+        classifier features, ``k = prdc_k``), ``nearest_train``, ``classifier``, ...).
     """
     o = options
     q = dataset.quantization
@@ -189,6 +192,13 @@ def evaluate_images(
         "train_reference": n,
         "test": min(o.n_samples, test_x.shape[0]),
     }
+    # precision, recall, density and coverage on the same features: samples against the reference
+    if min(shown.shape[0], ref.shape[0]) > PRDC_K:
+        feats = (clf.features(ref), clf.features(shown))
+        out.update(precision_recall_density_coverage(*feats, k=PRDC_K, seed=o.seed))
+    else:
+        out.update(dict.fromkeys(PRDC_KEYS))
+    out["prdc_k"] = PRDC_K
     by_nfe = {}
     for steps in sorted({max(1, k // flow.num_blocks) for k in o.nfes}):
         s_k, used = sample_images(flow, o.n_samples, seed=o.seed + 1, solver="euler", steps=steps)

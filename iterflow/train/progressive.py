@@ -27,7 +27,7 @@ of the config, or a user's module (or a factory of modules) called as ``v(x, t, 
 Speed: the hot loop samples minibatches by index from tensors prepared once per stage, runs the loss
 under bf16 autocast where that is measured to keep results (``TrainConfig.autocast``), uses the fused
 Adam kernel, and updates the EMA with one foreach call. Under ``torchrun`` the same function trains
-data-parallel with DDP and gives the one-process model (:mod:`iterflow.distributed`): every rank
+data-parallel and gives the one-process model (:mod:`iterflow.core.distributed`): every rank
 draws the global batch, computes its shard, and rank 0 alone writes the run folder.
 """
 
