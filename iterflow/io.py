@@ -139,34 +139,9 @@ class RunDir:
     def block(self, i: int) -> Path:
         return self.path / "blocks" / f"block_{i:03d}.safetensors"
 
-    def append_log(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            with open(self.log, "a") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r) + "\n")
-
     def read_log(self) -> list[dict[str, Any]]:
         """The rows of ``log.jsonl`` (a line cut short by a kill is skipped)."""
-        if not self.log.exists():
-            return []
-        rows = []
-        for line in self.log.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
-
-    def trim_log(self, stage: int, step: int) -> list[dict[str, Any]]:
-        """Drop log lines written after the checkpoint we resume from; return the rows kept."""
-        keep = [
-            r
-            for r in self.read_log()
-            if r.get("stage", -1) < stage or (r.get("stage") == stage and r.get("step", 0) <= step)
-        ]
-        if self.log.exists():
-            self.log.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        return keep
+        return read_jsonl(self.log)
 
 
 def write_manifest(folder: str | Path, kind: str, **fields: Any) -> Path:
@@ -350,3 +325,17 @@ def _toml_string(text: str) -> str:
     """A TOML basic string: JSON's escapes are TOML's (``ensure_ascii=False`` keeps every non-ASCII
     character as itself, so no surrogate pair is written), DEL escaped as TOML requires."""
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log (missing file: none; a line cut short by a kill is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from iterflow.core import distributed as ddp
 from iterflow.errors import check_positive, fail
-from iterflow.io import load_json, load_tensors, save_json, save_tensors
+from iterflow.io import load_json, load_tensors, read_jsonl, save_json, save_tensors
 from iterflow.methods.base import Loss
 
 #: ``draw(generator, batch_size) -> batch``, or the tensors whose rows minibatches are drawn from.
@@ -172,15 +172,7 @@ class Checkpoint:
 
     def read_log(self) -> list[dict[str, Any]]:
         """The rows of ``log.jsonl`` (a line cut short by a kill is skipped)."""
-        if not self.log.exists():
-            return []
-        rows = []
-        for line in self.log.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return rows
+        return read_jsonl(self.log)
 
     def _trim_log(self, step: int) -> list[dict[str, Any]]:
         """Drop this key's rows after ``step``; return this key's rows kept."""
