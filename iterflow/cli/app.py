@@ -115,9 +115,7 @@ def train(
         True, help="After training write samples.npy, metrics.json and plots."
     ),
     eval_n: int = typer.Option(2000, help="Test points for the report's metrics."),
-    tensorboard: Path | None = typer.Option(
-        None, help="Also log to TensorBoard in this folder (needs the tensorboard package)."
-    ),
+    tensorboard: Path | None = config_file.tensorboard_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     config_path: Path | None = config_file.config_option(),
     print_config: bool = config_file.print_option(),

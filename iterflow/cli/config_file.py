@@ -68,6 +68,13 @@ def config_option() -> Any:
     return typer.Option(None, "--config", help=CONFIG_HELP, is_eager=True, callback=_load)
 
 
+def tensorboard_option() -> Any:
+    """The ``--tensorboard DIR`` option of the training commands."""
+    return typer.Option(
+        None, help="Also log to TensorBoard in this folder (needs the tensorboard package)."
+    )
+
+
 def print_option() -> Any:
     """The ``--print-config`` flag."""
     return typer.Option(False, "--print-config", help=PRINT_HELP)

@@ -173,9 +173,7 @@ def transport(
     ),
     checkpoint_every: int = typer.Option(200, help="Steps between in-phase checkpoints."),
     img2d_dir: str | None = typer.Option(None, help="Folder holding img_rose.png / img_tree.png."),
-    tensorboard: Path | None = typer.Option(
-        None, help="Also log to TensorBoard in this folder (needs the tensorboard package)."
-    ),
+    tensorboard: Path | None = config_file.tensorboard_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     config_path: Path | None = config_file.config_option(),
     print_config: bool = config_file.print_option(),

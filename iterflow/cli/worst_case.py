@@ -99,9 +99,7 @@ def worst_case(
         True, help="Also run the gradient-ascent baseline at equal cost."
     ),
     ascent_steps: int = typer.Option(100, help="Gradient-ascent steps of the baseline."),
-    tensorboard: Path | None = typer.Option(
-        None, help="Also log to TensorBoard in this folder (needs the tensorboard package)."
-    ),
+    tensorboard: Path | None = config_file.tensorboard_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     config_path: Path | None = config_file.config_option(),
     print_config: bool = config_file.print_option(),

@@ -114,24 +114,9 @@ class TrainConfig:
         for name, annotation in field_types(TrainConfig).items():
             value = coerce(getattr(self, name), annotation, name, text=False)
             object.__setattr__(self, name, value)
-        for name in (
-            "blocks",
-            "steps",
-            "batch_size",
-            "n_train",
-            "n_val",
-            "n_test",
-            "checkpoint_every",
-            "log_every",
-        ):
+        for name in ("blocks", "n_train", "n_val", "n_test"):
             check_positive(getattr(self, name), name, integer=True)
-        check_positive(self.lr, "lr")
-        check_positive(self.weight_decay, "weight_decay", allow_zero=True)
-        check_positive(self.grad_clip, "grad_clip", allow_zero=True)
-        if not 0.0 <= self.ema < 1.0:
-            fail("ema", "must be in [0, 1)", self.ema)
-        if self.lr_schedule not in ("cosine", "constant"):
-            fail("lr_schedule", "must be 'cosine' or 'constant'", self.lr_schedule)
+        self.optim_config()  # the loop's settings are validated where they are defined
         if self.dtype not in DTYPES:
             fail("dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
         if self.autocast not in AUTOCAST:
