@@ -79,7 +79,7 @@ def test_exact_flow_maps_and_kinetic_energy(blocks: int) -> None:
     with torch.no_grad():
         assert torch.allclose(flow.encode(x, solver="rk4", steps=8), tx, atol=1e-10)
         ke = kinetic_energy(flow, x, steps=8)
-        ke_odd = kinetic_energy(flow, x, steps=7)  # trapezoid branch
+        ke_odd = kinetic_energy(flow, x, steps=7)
     assert torch.allclose(ke, (tx - x).pow(2).sum(1), atol=1e-10)
     assert torch.allclose(ke_odd, ke, atol=1e-10)
     cost = transport_cost(flow, x, y, steps=8)

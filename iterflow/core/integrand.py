@@ -12,7 +12,8 @@ FFJORD, arXiv 1810.01367), ``k(1)`` its kinetic energy and ``j(1)`` the integrat
 norm (RNODE, arXiv 2002.02798). Each integral is optional: a caller integrates only what it asks for
 (``divergence=False``, ``kinetic=False``, ``jacobian=False``), and without the divergence and the
 Jacobian norm no backward pass is made at all. Used by :meth:`iterflow.core.flow.Flow.log_prob`, the
-CNF and JKO-flow losses, transport and the worst-case map.
+CNF and JKO-flow losses, transport (forwards and, through :class:`Reversed`, backwards) and the
+worst-case map (in data units through :class:`DataUnits`).
 
 The divergence is exact (``d`` vector-Jacobian products) or Hutchinson's estimate (``K`` random
 probes held fixed along the path); the ONE ``auto`` rule, :func:`resolve_divergence`, takes the exact
@@ -99,6 +100,36 @@ def draw_probes(
     return make_probes(
         tuple(x.shape), probes, kind=probe_kind, generator=generator, dtype=x.dtype, device=x.device
     )
+
+
+class DataUnits:
+    """A block of model units seen in data units: ``dx/ds = scale * v((x - shift) / scale, s)``.
+
+    Integrating it gives ``denormalize(block(normalize(x)))`` (fixed-step solvers commute with the
+    affine change of units) and the kinetic energy ``|dx/ds|^2`` in data units.
+    """
+
+    def __init__(self, block: Velocity, shift: Tensor, scale: Tensor) -> None:
+        self.block, self.shift, self.scale = block, shift, scale
+
+    def __call__(self, x: Tensor, s: Tensor) -> Tensor:  # (B, *E) -> (B, *E)
+        scale = self.scale.to(x.dtype)
+        return scale * self.block((x - self.shift.to(x.dtype)) / scale, s)
+
+
+class Reversed:
+    """A block run backwards in its own time: ``w(x, s) = -v(x, 1 - s)``.
+
+    Integrating ``w`` over ``s: 0 -> 1`` is integrating ``v`` from ``s = 1`` to ``0`` (the block's
+    inverse map; a fixed-step solver takes the same steps in the opposite order), with the same
+    kinetic energy ``int |v|^2``, so every integral of :func:`integrate_path` is available backwards.
+    """
+
+    def __init__(self, block: Velocity) -> None:
+        self.block = block
+
+    def __call__(self, x: Tensor, s: Tensor) -> Tensor:
+        return -self.block(x, 1.0 - s)
 
 
 def augmented_field(

@@ -21,17 +21,17 @@ on ``T(x)``, label 0, against ``y ~ Q``, label 1) gives ``KL(T_# P || Q) = -E_P 
 :func:`joint_loss` adds the last two, so that one optimiser step on one module holding the flow and
 the classifiers updates each part on its own loss.
 
-**Kinetic term.** On the fixed-step grid ``t_0 < ... < t_J`` of the solver the kinetic energy of a
-particle is ``sum_j |x(t_{j+1}) - x(t_j)|^2 / (t_{j+1} - t_j)`` (:func:`segment_energy`; METHODS.md
-section 5): a lower bound of ``int |v|^2 dt`` that is exact for straight constant-speed paths and
-needs no extra evaluation of the velocity, unlike the augmented integrand
-(:func:`iterflow.core.integrand.integrate_path`, which integrates ``|v|^2`` together with the
-divergence and Jacobian terms that transport does not use).
+**Kinetic term.** Each path's kinetic energy ``int_0^1 |v|^2 dt`` (global time) is integrated by
+the one augmented integrand of the ODE layer (:func:`iterflow.core.integrand.integrate_chain` with
+the kinetic integral only: no backward pass, no extra velocity evaluation), along the same
+fixed-step solver that moves the particles; the backward paths run the blocks through
+:class:`iterflow.core.integrand.Reversed`. Block ``n`` of ``B`` spans ``1/B`` of the global time, so
+its global-time velocity is ``B v_n`` and the chain's energy is ``B sum_n int_0^1 |v_n|^2 ds``
+(:func:`transport_integrals`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from iterflow.core.couplings import COUPLINGS, couple
 from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Block, Flow
+from iterflow.core.integrand import PathIntegrals, Reversed, integrate_chain
 from iterflow.core.ode import FIXED_SOLVERS, SolverSpec
 from iterflow.errors import check_positive, fail
 from iterflow.methods.base import Loss
@@ -93,21 +94,20 @@ def blocks_of(flow: Flow, *, reverse: bool = False) -> list[Block]:
     return blocks[::-1] if reverse else blocks
 
 
-def transport_path(
-    flow: Flow, u: Tensor, spec: SolverSpec, *, reverse: bool = False
-) -> list[Tensor]:
-    """States ``(b, d)`` of model-unit particles ``u`` on the fixed grid through all blocks
-    (``B * steps + 1`` of them; backward through the blocks when ``reverse``), differentiable."""
-    states = [u]
-    for b in blocks_of(flow, reverse=reverse):
-        states.extend(b.path(states[-1], spec, reverse=reverse)[1:])
-    return states
+def transport_integrals(
+    flow: Flow, u: Tensor, spec: SolverSpec, *, reverse: bool = False, create_graph: bool = True
+) -> PathIntegrals:
+    """End points ``(b, d)`` and global-time kinetic energies ``(b,)`` of model-unit particles ``u``
+    carried through all blocks (backwards, last block first, when ``reverse``).
 
-
-def segment_energy(states: Sequence[Tensor], dt: float) -> Tensor:
-    """``sum_j |x_{j+1} - x_j|^2 / dt`` per particle ``(b,)`` for states on a uniform grid."""
-    diffs = torch.stack([b - a for a, b in zip(states[:-1], states[1:])])  # (J, b, d)
-    return diffs.pow(2).sum(-1).sum(0) / dt
+    ``kinetic`` is ``B sum_n int_0^1 |v_n(x(s), s)|^2 ds`` (see the module docstring); with
+    ``create_graph=False`` nothing is differentiable and no graph is kept.
+    """
+    blocks = [Reversed(b) if reverse else b for b in blocks_of(flow, reverse=reverse)]
+    r = integrate_chain(
+        blocks, u, spec, create_graph=create_graph, divergence=False, jacobian=False, kinetic=True
+    )
+    return PathIntegrals(r.z, r.div, flow.num_blocks * r.kinetic, r.jacobian)
 
 
 def segment_matching_loss(
@@ -141,8 +141,8 @@ def kl_classifier_loss(
     n, rows = x.shape[0], local_rows(x.shape[0])
     with torch.no_grad():  # only this process's rows are moved (the loss reads no other row)
         z, w = x.clone(), y.clone()
-        z[rows] = transport_path(flow, x[rows], spec)[-1]
-        w[rows] = transport_path(flow, y[rows], spec, reverse=True)[-1]
+        z[rows] = transport_integrals(flow, x[rows], spec, create_graph=False).z
+        w[rows] = transport_integrals(flow, y[rows], spec, reverse=True, create_graph=False).z
     fwd, bwd = logistic_loss(classifiers.fwd, z, y), logistic_loss(classifiers.bwd, w, x)
     per_row = fwd.rows + bwd.rows
     return Loss(per_row, n, {"logistic": per_row.detach()})
@@ -158,16 +158,15 @@ def relaxed_ot_loss(
     flow: Flow, classifiers: KLClassifiers, x: Tensor, y: Tensor, options: FlowOTOptions
 ) -> Loss:
     """``(E_f + E_b) / 2 - gamma (c_f(T x) + c_b(T^{-1} y))`` per pair of model-unit samples
-    ``x ~ P``, ``y ~ Q`` ``(n, d)``: kinetic energies of both paths (:func:`segment_energy`) and the
+    ``x ~ P``, ``y ~ Q`` ``(n, d)``: kinetic energies of both paths (:func:`transport_integrals`) and the
     classifier-estimated KLs, the classifiers frozen."""
     n, rows = x.shape[0], local_rows(x.shape[0])
     spec = options.spec()
-    dt = 1.0 / (flow.num_blocks * options.steps)
-    fwd = transport_path(flow, x[rows], spec)
-    bwd = transport_path(flow, y[rows], spec, reverse=True)
-    kinetic = 0.5 * (segment_energy(fwd, dt) + segment_energy(bwd, dt))
-    kl_f = -frozen_call(classifiers.fwd, fwd[-1])
-    kl_b = -frozen_call(classifiers.bwd, bwd[-1])
+    fwd = transport_integrals(flow, x[rows], spec)
+    bwd = transport_integrals(flow, y[rows], spec, reverse=True)
+    kinetic = 0.5 * (fwd.kinetic + bwd.kinetic)
+    kl_f = -frozen_call(classifiers.fwd, fwd.z)
+    kl_b = -frozen_call(classifiers.bwd, bwd.z)
     per_row = kinetic + options.gamma * (kl_f + kl_b)
     terms = {"kinetic": kinetic.detach(), "kl_fwd": kl_f.detach(), "kl_bwd": kl_b.detach()}
     return Loss(per_row, n, terms)

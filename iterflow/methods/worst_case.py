@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Flow
-from iterflow.core.integrand import integrate_path
+from iterflow.core.integrand import DataUnits, integrate_path
 from iterflow.core.ode import FIXED_SOLVERS, SolverSpec
 from iterflow.errors import check_positive, fail
 from iterflow.methods.base import Loss
@@ -106,23 +106,6 @@ class WorstCaseOptions:
         if step >= warm:
             return g
         return g * self.gamma_start ** (1 - step / warm)
-
-
-class DataUnits:
-    """A block of model units seen in data units: ``dx/ds = scale * v((x - shift) / scale, s)``.
-
-    Integrating it gives ``denormalize(block(normalize(x)))`` (fixed-step solvers commute with the
-    affine change of units) and the kinetic energy ``|dx/ds|^2`` in data units.
-    """
-
-    def __init__(
-        self, block: Callable[[Tensor, Tensor], Tensor], shift: Tensor, scale: Tensor
-    ) -> None:
-        self.block, self.shift, self.scale = block, shift, scale
-
-    def __call__(self, x: Tensor, s: Tensor) -> Tensor:  # (B, d) -> (B, d)
-        scale = self.scale.to(x.dtype)
-        return scale * self.block((x - self.shift.to(x.dtype)) / scale, s)
 
 
 @contextmanager
