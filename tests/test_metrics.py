@@ -12,6 +12,7 @@ from scipy.special import digamma
 
 from iterflow import metrics
 from iterflow.errors import InputError
+from iterflow.metrics import clouds
 
 DT = torch.float64
 
@@ -99,7 +100,7 @@ def test_sliced_w2_of_translate_is_shift_over_sqrt_d() -> None:
 
 
 def test_mmd_matches_brute_force_when_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 500)  # force many small chunks
+    monkeypatch.setattr(clouds, "BLOCK_ENTRIES", 500)  # force many small chunks
     x = torch.randn(120, 2, generator=_gen(9), dtype=DT)
     y = torch.randn(90, 2, generator=_gen(10), dtype=DT) + 0.3
     bws = [0.5, 1.0, 2.0]

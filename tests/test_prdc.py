@@ -15,10 +15,9 @@ import torch
 from scipy.spatial.distance import cdist
 from torch import Tensor, nn
 
-import iterflow.metrics as metrics
 from iterflow.core.flow import Block, Flow
 from iterflow.errors import InputError
-from iterflow.metrics import PRDC_KEYS, precision_recall_density_coverage
+from iterflow.metrics import PRDC_KEYS, clouds, neighbors, prdc, precision_recall_density_coverage
 
 DT = torch.float64
 
@@ -117,15 +116,16 @@ def test_matches_brute_force_in_float64(dim: int, k: int) -> None:
 
 
 def test_chunked_distance_blocks_stay_small(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "_BLOCK_ENTRIES", 64)
+    monkeypatch.setattr(clouds, "BLOCK_ENTRIES", 64)
     shapes: list[tuple[int, int]] = []
-    real_sq = metrics._sq_dists
+    real_sq = clouds.sq_dists
 
     def recording(a: Tensor, b: Tensor) -> Tensor:
         shapes.append((a.shape[0], b.shape[0]))
         return real_sq(a, b)
 
-    monkeypatch.setattr(metrics, "_sq_dists", recording)
+    for module in (neighbors, prdc):  # every caller of the pairwise blocks
+        monkeypatch.setattr(module, "sq_dists", recording)
     real, fake = randn(90, 3, seed=0), randn(70, 3, seed=1) + 0.5
     got = precision_recall_density_coverage(real, fake, k=3, chunk=16)
     assert max(a * b for a, b in shapes) <= 16 * 90  # never the full (70, 90) block at once
