@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speed.py [--rounds 5] [--threads 1] [--out bench_out/speed.json]
     python benchmarks/bench_speed.py --quality 6000   # also: fp32 vs bf16-autocast model quality
+    python benchmarks/bench_speed.py --skip train ot inference --like-run runs/demo  # likelihood only
 
 What it measures (all on the same network: 3 hidden layers of 256, SiLU, input ``[x, t]``; batch
 1,024; checkerboard data sampled by index from one pre-generated tensor; Adam):
@@ -21,7 +22,14 @@ What it measures (all on the same network: 3 hidden layers of 256, SiLU, input `
    assignment) of every solver, per batch size.
 4. Sampling (samples/s at NFE 32, Euler) and likelihood evaluation (points/s, exact trace and
    Hutchinson) of a flow with the same network, and per-evaluation costs of ways to compute the exact
-   divergence (batched backward as in ``iterflow.ode``, a loop of backward passes, ``torch.func``).
+   divergence (batched backward as in ``iterflow.ode``, a loop of backward passes, ``torch.func``,
+   the one forward pass of ``iterflow.core.nn.mlp_jacobian``).
+5. Likelihood (section ``likelihood``, :mod:`speed_likelihood`): exact NLL of trained models (the
+   demo's 2-D checkerboard, Gaussian mixtures in 10, 32 and 64 dimensions) by ``Flow.log_prob``
+   against the plain torchdiffeq evaluator a user writes (dopri5 on ``(x, logp)``, one backward
+   pass per dimension, ``atol = rtol = 1e-5``): points/s, NFE, NLL differences and errors against a
+   tight reference; and the optimiser steps/s of the CNF and JKO-flow rose recipes through the
+   one-pass Jacobian terms and through autograd. Threads and load average are recorded.
 
 The libraries are optional benchmark extras: ``pip install --no-deps torchcfm flow_matching`` next to
 a CPU build of torch (see ``pyproject.toml``).
@@ -46,6 +54,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table, write_json  # noqa: E402
+from speed_likelihood import (  # noqa: E402
+    bench_likelihood_eval,
+    bench_likelihood_training,
+)
+from speed_likelihood import load as likelihood_load  # noqa: E402
 
 from iterflow.core.couplings import (
     assignment,
@@ -446,6 +459,10 @@ def bench_divergence(net: nn.Module, x: Tensor, device: torch.device) -> list[di
     def func_fwd() -> Tensor:
         return vmap(jacfwd(single))(x).diagonal(dim1=1, dim2=2).sum(-1)
 
+    def one_pass() -> Tensor:
+        with torch.no_grad():
+            return net.velocity_and_jacobian_terms(x, t)[1]  # type: ignore[operator,index]
+
     def hutch() -> Tensor:
         xs = x.detach().requires_grad_(True)
         eps = torch.randint(0, 2, (1, *x.shape), device=device).to(x.dtype) * 2 - 1
@@ -459,6 +476,7 @@ def bench_divergence(net: nn.Module, x: Tensor, device: torch.device) -> list[di
         ("loop of d backward passes", loop),
         ("torch.func vmap(jacrev)", func_rev),
         ("torch.func vmap(jacfwd) (forward mode)", func_fwd),
+        ("one pass, forward-mode tangents (MLPVelocity.velocity_and_jacobian_terms)", one_pass),
         ("Hutchinson, 1 probe (estimate)", hutch),
     ):
         try:
@@ -516,6 +534,29 @@ def bench_quality(args: argparse.Namespace, device: torch.device) -> list[dict[s
     return rows
 
 
+def likelihood_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Exact NLL against the plain torchdiffeq evaluator; CNF / JKO-flow optimiser steps/s
+    (:mod:`speed_likelihood`). Threads and load average are recorded before and after."""
+    out: dict[str, Any] = {"load_before": likelihood_load()}
+    rows = bench_likelihood_eval(args, device)
+    print(f"\n## Exact NLL evaluation (dopri5, atol = rtol = 1e-5; {args.like_rounds} rounds)\n")
+    cols = ["case", "points", "contender", "points_per_s", "vs_plain", "nfe", "nll"]
+    cols += [
+        "nll_minus_plain",
+        "max_abs_diff_vs_plain",
+        "mean_abs_err_vs_ref",
+        "max_abs_err_vs_ref",
+    ]
+    print(table(rows, cols))
+    train_rows = bench_likelihood_training(args, device)
+    print(f"\n## CNF / JKO-flow optimiser steps/s (rose recipes, {args.like_rounds} rounds)\n")
+    print(table(train_rows, ["method", "data", "path", "steps_per_s", "min", "max", "vs_autograd"]))
+    out["load_after"] = likelihood_load()
+    print(f"\nthreads and load average: {out['load_before']} -> {out['load_after']}")
+    out["eval"], out["training"] = rows, train_rows
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -531,7 +572,18 @@ def main() -> None:
     ap.add_argument("--n-sample", type=int, default=20_000)
     ap.add_argument("--n-nll", type=int, default=4_096)
     ap.add_argument("--quality", type=int, default=0, help="steps of the quality runs (0: skip)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["train", "ot", "inference"])
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["train", "ot", "inference", "likelihood"]
+    )
+    ap.add_argument("--like-steps", type=int, default=6000, help="2-D model: the demo's steps")
+    ap.add_argument("--like-run", default=None, help="2-D model: load this run folder instead")
+    ap.add_argument("--like-points", type=int, default=2000, help="2-D test points")
+    ap.add_argument("--like-steps-hd", type=int, default=2000, help="10/30/64-D models' steps")
+    ap.add_argument("--like-points-hd", type=int, default=500, help="10/30/64-D points")
+    ap.add_argument("--like-max-dim", type=int, default=64, help="skip the cases above this")
+    ap.add_argument("--like-rounds", type=int, default=3, help="interleaved likelihood rounds")
+    ap.add_argument("--like-train-steps", type=int, default=5, help="CNF/JKO steps per round")
+    ap.add_argument("--img2d-dir", default=None, help="folder of the rose (CNF/JKO recipes)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -599,6 +651,8 @@ def main() -> None:
         print("\n## Sampling and likelihood (same network, float32)\n")
         print(table(rows, ["task", "unit", "rate", "max_abs_diff_vs_batched"]))
         result["inference"] = rows
+    if "likelihood" not in args.skip:
+        result["likelihood"] = likelihood_section(args, device)
     if args.quality:
         rows = bench_quality(args, device)
         print(f"\n## Quality of the defaults ({args.quality} steps, default recipe)\n")

@@ -15,6 +15,12 @@ points from P and from Q, the flow's W2^2 estimate (kinetic energy) against POT'
 between the held-out samples in 2-D, and, on a pair of Gaussians, the flow's W2^2 against the
 closed form.
 
+Random Gaussian pairs in 5, 10 and 20 dimensions (``--gauss-dims``; means ``N(0, I)``, covariances
+``R diag(e^u) R^T`` with ``R`` a random rotation and ``u ~ U(-1, 1)``): the flow's W2^2 at the
+default options against the Bures-Wasserstein closed form (and against the closed form between the
+training samples' own Gaussian fits, which removes the sampling error of P and Q), the map's RMSE
+against the closed-form linear OT map on held-out points, and the three log-ratio estimators.
+
 Run by hand (not by CI), e.g.::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_transport_ratio.py \
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -50,6 +57,7 @@ from iterflow.apps.ot import (  # noqa: E402
     fit_kde,
     fit_telescopic,
     fit_transport,
+    gaussian_ot_map,
     gaussian_w2_sq,
     log_ratio_mse,
 )
@@ -84,19 +92,40 @@ def gaussian_pair() -> tuple[GaussianMixture, GaussianMixture, float]:
     )
 
 
+def unequal_spread_pair() -> tuple[GaussianMixture, GaussianMixture]:
+    """A 2-D pair like the tutorial's Fig. 10: two separated mixtures whose components swap
+    spreads (P: stds 0.3 and 0.6; Q: 0.8 and 0.25), so the flow narrows one and widens the other."""
+    mp = torch.tensor([[-2.0, -1.0], [-2.0, 1.5]])
+    mq = torch.tensor([[2.0, -1.5], [2.5, 1.0]])
+    p = GaussianMixture(mp, stds=torch.tensor([0.3, 0.6]), name="P2u")
+    q = GaussianMixture(mq, stds=torch.tensor([0.8, 0.25]), name="Q2u")
+    return p, q
+
+
+def random_gaussian_pair(d: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(m1, S1, m2, S2)`` in float64: means ``N(0, I)``, covariances ``R diag(e^u) R^T`` with
+    ``R`` a random rotation and ``u ~ U(-1, 1)`` (eigenvalues in ``[e^-1, e]``)."""
+    g = torch.Generator().manual_seed(1000 + 97 * seed + d)
+    out = []
+    for _ in range(2):
+        m = torch.randn(d, generator=g, dtype=torch.float64)
+        rot = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+        ev = torch.exp(torch.empty(d, dtype=torch.float64).uniform_(-1.0, 1.0, generator=g))
+        out += [m, (rot * ev) @ rot.T]
+    return out[0], out[1], out[2], out[3]
+
+
 def options(quick: bool) -> dict[str, Any]:
     scale = 0.1 if quick else 1.0
 
     def n(k: int) -> int:
         return max(10, int(k * scale))
 
-    transport = TransportOptions(
-        init_steps=n(1500), ot_chunk=128, refine_steps=n(400), classifier_warmup=n(150)
-    )
+    transport = TransportOptions(init_steps=n(2000))  # the defaults otherwise
     clf = ClassifierOptions(hidden=(64, 64), steps=n(2000), batch_size=256)
-    tel = TelescopicOptions(
-        intervals=16,
-        classifier=ClassifierOptions(hidden=(64, 64), steps=n(2000), batch_size=64, time_freqs=4),
+    default_tel = TelescopicOptions()  # the defaults (2 intervals), the steps scaled
+    tel = dataclasses.replace(
+        default_tel, classifier=dataclasses.replace(default_tel.classifier, steps=n(2000))
     )
     return {"transport": transport, "classifier": clf, "telescopic": tel, "kde": KDEOptions()}
 
@@ -108,7 +137,10 @@ def run_pair(
     n_train: int,
     n_test: int,
     seed: int,
+    linear_map: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Any]:
+    """Transport and the three log-ratio estimators on one pair; with the closed-form OT map
+    ``linear_map = (A, c)`` also the learned map's RMSE on the held-out source points."""
     g = torch.Generator().manual_seed(seed)
     xp, xq = p.sample(n_train, g), q.sample(n_train, g)
     tp, tq = p.sample(n_test, g), q.sample(n_test, g)
@@ -125,6 +157,15 @@ def run_pair(
     res = fit_transport(xp, xq, opts["transport"], generator=g)
     row["seconds_transport"] = time.perf_counter() - t0
     row["w2_sq_flow"] = res.w2_sq
+    row["kinetic_minus_displacement"] = res.w2_sq - 0.5 * (
+        res.cost.displacement_forward + res.cost.displacement_backward
+    )
+    if linear_map is not None:
+        a, c = linear_map
+        err = res.forward(tp).double() - (tp.double() @ a.T + c)
+        row["map_rmse"] = float(err.pow(2).sum(1).mean().sqrt())
+        row["w2_sq_plug_in"] = gaussian_w2_sq(xp.double().mean(0), torch.cov(xp.double().T),
+                                              xq.double().mean(0), torch.cov(xq.double().T))  # fmt: skip
     if p.dim == 2:
         row["w2_sq_pot_test"] = w2(tp, tq, max_n=n_test) ** 2
     fits = {
@@ -141,20 +182,75 @@ def run_pair(
     return row
 
 
+def run_random_gaussian(
+    d: int, opts: dict[str, Any], n_train: int, n_test: int, seed: int
+) -> dict[str, Any]:
+    """A random Gaussian pair (:func:`random_gaussian_pair`): :func:`run_pair` with the
+    Bures-Wasserstein ``W2^2`` and the closed-form map."""
+    m1, s1, m2, s2 = random_gaussian_pair(d, seed)
+    p = GaussianMixture(m1[None].float(), s1[None].float())
+    q = GaussianMixture(m2[None].float(), s2[None].float())
+    row = run_pair(p, q, opts, n_train, n_test, seed, gaussian_ot_map(m1, s1, m2, s2))
+    exact = gaussian_w2_sq(m1, s1, m2, s2)
+    row.update(w2_sq_closed_form=exact, relative_error=row["w2_sq_flow"] / exact - 1.0,
+               relative_error_plug_in=row["w2_sq_flow"] / row["w2_sq_plug_in"] - 1.0,
+               map_rmse_relative=row["map_rmse"] / math.sqrt(exact))  # fmt: skip
+    return row
+
+
 def run_gaussian(opts: dict[str, Any], n_train: int, n_test: int, seed: int) -> dict[str, Any]:
     p, q, exact = gaussian_pair()
     g = torch.Generator().manual_seed(seed)
     xp, xq = p.sample(n_train, g), q.sample(n_train, g)
     t0 = time.perf_counter()
     res = fit_transport(xp, xq, opts["transport"], generator=g)
+    seconds = time.perf_counter() - t0
     tp, tq = p.sample(n_test, g), q.sample(n_test, g)
+    m1, s1 = p.means[0].double(), p.covs[0].double()
+    a, c = gaussian_ot_map(m1, s1, q.means[0].double(), q.covs[0].double())
+    err = res.forward(tp).double() - (tp.double() @ a.T + c)
     return {
         "w2_sq_closed_form": exact,
         "w2_sq_flow": res.w2_sq,
         "relative_error": res.w2_sq / exact - 1.0,
+        "map_rmse": float(err.pow(2).sum(1).mean().sqrt()),
         "w2_sq_pot_test": w2(tp, tq, max_n=n_test) ** 2,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
     }
+
+
+def ratio_cells(r: dict[str, Any]) -> str:
+    """The six MSE cells of a row (the best per side in bold)."""
+    methods = ("telescopic", "classifier", "kde")
+    cells = []
+    for side in ("P", "Q"):
+        best = min(methods, key=lambda m: r[f"mse_{side}_{m}"])
+        for m in methods:
+            v = f"{r[f'mse_{side}_{m}']:.4g}"
+            cells.append(f"**{v}**" if m == best else v)
+    return " | ".join(cells)
+
+
+def gauss_table(rows: list[dict[str, Any]]) -> str:
+    """Random Gaussian pairs: W2^2 against the closed forms, the map's RMSE and the ratios."""
+    methods = ("telescopic", "classifier", "kde")
+    lines = [
+        "| d | W2^2 Bures | W2^2 flow | error vs Bures | error vs plug-in Bures | kinetic - "
+        "displacement | map RMSE (rel. to W2) | "
+        + " | ".join(f"MSE on P: {m}" for m in methods)
+        + " | "
+        + " | ".join(f"MSE on Q: {m}" for m in methods)
+        + " |",
+        "|---" * 13 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['d']} | {r['w2_sq_closed_form']:.4g} | {r['w2_sq_flow']:.4g} | "
+            f"{100 * r['relative_error']:+.2f}% | {100 * r['relative_error_plug_in']:+.2f}% | "
+            f"{r['kinetic_minus_displacement']:.3g} | {r['map_rmse']:.3g} "
+            f"({100 * r['map_rmse_relative']:.1f}%) | {ratio_cells(r)} |"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict[str, Any]], gauss: dict[str, Any]) -> str:
@@ -177,7 +273,7 @@ def table(rows: list[dict[str, Any]], gauss: dict[str, Any]) -> str:
 
         pot = f"{r['w2_sq_pot_test']:.4g}" if "w2_sq_pot_test" in r else "-"
         lines.append(
-            f"| {r['d']} | "
+            f"| {r.get('pair', r['d'])} | "
             + " | ".join(cell(m, "P", best_p) for m in methods)
             + " | "
             + " | ".join(cell(m, "Q", best_q) for m in methods)
@@ -185,10 +281,12 @@ def table(rows: list[dict[str, Any]], gauss: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| Gaussian pair (2-D) | W2^2 closed form | W2^2 flow | relative error | W2^2 POT (test) |",
-        "|---|---|---|---|---|",
+        "| Gaussian pair (2-D) | W2^2 closed form | W2^2 flow | relative error | map RMSE | "
+        "W2^2 POT (test) |",
+        "|---|---|---|---|---|---|",
         f"| N(m1,S1) -> N(m2,S2) | {gauss['w2_sq_closed_form']:.4g} | {gauss['w2_sq_flow']:.4g} | "
-        f"{100 * gauss['relative_error']:+.2f}% | {gauss['w2_sq_pot_test']:.4g} |",
+        f"{100 * gauss['relative_error']:+.2f}% | {gauss['map_rmse']:.3g} | "
+        f"{gauss['w2_sq_pot_test']:.4g} |",
     ]
     return "\n".join(lines)
 
@@ -196,7 +294,14 @@ def table(rows: list[dict[str, Any]], gauss: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="2,10,20", help="comma-separated dimensions")
+    ap.add_argument(
+        "--gauss-dims", default="5,10,20", help="dimensions of the random Gaussian pairs"
+    )
+    ap.add_argument("--n-train-gauss", type=int, default=20_000)
     ap.add_argument("--n-train", type=int, default=5000)
+    ap.add_argument(
+        "--no-unequal", action="store_true", help="skip the 2-D pair of unequal spreads"
+    )
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="short trainings (smoke test)")
@@ -215,23 +320,41 @@ def main() -> None:
         p, q = mixture_pair(d, seed=d)
         rows.append(run_pair(p, q, opts, args.n_train, args.n_test, args.seed))
         print(f"d={d} done after {time.perf_counter() - t_start:.0f} s", flush=True)
+    if not args.no_unequal:
+        p, q = unequal_spread_pair()
+        rows.append(
+            {
+                "pair": "2 (unequal spreads)",
+                **run_pair(p, q, opts, args.n_train, args.n_test, args.seed),
+            }
+        )
+        print(f"unequal spreads done after {time.perf_counter() - t_start:.0f} s", flush=True)
     gauss = run_gaussian(opts, 20_000, args.n_test, args.seed)
+    grows = []
+    for d in (int(v) for v in args.gauss_dims.split(",") if v.strip()):
+        grows.append(run_random_gaussian(d, opts, args.n_train_gauss, args.n_test, args.seed))
+        print(f"Gaussian d={d} done after {time.perf_counter() - t_start:.0f} s", flush=True)
     total = time.perf_counter() - t_start
     info = {**machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    md = table(rows, gauss)
+    md = table(rows, gauss) + ("\n\n" + gauss_table(grows) if grows else "")
     print(f"\nMachine: {info}; total {total:.0f} s\n")
     print(md)
-    wins = [
-        r["d"]
-        for r in rows
-        if all(
-            r[f"mse_{s}_telescopic"] < min(r[f"mse_{s}_classifier"], r[f"mse_{s}_kde"])
-            for s in ("P", "Q")
-        )
-    ]
+
+    def wins(rs: list[dict[str, Any]]) -> list[Any]:
+        return [
+            r.get("pair", r["d"])
+            for r in rs
+            if all(
+                r[f"mse_{s}_telescopic"] < min(r[f"mse_{s}_classifier"], r[f"mse_{s}_kde"])
+                for s in ("P", "Q")
+            )
+        ]
+
+    errors = ", ".join(f"{r['d']}-D {100 * r['relative_error']:+.2f}%" for r in grows)
     print(
-        f"\ntelescopic below both baselines on P and on Q for d in {wins}; "
-        f"Gaussian W2^2 relative error {100 * gauss['relative_error']:+.2f}%"
+        f"\ntelescopic below both baselines on P and on Q for the mixtures in d = {wins(rows)}, "
+        f"for the Gaussian pairs in d = {wins(grows)}; Gaussian W2^2 relative error "
+        f"{100 * gauss['relative_error']:+.2f}% (2-D pair), {errors}"
     )
     if args.out is not None:
         result = {
@@ -241,9 +364,11 @@ def main() -> None:
             "options": {k: dataclasses.asdict(v) for k, v in opts.items()},
             "mixtures": rows,
             "gaussian": gauss,
-            "telescopic_wins_dims": wins,
+            "gaussian_pairs": grows,
+            "telescopic_wins_dims": wins(rows),
+            "telescopic_wins_gaussian_dims": wins(grows),
             "finite": all(
-                math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float)
+                math.isfinite(v) for r in rows + grows for v in r.values() if isinstance(v, float)
             ),
         }
         write_json(str(args.out), result)

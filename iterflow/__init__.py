@@ -4,8 +4,9 @@ The Python face: :func:`fit` trains any method on a tensor, an array or a ``Data
 built-in networks or your own velocity module); :class:`FlowDensity` is the same as a scikit-learn
 density estimator; :class:`Flow` samples, encodes and scores; :func:`score_rows` gives one
 log-density per row (with Hutchinson's standard error); :func:`conditioning` binds per-row keyword
-arguments of conditional velocity networks. ``fit``, ``FlowDensity``, ``TrainConfig``, ``load_run``
-and ``score_rows`` are imported on first use, so ``import iterflow`` stays light.
+arguments of conditional velocity networks (class labels ``y``) and :func:`guidance` turns
+classifier-free guidance on for label-conditional flows. ``fit``, ``FlowDensity``, ``TrainConfig``,
+``load_run`` and ``score_rows`` are imported on first use, so ``import iterflow`` stays light.
 """
 
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from iterflow._version import __version__
 from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Block, Flow
+from iterflow.core.guidance import guidance
 from iterflow.errors import InputError
 
 _LAZY = {
@@ -44,6 +46,7 @@ __all__ = [
     "__version__",
     "conditioning",
     "fit",
+    "guidance",
     "load_run",
     "score_rows",
 ]

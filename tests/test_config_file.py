@@ -104,7 +104,7 @@ def test_print_config_has_every_field_and_reads_back_to_the_same_config(
     assert "# img2d_dir: unset" in text and "# push_steps = 16  (default)" in text
     # the method's recommendations are resolved (jko: 5 blocks of width 128, gamma overridden)
     assert d["blocks"] == 5 and d["hidden"] == [128, 128, 128] and d["steps"] == 7
-    assert d["options"] == {"gamma": 0.5, "substeps": 3, "jacobian": 0.2}
+    assert d["options"] == {"gamma": 0.5, "substeps": 3, "jacobian": 0.02} and d["time_freqs"] == 0
     cfg = train_config(text)
     expected = TrainConfig.for_method("jko", steps=7, options={"gamma": 0.5})
     assert cfg == expected and config_hash(cfg) == config_hash(expected)
@@ -146,7 +146,7 @@ def test_command_line_wins_and_options_merge_key_by_key(
     assert d["steps"] == 9 and d["lr"] == 0.1 and d["hidden"] == [8, 8]  # flag > file
     assert d["blocks"] == 5 and d["activation"] == "gelu"  # unset: jko's recommendation
     assert d["report"] is False
-    assert d["options"] == {"gamma": 2.0, "substeps": 2, "jacobian": 0.2}  # merged key by key
+    assert d["options"] == {"gamma": 2.0, "substeps": 2, "jacobian": 0.02}  # merged key by key
 
 
 def test_train_print_config_train_again_reproduces_the_run(

@@ -170,3 +170,5 @@ def test_batched_backward_rule() -> None:
     assert not use_batched_backward(BATCHED_MIN_PRODUCTS - 1, cpu)
     assert use_batched_backward(BATCHED_MIN_PRODUCTS, cpu)
     assert use_batched_backward(2, torch.device("meta"))
+    assert not use_batched_backward(BATCHED_MIN_PRODUCTS, cpu, event_dims=3)  # images: the loop
+    assert use_batched_backward(2, torch.device("meta"), event_dims=3)

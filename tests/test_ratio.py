@@ -101,6 +101,55 @@ def test_telescopic_recovers_the_gaussian_log_ratio(telescopic: object) -> None:
     assert torch.allclose(terms.sum(1), telescopic.log_ratio(tp), atol=1e-4)
 
 
+def random_pair(dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """``(m1, S1, m2, S2)`` float64: random means and covariances with random eigenvectors."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        rot = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=F64))[0]
+        ev = torch.exp(torch.empty(dim, dtype=F64).uniform_(-0.7, 0.7, generator=g))
+        out += [0.8 * torch.randn(dim, generator=g, dtype=F64), (rot * ev) @ rot.T]
+    return tuple(out)
+
+
+@pytest.mark.parametrize("dim", [3, 8])
+def test_telescopic_defaults_recover_random_gaussian_log_ratios(dim: int) -> None:
+    """The default estimator (2 intervals, quadratic forms) on the exact OT flow between random
+    Gaussians: the log ratio on points of both sides, against the closed form."""
+    m1, s1, m2, s2 = random_pair(dim, seed=dim)
+    p, q = GaussianMixture(m1[None], s1[None]), GaussianMixture(m2[None], s2[None])
+    g = torch.Generator().manual_seed(0)
+    x, y = p.sample(8000, g).double(), q.sample(8000, g).double()
+    flow = gaussian_ot_flow(m1, s1, m2, s2, blocks=2)
+    default = TelescopicOptions()
+    assert default.intervals == 2 and default.quadratic
+    opts = TelescopicOptions(classifier=ClassifierOptions(time_freqs=4, batch_size=512, steps=600))
+    est = fit_telescopic(flow, x, y, opts, generator=torch.Generator().manual_seed(1))
+    for pts in (p.sample(2000, g).double(), q.sample(2000, g).double()):
+        want = q.log_prob(pts) - p.log_prob(pts)
+        mse = log_ratio_mse(est.log_ratio(pts), want)
+        assert mse < 0.05 * float(want.var()), (dim, mse, float(want.var()))
+
+
+def test_quadratic_forms_of_the_interval_logits() -> None:
+    """``phi_k(u) = net(u, t_k) + u^T A_k u + b_k^T u``, the same for one interval per row and for
+    all intervals at once (float64, random forms)."""
+    from iterflow.apps.ot import IntervalLogits
+
+    torch.manual_seed(0)
+    logits = IntervalLogits(3, 4, "conditioned", ClassifierOptions(hidden=(8,)), True).double()
+    with torch.no_grad():
+        logits.quad.normal_()
+        logits.lin.normal_()
+    u = torch.randn(10, 3, dtype=F64)
+    k = torch.arange(10) % 4
+    a = (logits.quad + logits.quad.transpose(1, 2)) / 2  # only the symmetric part counts
+    want = torch.stack([u[i] @ a[k[i]] @ u[i] + logits.lin[k[i]] @ u[i] for i in range(10)])
+    net = logits.nets[0](u, logits.times(u)[k])
+    assert torch.allclose(logits(u, k), net + want, atol=1e-12)
+    assert torch.allclose(logits.all_intervals(u)[torch.arange(10), k], logits(u, k), atol=1e-12)
+
+
 def test_classifier_baseline_recovers_an_overlapping_log_ratio() -> None:
     x, y = samples(20_000, seed=4)
     est = fit_classifier(
@@ -225,6 +274,25 @@ def test_interrupted_ratio_fits_resume_to_the_uninterrupted_result(
     with pytest.raises(InputError, match="folder: holds an estimator fitted with another"):
         fit_classifier(x, y, clf, generator=torch.Generator().manual_seed(1),
                        folder=tmp_path / "classifier")  # fmt: skip
+
+
+def test_telescopic_estimators_saved_before_the_quadratic_forms_load(tmp_path: Path) -> None:
+    """An estimator whose recorded options lack ``quadratic`` (saved before it existed) loads as
+    one without the quadratic forms."""
+    import json
+
+    x, y = samples(300, seed=11)
+    opts = TelescopicOptions(intervals=2, quadratic=False,
+                             classifier=ClassifierOptions(hidden=(8,), steps=3, batch_size=16))  # fmt: skip
+    flow = gaussian_ot_flow(M1, S1, M2, S2, blocks=2).float()
+    est = fit_telescopic(flow, x, y, opts, generator=torch.Generator().manual_seed(0))
+    est.save(tmp_path / "est")
+    manifest = json.loads((tmp_path / "est" / "manifest.json").read_text())
+    del manifest["state"]["options"]["quadratic"]
+    (tmp_path / "est" / "manifest.json").write_text(json.dumps(manifest))
+    back = load_ratio(tmp_path / "est")
+    assert not back.options.quadratic
+    assert torch.equal(back.log_ratio(x[:20]), est.log_ratio(x[:20]))
 
 
 def test_older_estimator_folders_load_and_newer_ones_are_refused(tmp_path: Path) -> None:

@@ -93,16 +93,8 @@ def test_exact_flow_maps_and_kinetic_energy(blocks: int) -> None:
 # training
 # ------------------------------------------------------------------------------------------------
 
-FAST = TransportOptions(
-    blocks=2,
-    hidden=(64, 64),
-    init_steps=500,
-    ot_chunk=128,
-    refine_steps=120,
-    refine_lr=2.5e-5,
-    classifier_warmup=60,
-    classifier_batch_size=512,
-)
+FAST = TransportOptions(blocks=2, hidden=(64, 64), init_steps=500, ot_chunk=128)  # the defaults'
+# phases (flow matching on minibatch-OT pairs, then one reflow; no refinement) on a smaller budget
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +122,11 @@ def test_transport_cost_and_map_match_the_closed_form(fitted: tuple) -> None:
     assert float(err_back) < 0.1 * math.sqrt(exact), float(err_back)
     roundtrip = res.backward(res.forward(xt)) - xt
     assert float(roundtrip.abs().max()) < 1e-2
-    assert [h["phase"] for h in res.history] == ["init", "refine"]
+    assert [h["phase"] for h in res.history] == ["init"]
+    assert res.history[0]["straighten"]["steps"] == 125  # straighten = 0.25 of init_steps
+    # the reflow leaves straight constant-speed paths: kinetic energy = displacement
+    kinetic_gap = res.cost.kinetic_forward - res.cost.displacement_forward
+    assert 0 <= kinetic_gap < 0.005 * exact, kinetic_gap
 
 
 def test_save_load_round_trip(fitted: tuple, tmp_path: Path) -> None:
@@ -180,6 +176,54 @@ def test_fit_transport_rejects_bad_samples() -> None:
     bad[3, 1] = float("nan")
     with pytest.raises(InputError, match="finite"):
         fit_transport(x, bad, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# end-point diagnostics
+# ------------------------------------------------------------------------------------------------
+
+
+def gaussian_kl(m1: torch.Tensor, s1: torch.Tensor, m2: torch.Tensor, s2: torch.Tensor) -> float:
+    """``KL(N(m1, S1) || N(m2, S2))`` in closed form."""
+    inv = torch.linalg.inv(s2)
+    dm = m2 - m1
+    logdet = torch.logdet(s2) - torch.logdet(s1)
+    return float(0.5 * (torch.trace(inv @ s1) + dm @ inv @ dm - len(m1) + logdet))
+
+
+@pytest.mark.parametrize("dim", [2, 5])
+def test_endpoint_diagnostics_tell_the_exact_map_from_no_map(dim: int) -> None:
+    """On random Gaussian pairs: the exact OT map gives KLs near 0 and MMDs near 0; the identity
+    (an untrained flow) gives the closed-form KL(P || Q) and KL(Q || P) and the untransported MMD."""
+    from iterflow.apps.ot import ClassifierOptions, TransportMap
+    from iterflow.apps.ot.diagnostics import DiagnosticOptions, endpoint_diagnostics
+    from iterflow.core.ode import SolverSpec
+
+    g = torch.Generator().manual_seed(10 + dim)
+    rot = [torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=F64))[0] for _ in range(2)]
+    ev = [0.4 + torch.rand(dim, generator=g, dtype=F64) for _ in range(2)]
+    s1, s2 = ((q * e) @ q.T for q, e in zip(rot, ev))
+    m1, m2 = torch.zeros(dim, dtype=F64), 0.7 * torch.randn(dim, generator=g, dtype=F64)
+    p, q = GaussianMixture(m1[None], s1[None]), GaussianMixture(m2[None], s2[None])
+    train, test = (p.sample(6000, g), q.sample(6000, g)), (p.sample(3000, g), q.sample(3000, g))
+    flow = gaussian_ot_flow(m1, s1, m2, s2)
+    spec = SolverSpec("rk4", 8)
+    opts = DiagnosticOptions(ClassifierOptions(hidden=(32, 32), steps=500, batch_size=256))
+    exact = endpoint_diagnostics(TransportMap(flow, "forward", spec),
+                                 TransportMap(flow, "backward", spec), train, test, opts,
+                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+    none = endpoint_diagnostics(lambda x: x, lambda y: y, train, test, opts,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+    kl_pq, kl_qp = gaussian_kl(m1, s1, m2, s2), gaussian_kl(m2, s2, m1, s1)
+    assert min(kl_pq, kl_qp) > 0.5  # the pair is far from equal: the checks below can fail
+    assert abs(none["kl_pushed_to_target"] / kl_pq - 1) < 0.15, (none, kl_pq)
+    assert abs(none["kl_pulled_to_source"] / kl_qp - 1) < 0.15, (none, kl_qp)
+    for key in ("kl_pushed_to_target", "kl_pulled_to_source"):
+        assert abs(exact[key]) < 0.05, (key, exact[key])
+    assert none["mmd_pushed_to_target"] == pytest.approx(none["mmd_source_to_target"])
+    for key in ("mmd_pushed_to_target", "mmd_pulled_to_source"):
+        assert abs(exact[key]) < 0.02 * none["mmd_source_to_target"], (key, exact[key])
+    assert exact["n_test"] == 2000  # DiagnosticOptions.max_test rows per side
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,10 +361,29 @@ def test_cli_transport_and_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[s
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("w2_sq", "w2_exact_test", "log_ratio_mse_source", "log_ratio_mse_target"):
         assert math.isfinite(metrics[key]), key
+    endpoint_keys = ("kl_pushed_to_target", "kl_pulled_to_source", "mmd_pushed_to_target",
+                     "mmd_pulled_to_source", "mmd_source_to_target")  # fmt: skip
+    ratio_keys = ("log_mean_ratio_source", "log_mean_inverse_target", "kl_source_target")
+    for key in endpoint_keys + ratio_keys:
+        assert math.isfinite(metrics[key]), key
+    assert metrics["n_test"] == 300 and "KL(T#P||Q)" in metrics["endpoint_summary"]
     capsys.readouterr()
     assert cli_main(["info", str(run)]) == 0  # `iterflow info` reads transport folders too
-    shown = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    shown = json.loads(out)
     assert shown["kind"] == "transport" and shown["metrics"]["w2_sq"] == metrics["w2_sq"]
+    assert shown["endpoints"]["kl_pushed_to_target"] == metrics["kl_pushed_to_target"]
+    assert metrics["endpoint_summary"] in err  # and a readable line
+    # `iterflow eval` on the run and on its telescopic estimator: the end-point diagnostics anew
+    assert cli_main(["eval", str(run), "--json", "--n", "200"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["kind"] == "transport" and m["n_test"] == 200
+    assert all(math.isfinite(m[k]) for k in endpoint_keys)
+    assert cli_main(["eval", str(run / "ratio" / "telescopic"), "--n", "200"]) == 0
+    shown_text = capsys.readouterr().out
+    assert "normalisation" in shown_text and "KL(T#P||Q)" in shown_text
+    assert cli_main(["info", str(run / "ratio" / "telescopic")]) == 0
+    assert json.loads(capsys.readouterr().out)["endpoints"]["n_test"] == 300
     pts = tmp_path / "pts.npy"
     np.save(pts, np.array([[0.0, 0.0], [2.0, 1.0], [-2.0, -1.5], [0.0, 2.0]]))
     capsys.readouterr()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from iterflow.core.guidance import LABEL_KEY
 from iterflow.errors import check_finite, fail
 from iterflow.train import (
     Reporter,
@@ -40,6 +41,7 @@ from iterflow.train import (
     TrainData,
     TrainResult,
     VelocitySource,
+    check_labels,
     stage_seed,
     train_tensors,
 )
@@ -58,6 +60,7 @@ def fit(
     config: TrainConfig | None = None,
     out: str | Path | None = None,
     cond: Mapping[str, Any] | None = None,
+    labels: Any = None,
     reporter: Reporter | None = None,
     **settings: Any,
 ) -> TrainResult:
@@ -85,6 +88,13 @@ def fit(
             ``x``, passed to ``velocity`` as keyword arguments (e.g. ``{"y": labels}``). Sample or
             score the trained flow under :func:`iterflow.conditioning` with the rows you want.
             Methods whose minibatches are not data rows (``reflow``, ``distill``) refuse it.
+        labels: ``(n,)`` integer class labels in ``[0, K)`` of the rows of ``x`` (``K`` = the
+            largest label + 1): the run is class-conditional, with the labels as ``cond["y"]``;
+            the built-in networks get ``K`` classes and a null label, trained with label dropout
+            (``label_dropout``, default 0.1), so the flow samples per class with
+            classifier-free guidance (``flow.sample(n, labels=y, guidance=w)``) and scores
+            ``log p(x | y)`` (:mod:`iterflow.evaluation.conditional`). A user ``velocity`` gets
+            them as its keyword argument ``y``.
         reporter: progress sink (default: silent).
         **settings: :class:`~iterflow.train.TrainConfig` fields (``steps``, ``blocks``,
             ``batch_size``, ``lr``, ``hidden``, ``seed``, ``options``, ``n_val``, ...). ``dtype`` and
@@ -106,14 +116,23 @@ def fit(
     cond_rows = {
         name: as_rows(v, f"cond[{name!r}]", min_rows=1) for name, v in (cond or {}).items()
     }
+    num_classes = 0
+    if labels is not None:
+        if LABEL_KEY in cond_rows:
+            fail("labels", "give class labels once: as labels or as cond['y']", "both")
+        y = as_rows(labels, "labels", min_rows=1)
+        if y.ndim != 1 or y.is_floating_point():
+            fail("labels", "must be (n,) integer class labels", tuple(y.shape))
+        num_classes = int(y.max()) + 1
+        cond_rows[LABEL_KEY] = check_labels(y, num_classes, "labels")
     for name, v in cond_rows.items():
         if v.shape[0] != rows.shape[0]:
             fail("cond", f"{name!r} must have one row per row of x ({rows.shape[0]})", v.shape[0])
-    if cond_rows and velocity is None:
+    if cond_rows and velocity is None and not num_classes:
         fail(
             "cond",
-            "needs a velocity module that takes it as keyword arguments (e.g. velocity="
-            "iterflow.core.nn.MLPVelocity(d, num_classes=K) for class labels y)",
+            "needs a velocity module that takes it as keyword arguments (class labels: "
+            "pass labels=y for the built-in networks)",
             sorted(cond_rows),
         )
     typed = isinstance(x, (Tensor, torch.utils.data.Dataset))  # dtype/device chosen by the caller
@@ -129,6 +148,7 @@ def fit(
         description=_describe(rows, cond_rows, fingerprint),
         cond=cond_rows,
         val_cond={name: v[idx] for name, v in cond_rows.items()},
+        num_classes=num_classes,
     )
     name = "tensor" if fingerprint is None else f"tensor:{fingerprint}"
     cfg = dataclasses.replace(cfg, data=name, n_train=rows.shape[0], n_val=len(idx))

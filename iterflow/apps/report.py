@@ -10,23 +10,36 @@ import numpy as np
 import torch
 
 from iterflow.data import get_dataset
-from iterflow.errors import fail
+from iterflow.errors import check_positive, fail
 from iterflow.evaluation.evaluate import evaluate
 from iterflow.train import RunDir, TrainConfig, load_run
 
 
 def test_split(cfg: TrainConfig, data: str | None = None) -> tuple[torch.Tensor, float | None, Any]:
     """Held-out data of the run (or of another data set ``data``) and its entropy when known."""
-    ds = get_dataset(data or cfg.data, img2d_dir=cfg.img2d_dir)
+    column = cfg.label_column or None if data is None else None
+    ds = get_dataset(data or cfg.data, img2d_dir=cfg.img2d_dir, label_column=column)
     splits = ds.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
     entropy = ds.entropy() if ds.log_prob(splits.test[:1]) is not None else None
     return splits.test, entropy, ds
 
 
 def eval_run(
-    run: str | Path, *, data: str | None = None, n: int = 2000, device: str = "cpu", **kwargs: Any
+    run: str | Path,
+    *,
+    data: str | None = None,
+    n: int = 2000,
+    device: str = "cpu",
+    cond_n: int = 500,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Evaluate a run folder on its test split (or on ``data``); per-block history included."""
+    """Evaluate a run folder on its test split (or on ``data``); per-block history included.
+
+    A run trained with class labels adds the conditional figures of
+    :func:`iterflow.evaluation.conditional.conditional_metrics` on the first ``cond_n`` labelled
+    test rows (``cond_nll``, ``marginal_nll``, ``gen_classifier_accuracy``; each row is
+    integrated once per class); its other figures (``nll``, samples) are those of the
+    unconditional field (the null label)."""
     flow, cfg, meta = load_run(run, device=device)
     test, entropy, ds = test_split(cfg, data)
     if tuple(test.shape[1:]) != flow.event_shape:
@@ -41,6 +54,9 @@ def eval_run(
         from iterflow.evaluation.bits_per_dim import bits_per_dim
 
         out["bits_per_dim"] = bits_per_dim(out["nll"], flow.dim, quantization)
+    check_positive(cond_n, "cond_n", integer=True, allow_zero=True)
+    if flow.num_classes > 0 and cond_n > 0 and ds.num_classes == flow.num_classes:
+        out.update(_conditional_figures(flow, ds, cfg, meta, cond_n, kwargs))
     out["data"] = data or cfg.data
     out["method"] = cfg.method
     out["train_seconds"] = meta.get("train_seconds")
@@ -48,6 +64,23 @@ def eval_run(
         {k: v for k, v in r.items() if isinstance(v, (int, float))} for r in meta["history"]
     ]
     return out
+
+
+def _conditional_figures(
+    flow: Any, ds: Any, cfg: TrainConfig, meta: dict[str, Any], n: int, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """``conditional_metrics`` on the labelled test rows (prior: the run's class counts)."""
+    from iterflow.evaluation.conditional import conditional_metrics
+
+    args = (cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+    x, y = ds.splits(*args).test[:n], ds.label_splits(*args).test[:n]
+    if x.shape[0] == 0:
+        return {}
+    x = x.to(device=flow.shift.device, dtype=flow.shift.dtype)
+    prior = meta.get("labels", {}).get("class_counts")
+    settings = {k: kwargs[k] for k in ("solver", "steps", "atol", "rtol", "divergence", "probes")
+                if k in kwargs}  # fmt: skip
+    return conditional_metrics(flow, x, y, prior=prior, seed=cfg.seed, **settings)
 
 
 @torch.no_grad()
@@ -59,10 +92,46 @@ def sample_run(
     solver: str = "dopri5",
     steps: int = 16,
     device: str = "cpu",
+    label: int | str | None = None,
+    guidance: float | None = None,
 ) -> np.ndarray:
-    flow, _, _ = load_run(run, device=device)
+    """``n`` samples of a run (data units) as a NumPy array.
+
+    Arguments:
+        label: a class of a run trained with labels: its index or one of its ``class_names``
+            (``None``: the unconditional field).
+        guidance: classifier-free guidance weight (:mod:`iterflow.core.guidance`; needs a run
+            with labels; 1: conditional, 0: unconditional).
+    """
+    flow, _, meta = load_run(run, device=device)
+    if guidance is not None and flow.num_classes == 0:
+        fail("guidance", "needs a run trained with class labels (train --labels)", guidance)
+    y = None if label is None else class_index(label, flow.num_classes, meta)
     gen = torch.Generator(device=flow.shift.device).manual_seed(seed)
-    return flow.sample(n, generator=gen, solver=solver, steps=steps).cpu().numpy()
+    x = flow.sample(n, generator=gen, solver=solver, steps=steps, labels=y, guidance=guidance)
+    return x.cpu().numpy()
+
+
+def class_index(label: int | str, num_classes: int, meta: dict[str, Any]) -> int:
+    """The class index of ``label`` (an index in ``[0, K)`` or one of the run's class names).
+
+    Raises:
+        InputError: (argument ``label``) an unconditional run, or an unknown class.
+    """
+    if num_classes == 0:
+        fail("label", "needs a run trained with class labels (train --labels)", label)
+    names = [str(c) for c in meta.get("labels", {}).get("class_names") or []]
+    text = str(label).strip()
+    try:
+        k = int(text)  # an index first (class names that are numbers: use the index)
+    except ValueError:
+        if text in names:
+            return names.index(text)
+        known = f" or one of {names}" if names else ""
+        fail("label", f"must be a class index in [0, {num_classes}){known}", label)
+    if not 0 <= k < num_classes:
+        fail("label", f"must be a class index in [0, {num_classes})", k)
+    return k
 
 
 def plot_run(

@@ -111,6 +111,20 @@ def train(
         [], "--option", "-o", help="Method option KEY=VALUE (repeatable); see `iterflow methods`."
     ),
     img2d_dir: str | None = typer.Option(None, help="Folder holding img_rose.png / img_tree.png."),
+    labels: bool = typer.Option(
+        _D.labels,
+        help="Condition on the data set's class labels (moons, pinwheel, 8gaussians, digits8, "
+        "fashion-mnist, sklearn:iris, ...): class-conditional sampling with guidance, log p(x|y).",
+    ),
+    label_column: str = typer.Option(
+        _D.label_column,
+        help="Column of class labels in a .csv/.npy data file (index, or CSV header name); "
+        "implies --labels.",
+    ),
+    label_dropout: float = typer.Option(
+        _D.label_dropout,
+        help="Probability of training a row with the null label (for classifier-free guidance).",
+    ),
     report: bool = typer.Option(
         True, help="After training write samples.npy, metrics.json and plots."
     ),
@@ -159,6 +173,9 @@ def train(
         net_options=config_file.table(cli, "net_option", net_option),
         autocast=autocast,
         compile=compile_,
+        labels=labels,
+        label_column=label_column,
+        label_dropout=label_dropout,
     )
     text = config_file.train_config_text(cli, cfg)
     if print_config:
@@ -195,8 +212,17 @@ def sample(
     steps: int = typer.Option(16, help="Fixed steps per block."),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
+    label: str | None = typer.Option(
+        None, help="Class to sample (runs trained with --labels): index or class name."
+    ),
+    guidance: float | None = typer.Option(
+        None,
+        help="Classifier-free guidance weight w: v(x|null) + w (v(x|y) - v(x|null)); "
+        "1 conditional, 0 unconditional, >1 guided.",
+    ),
 ) -> None:
-    """Draw samples (in the data's units) and save them as .npy."""
+    """Draw samples (in the data's units) and save them as .npy; from one class of a labelled
+    run with --label, guided with --guidance."""
     import io as _io
 
     import numpy as np
@@ -209,13 +235,20 @@ def sample(
     if n < 1:
         fail("--n", "must be a positive integer", n)
     buf = _io.BytesIO()
-    np.save(buf, sample_run(run, n, seed=seed, solver=solver, steps=steps, device=device))
+    x = sample_run(
+        run, n, seed=seed, solver=solver, steps=steps, device=device, label=label, guidance=guidance
+    )
+    np.save(buf, x)
     atomic_write_bytes(out, buf.getvalue())
 
 
 @app.command(name="eval")
 def eval_cmd(
-    run: Path = typer.Argument(..., help="Run folder."),
+    run: Path = typer.Argument(
+        ...,
+        help="Run folder (of `iterflow train`; a transport run or RUN/ratio/<estimator>: "
+        "end-point diagnostics on the held-out rows).",
+    ),
     data: str | None = typer.Option(
         None, help="Evaluate on another data set of the same dimension."
     ),
@@ -227,11 +260,28 @@ def eval_cmd(
     divergence: str = typer.Option("auto", help="auto, exact or hutchinson."),
     probes: int = typer.Option(1, help="Hutchinson probes."),
     device: str = typer.Option("cpu"),
+    cond_n: int = typer.Option(
+        500,
+        help="Labelled runs: test rows for cond_nll and gen_classifier_accuracy (one likelihood "
+        "per class each; 0 skips them).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Test NLL (nats), entropy floor, W2, MMD, W2 by NFE and per-block figures."""
+    """Test NLL (nats), entropy floor, W2, MMD, W2 by NFE and per-block figures; for runs trained
+    with labels also the conditional NLL -log p(x|y) and the generative classifier's accuracy."""
     from iterflow.apps.report import eval_run
+    from iterflow.cli.transport_report import eval_ot_folder, ot_folder_kind
 
+    if ot_folder_kind(run) is not None:  # transport and ratio folders: end-point diagnostics
+        m = eval_ot_folder(run, n=n, device=device)
+        if as_json:
+            print(json.dumps(m))
+            return
+        for key in ("endpoint_summary", "ratio_summary"):
+            if key in m:
+                print(m[key])
+        print(json.dumps({k: v for k, v in m.items() if not k.endswith("summary")}, indent=2))
+        return
     m = eval_run(
         run,
         data=data,
@@ -243,6 +293,7 @@ def eval_cmd(
         rtol=rtol,
         divergence=divergence,
         probes=probes,
+        cond_n=cond_n,
     )
     if as_json:
         print(json.dumps(m))
@@ -302,6 +353,9 @@ def info(
     if out is not None:
         if (run / "metrics.json").is_file():
             out["metrics"] = load_json(run / "metrics.json", "run")
+        from iterflow.cli.transport_report import info_ot_folder
+
+        info_ot_folder(run, out)  # transport and ratio folders: end-point diagnostics and a line
         print(json.dumps(out, indent=2))
         return
     _, _, meta = load_run(run)  # validates the folder (and names what is missing or corrupt)

@@ -27,7 +27,10 @@ import typer
 
 from iterflow.cli import config_file
 from iterflow.cli.transport_report import (
+    endpoint_metrics,
+    load_pair,
     print_summary,
+    ratio_metrics,
     transport_metrics,
     transport_plots,
     truth_fn,
@@ -105,34 +108,6 @@ def transport_config_text(ctx: typer.Context, options: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-
-
-def _dataset(spec: str, argument: str, img2d_dir: str | None) -> Any:
-    from iterflow.data import get_dataset
-
-    try:
-        return get_dataset(spec, img2d_dir=img2d_dir)
-    except InputError as e:
-        raise InputError(argument, e.rule, e.value) from None
-
-
-def load_pair(data: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """``(source set, target set, source splits, target splits)`` from a run's ``data`` record."""
-    from iterflow.data import child_seeds
-
-    src = _dataset(data["source"], "--source", data.get("img2d_dir"))
-    tgt = _dataset(data["target"], "--target", data.get("img2d_dir"))
-    if src.dim != tgt.dim:
-        fail("--target", f"must have the dimension of --source ({src.dim})", tgt.dim)
-    s_src, s_tgt = child_seeds(int(data["seed"]), 2)
-    sp = src.splits(data["n_train"], 0, data["n_test"], s_src)
-    tp = tgt.splits(data["n_train"], 0, data["n_test"], s_tgt)
-    return src, tgt, sp, tp
-
-
-# ------------------------------------------------------------------------------------------------
 # iterflow transport
 # ------------------------------------------------------------------------------------------------
 
@@ -149,7 +124,9 @@ def transport(
     blocks: int = typer.Option(2, help="ODE blocks of the flow."),
     hidden: str = typer.Option("128,128,128", help="Hidden widths of each block's MLP."),
     init_steps: int = typer.Option(2000, help="Flow-matching (minibatch-OT) initialisation steps."),
-    refine_steps: int = typer.Option(600, help="Relaxed-OT refinement steps (0 skips)."),
+    refine_steps: int = typer.Option(
+        0, help="Relaxed-OT refinement steps (0 skips; see --gamma and -o refine_lr)."
+    ),
     gamma: float = typer.Option(100.0, help="Weight of the two classifier-estimated KL terms."),
     batch_size: int = typer.Option(256),
     option: list[str] = typer.Option(
@@ -161,8 +138,10 @@ def transport(
     ratio_estimator: bool = typer.Option(
         True, "--ratio/--no-ratio", help="Also fit the telescopic log-ratio estimator."
     ),
-    intervals: int = typer.Option(
-        16, help="Intervals of the telescopic chain (multiple of --blocks)."
+    intervals: int | None = typer.Option(
+        None,
+        help="Intervals of the telescopic chain (multiple of --blocks) [default: the smallest "
+        "multiple of --blocks that is at least 2].",
     ),
     ratio_steps: int = typer.Option(2000, help="Optimiser steps of the telescopic classifier."),
     seed: int = typer.Option(0),
@@ -209,6 +188,8 @@ def transport(
             "batch_size": batch_size,
         },
     )
+    if intervals is None:
+        intervals = default_intervals(options.blocks)
     ratio_opts = (
         _telescopic_options(intervals, ratio_steps, options.blocks) if ratio_estimator else None
     )
@@ -258,6 +239,10 @@ def transport(
     truth = truth_fn(src, tgt)
     pushed = result.forward(x_test)
     metrics = transport_metrics(result, x_test, y_test, pushed, est, truth)
+    metrics.update(endpoint_metrics(result, (x_train, y_train), (x_test, y_test), seed))
+    if est is not None:
+        metrics.update({k: v for k, v in ratio_metrics(est, (x_test, y_test), None).items()
+                        if k != "estimator"})  # fmt: skip
     from iterflow.io import save_json
 
     save_json(out / "metrics.json", metrics)
@@ -310,6 +295,15 @@ def _resolved(spec: str) -> str:
     """Absolute path for an existing file (so that ``iterflow ratio`` works from anywhere)."""
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.is_file() else spec
+
+
+def default_intervals(blocks: int) -> int:
+    """The telescopic chain's default number of intervals for a flow of ``blocks`` blocks: the
+    smallest multiple of ``blocks`` that is at least ``TelescopicOptions().intervals``."""
+    from iterflow.apps.ot import TelescopicOptions
+
+    want = TelescopicOptions().intervals
+    return blocks * max(1, -(-want // blocks))
 
 
 def _telescopic_options(intervals: int, steps: int, blocks: int) -> Any:
@@ -425,7 +419,7 @@ def _estimator(
     fit = {"folder": folder, "progress": prog, "ctx": ctx, "checkpoint_every": checkpoint_every}
     if kind == "telescopic":
         flow = ot.load_transport(run, device=device).flow
-        intervals = flow.num_blocks * max(1, round(16 / flow.num_blocks))
+        intervals = default_intervals(flow.num_blocks)
         options = _telescopic_options(intervals, steps, flow.num_blocks)
         return ot.fit_telescopic(flow, x, y, options, generator=gen, **fit)
     if kind == "classifier":

@@ -1,4 +1,6 @@
-"""The report of ``iterflow transport``: metrics of the maps and the ratio estimate, plots, summary."""
+"""The report of ``iterflow transport``: metrics of the maps and the ratio estimate, plots, summary;
+and ``iterflow eval`` / ``iterflow info`` on transport and ratio folders (:func:`ot_folder_kind`,
+:func:`eval_ot_folder`, :func:`info_ot_folder`): how well the end-point constraints hold."""
 
 from __future__ import annotations
 
@@ -8,6 +10,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def _dataset(spec: str, argument: str, img2d_dir: str | None) -> Any:
+    from iterflow.data import get_dataset
+    from iterflow.errors import InputError
+
+    try:
+        return get_dataset(spec, img2d_dir=img2d_dir)
+    except InputError as e:
+        raise InputError(argument, e.rule, e.value) from None
+
+
+def load_pair(data: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """``(source set, target set, source splits, target splits)`` from a run's ``data`` record."""
+    from iterflow.data import child_seeds
+    from iterflow.errors import fail
+
+    src = _dataset(data["source"], "--source", data.get("img2d_dir"))
+    tgt = _dataset(data["target"], "--target", data.get("img2d_dir"))
+    if src.dim != tgt.dim:
+        fail("--target", f"must have the dimension of --source ({src.dim})", tgt.dim)
+    s_src, s_tgt = child_seeds(int(data["seed"]), 2)
+    sp = src.splits(data["n_train"], 0, data["n_test"], s_src)
+    tp = tgt.splits(data["n_train"], 0, data["n_test"], s_tgt)
+    return src, tgt, sp, tp
 
 
 def truth_fn(src: Any, tgt: Any) -> Any:
@@ -124,7 +151,151 @@ def print_summary(
             f"on Q {m['log_ratio_mse_target']:.4g}"
         )
     console.print(line)
+    for key in ("endpoint_summary", "ratio_summary"):
+        if key in m:
+            console.print(m[key])
     console.print(
         f"trained in {seconds:.1f} s -> {out}"
         + (f" (plots: {', '.join(p.name for p in plots)})" if plots else "")
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# end-point diagnostics: `iterflow transport` (metrics.json), `iterflow eval` and `iterflow info`
+# ------------------------------------------------------------------------------------------------
+
+#: metrics.json keys of :func:`iterflow.apps.ot.diagnostics.endpoint_diagnostics`.
+ENDPOINT_KEYS = (
+    "kl_pushed_to_target",
+    "kl_pulled_to_source",
+    "mmd_pushed_to_target",
+    "mmd_pulled_to_source",
+    "mmd_source_to_target",
+    "n_test",
+)
+#: metrics.json keys of :func:`iterflow.apps.ot.diagnostics.ratio_diagnostics`.
+RATIO_KEYS = (
+    "log_mean_ratio_source",
+    "log_mean_inverse_target",
+    "kl_source_target",
+    "kl_target_source",
+)
+
+
+def endpoint_metrics(
+    result: Any, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+    seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """End-point diagnostics of a fitted transport on its held-out rows ``test`` (classifiers
+    trained on ``train``), with their readable line under ``endpoint_summary``. The classifiers
+    take the default steps, or the run's own training steps when fewer (never longer than the
+    fit)."""
+    from iterflow.apps.ot.diagnostics import (
+        DiagnosticOptions,
+        endpoint_diagnostics,
+        endpoint_summary,
+    )
+
+    opts = DiagnosticOptions()
+    steps = min(opts.classifier.steps, result.options.init_steps + result.options.refine_steps)
+    opts = dataclasses.replace(opts, classifier=dataclasses.replace(opts.classifier, steps=steps))
+    gen = torch.Generator(train[0].device).manual_seed(seed + 2)
+    m: dict[str, Any] = endpoint_diagnostics(result.forward, result.backward, train, test, opts,
+                                             generator=gen)  # fmt: skip
+    return {**m, "endpoint_summary": endpoint_summary(m)}
+
+
+def ratio_metrics(est: Any, test: tuple[torch.Tensor, torch.Tensor], truth: Any) -> dict[str, Any]:
+    """Normalisation checks of a log-ratio estimate on held-out rows (and its MSE against the
+    exact log ratio ``truth`` when known), with their readable line under ``ratio_summary``."""
+    from iterflow.apps.ot import log_ratio_mse
+    from iterflow.apps.ot.diagnostics import ratio_diagnostics, ratio_summary
+
+    x, y = (t.to(est.shift) for t in test)
+    m: dict[str, Any] = {"estimator": est.kind, **ratio_diagnostics(est, x, y)}
+    if truth is not None:
+        for side, pts in (("source", x), ("target", y)):
+            m[f"log_ratio_mse_{side}"] = log_ratio_mse(est.log_ratio(pts).cpu(), truth(pts.cpu()))
+    return {**m, "ratio_summary": ratio_summary(m)}
+
+
+def ot_folder_kind(run: Path) -> str | None:
+    """``"transport"`` or ``"ratio"`` for those folders (current or older format), else ``None``."""
+    from iterflow.io import MANIFEST, read_manifest
+
+    if (run / MANIFEST).is_file():
+        kind = read_manifest(run).get("kind")
+        return kind if kind in ("transport", "ratio") else None
+    for kind, marker in (("transport", "transport.json"), ("ratio", "ratio.json")):
+        if (run / marker).is_file():
+            return kind
+    return None
+
+
+def _run_data(run: Path, n: int, device: str) -> tuple[Any, Any, tuple, tuple, int]:
+    """The data sets, training rows, first ``n`` held-out rows and seed of a transport run."""
+    from iterflow.apps.ot import load_transport_meta
+    from iterflow.apps.ot.store import recorded
+    from iterflow.errors import fail
+    from iterflow.train import DTYPES, resolve_device
+
+    meta = load_transport_meta(run)
+    data = recorded(meta, "data")
+    if not isinstance(data, dict) or "source" not in data:
+        fail("run", "must record its data ('data'; runs of `iterflow transport` do)", str(run))
+    src, tgt, sp, tp = load_pair(data)
+    dev, dt = resolve_device(device), DTYPES.get(meta.get("dtype", "float32"), torch.float32)
+    train = (sp.train.to(dev, dt), tp.train.to(dev, dt))
+    test = (sp.test[:n].to(dev, dt), tp.test[:n].to(dev, dt))
+    return src, tgt, train, test, int(data["seed"])
+
+
+def eval_ot_folder(run: Path, *, n: int = 2000, device: str = "cpu") -> dict[str, Any]:
+    """``iterflow eval`` on a transport run (costs, sample distances and end-point diagnostics on
+    its held-out rows) or on a ratio estimator folder ``RUN/ratio/<estimator>`` of one
+    (normalisation checks, the log-ratio MSE when the densities are known, and, for the
+    telescopic estimator, the end-point diagnostics of the flow it rests on)."""
+    from iterflow.apps.ot import load_ratio, load_transport
+    from iterflow.errors import fail
+
+    kind = ot_folder_kind(run)
+    if kind == "ratio":
+        parent = run.parent.parent
+        if ot_folder_kind(parent) != "transport":
+            fail("run", "must be a ratio folder RUN/ratio/<estimator> of a transport run (its "
+                 "data are the run's)", str(run))  # fmt: skip
+        est = load_ratio(run, device=device)
+        src, tgt, train, test, seed = _run_data(parent, n, device)
+        m = {"kind": "ratio", **ratio_metrics(est, test, truth_fn(src, tgt))}
+        if est.kind == "telescopic":
+            m.update(endpoint_metrics(load_transport(parent, device=device), train, test, seed))
+        return m
+    src, tgt, train, test, seed = _run_data(run, n, device)
+    result = load_transport(run, device=device)
+    pushed = result.forward(test[0])
+    m = {"kind": "transport", **transport_metrics(result, test[0], test[1], pushed, None, None)}
+    return {**m, **endpoint_metrics(result, train, test, seed)}
+
+
+def info_ot_folder(run: Path, out: dict[str, Any]) -> None:
+    """Add the recorded end-point diagnostics of a transport run (its ``metrics.json``; for a ratio
+    folder, those of the run it belongs to) to ``iterflow info``'s ``out`` as ``endpoints``, and
+    print their readable lines to stderr."""
+    import json
+    import sys
+
+    kind = ot_folder_kind(run)
+    folder = run if kind == "transport" else run.parent.parent
+    path = folder / "metrics.json"
+    if kind is None or not path.is_file():
+        return
+    metrics = json.loads(path.read_text())
+    if not isinstance(metrics, dict):
+        return
+    keys = (*ENDPOINT_KEYS, *RATIO_KEYS, "endpoint_summary", "ratio_summary")
+    found = {k: metrics[k] for k in keys if k in metrics}
+    if found:
+        out["endpoints"] = found
+        for k in ("endpoint_summary", "ratio_summary"):
+            if k in found:
+                print(found[k], file=sys.stderr)

@@ -296,6 +296,7 @@ def couple(
     reg: float = 0.05,
     refine: int = 0,
     generator: torch.Generator | None = None,
+    groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pair ``x0`` with a re-ordering of ``x1`` according to the coupling ``kind``.
 
@@ -308,6 +309,9 @@ def couple(
         reg: entropic regularisation of ``"sinkhorn"``, relative to the mean squared distance.
         refine: local improvement passes after a chunked OT solve (:func:`refine_assignment`).
         generator: randomness of ``"sinkhorn"``.
+        groups: ``(B,)`` integer group of each row (class labels of a conditional run): rows are
+            paired only within their group, so each group keeps its share of ``x1`` (with ``x1``
+            i.i.d. noise, every class sees ``N(0, I)`` noise, as its conditional flow needs).
 
     Returns:
         ``(x0, x1_paired)``.
@@ -315,6 +319,17 @@ def couple(
     COUPLINGS.get(kind, "coupling")
     if kind == "independent":
         return x0, x1
+    if groups is not None:
+        if groups.shape != x0.shape[:1]:
+            fail("groups", f"must hold one group per row ({x0.shape[0]})", tuple(groups.shape))
+        out = x1.clone()
+        for g in torch.unique(groups):
+            rows = (groups == g).nonzero()[:, 0]
+            out[rows] = couple(
+                x0[rows], x1[rows], kind, chunk=chunk, ot_solver=ot_solver, reg=reg,
+                refine=refine, generator=generator,
+            )[1]  # fmt: skip
+        return x0, out
     if x0.shape[0] != x1.shape[0]:
         fail("x1", f"must have as many rows as x0 ({x0.shape[0]}) to be coupled", x1.shape[0])
     if kind == "ot":

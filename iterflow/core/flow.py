@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from iterflow.core.conditioning import bound_rows
+from iterflow.core.conditioning import bound_rows, conditioning
+from iterflow.core.guidance import LABEL_KEY, guidance_weight, guided_call
+from iterflow.core.guidance import guidance as guiding
 from iterflow.core.integrand import draw_probes, integrate_chain, integrate_path
 from iterflow.core.ode import SolverSpec, integrate
 from iterflow.errors import check_finite, fail
@@ -38,7 +40,8 @@ class Block(nn.Module):
     Arguments:
         velocity: a module called as ``velocity(x, s, **cond)`` returning a tensor shaped like ``x``;
             ``s`` is a 0-dim tensor or ``(B,)``; ``cond`` the per-row keyword arguments bound by
-            :func:`iterflow.core.conditioning.conditioning` (none outside it).
+            :func:`iterflow.core.conditioning.conditioning` (none outside it); inside
+            :func:`iterflow.core.guidance.guidance` a label-conditional velocity is guided.
 
     Attributes:
         nfe: running count of velocity evaluations (one per batched call); read it through
@@ -54,7 +57,21 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, s: Tensor | float) -> Tensor:
         self.nfe += 1
-        return self.velocity(x, s, **bound_rows(x.shape[0]))
+        return guided_call(self.velocity, x, s, bound_rows(x.shape[0]))
+
+    def velocity_and_jacobian_terms(
+        self, x: Tensor, s: Tensor, probes: Tensor | None = None, *, frobenius: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(v, div, frob)`` in one pass where the velocity offers it (its own
+        ``velocity_and_jacobian_terms``, e.g. :class:`~iterflow.core.nn.MLPVelocity`), with the
+        bound rows; ``None`` otherwise and for a guided field (the caller then uses autograd)."""
+        fused = getattr(self.velocity, "velocity_and_jacobian_terms", None)
+        cond = bound_rows(x.shape[0])
+        if fused is None or (LABEL_KEY in cond and guidance_weight() not in (None, 1.0)):
+            return None
+        out = fused(x, s, probes, frobenius=frobenius, **cond)
+        self.nfe += out is not None
+        return out
 
     def _field(self, t: Tensor, x: Tensor) -> Tensor:
         return self(x, t)
@@ -172,6 +189,13 @@ class Flow(nn.Module):
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of a label-conditional flow (its first block's ``num_classes``; 0: none)."""
+        if not len(self.blocks):
+            return 0
+        return int(getattr(self.chain[0].velocity, "num_classes", 0) or 0)
+
     def _like(self) -> Tensor:
         return self.shift
 
@@ -273,14 +297,49 @@ class Flow(nn.Module):
         steps: int = 16,
         atol: float = 1e-5,
         rtol: float = 1e-5,
+        labels: Tensor | int | None = None,
+        guidance: float | None = None,
     ) -> Tensor:
-        """Draw ``n`` samples in data units: decode ``z ~ N(0, I)``."""
+        """Draw ``n`` samples in data units: decode ``z ~ N(0, I)``.
+
+        Arguments:
+            n: number of samples.
+            generator: randomness of ``z``.
+            solver, steps, atol, rtol: integration.
+            labels: class labels of a label-conditional flow: one label for all samples, or
+                ``(n,)`` integers in ``[0, num_classes]`` (``num_classes``: the null label);
+                ``None``: the null label (the unconditional field).
+            guidance: classifier-free guidance weight ``w`` (:mod:`iterflow.core.guidance`;
+                1 or ``None``: conditional, 0: unconditional).
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             fail("n", "must be a positive integer", n)
         like = self._like()
+        cond = self._labels(labels, n, guidance)
         gdev = generator.device if generator is not None else like.device
         z = torch.randn((n, *self.event_shape), generator=generator, device=gdev, dtype=like.dtype)
-        return self.decode(z.to(like.device), solver=solver, steps=steps, atol=atol, rtol=rtol)
+        bound = conditioning(**cond) if cond else nullcontext()  # else: any outer binding
+        with bound, guiding(guidance) if guidance is not None else nullcontext():
+            return self.decode(z.to(like.device), solver=solver, steps=steps, atol=atol, rtol=rtol)
+
+    def _labels(
+        self, labels: Tensor | int | None, n: int, weight: float | None
+    ) -> dict[str, Tensor]:
+        """The conditioning of :meth:`sample`: ``{"y": (n,) labels}`` or ``{}``, checked."""
+        k = self.num_classes
+        if (labels is not None or weight is not None) and k == 0:
+            name = "labels" if labels is not None else "guidance"
+            fail(name, "need a label-conditional flow (trained with class labels)", "no classes")
+        if labels is None:
+            return {}
+        y = torch.as_tensor(labels, device=self.shift.device)
+        if y.ndim == 0:
+            y = y.expand(n)
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.shape != (n,):
+            fail("labels", f"must be one integer or {n} integers (n,)", tuple(y.shape))
+        if int(y.min()) < 0 or int(y.max()) > k:
+            fail("labels", f"must lie in [0, {k}) (or {k}: no class)", (int(y.min()), int(y.max())))
+        return {LABEL_KEY: y.long()}
 
     def log_prob(
         self,

@@ -15,17 +15,29 @@ Jacobian norm no backward pass is made at all. Used by :meth:`iterflow.core.flow
 CNF and JKO-flow losses, transport (forwards and, through :class:`Reversed`, backwards) and the
 worst-case map (in data units through :class:`DataUnits`).
 
-The divergence is exact (``d`` vector-Jacobian products) or Hutchinson's estimate (``K`` random
+The divergence is exact (``d`` Jacobian-vector products) or Hutchinson's estimate (``K`` random
 probes held fixed along the path); the ONE ``auto`` rule, :func:`resolve_divergence`, takes the exact
-trace up to :data:`EXACT_DIVERGENCE_MAX_DIM` entries per sample. Whether the products run as one
-batched backward pass or one pass each is decided (and measured) in
-:func:`iterflow.core.ode.jacobian_terms`.
+trace up to :data:`EXACT_DIVERGENCE_MAX_DIM` entries per sample. Two ways compute the products:
+
+* one pass (:func:`fused_terms`): a velocity that offers ``velocity_and_jacobian_terms`` (the
+  package's :class:`~iterflow.core.nn.MLPVelocity`, through its :class:`~iterflow.core.flow.Block`
+  and :class:`Reversed`) returns the velocity with its divergence and Jacobian norm, the tangents
+  carried forward through its layers (:mod:`iterflow.core.nn.mlp_jacobian`): no autograd graph at
+  evaluation, and in training one ordinary backward pass instead of a double backward;
+* autograd (every other velocity, e.g. user modules and the U-Net): vector-Jacobian products, one
+  batched backward pass or one pass each, as decided (and measured) in
+  :func:`iterflow.core.ode.jacobian_terms`.
+
+Both give the same values (to rounding; tested in float64), except Hutchinson's Jacobian-norm
+estimate, ``|J eps|^2`` in one pass and ``|eps^T J|^2`` by autograd (equal in expectation).
+:func:`autograd_jacobian_terms` forces the autograd path (comparisons, benchmarks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import cast
 
@@ -44,6 +56,8 @@ PROBE_KINDS = ("rademacher", "gaussian")
 Velocity = Callable[[Tensor, Tensor], Tensor]
 #: ``(x, *integrals)``: the integrals asked for, in the order divergence, kinetic, Jacobian.
 AugmentedState = tuple[Tensor, ...]
+#: ``terms(x, s, probes, frobenius=...) -> (v, div, frob)`` or ``None`` (see :func:`fused_terms`).
+FusedTerms = Callable[..., "tuple[Tensor, Tensor, Tensor] | None"]
 
 
 @dataclass
@@ -131,6 +145,48 @@ class Reversed:
     def __call__(self, x: Tensor, s: Tensor) -> Tensor:
         return -self.block(x, 1.0 - s)
 
+    def velocity_and_jacobian_terms(
+        self, x: Tensor, s: Tensor, probes: Tensor | None = None, *, frobenius: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The block's one-pass terms, reversed: ``(-v, -div, frob)`` at ``1 - s`` (or ``None``)."""
+        fused = fused_terms(self.block)
+        out = None if fused is None else fused(x, 1.0 - s, probes, frobenius=frobenius)
+        return None if out is None else (-out[0], -out[1], out[2])
+
+
+_AUTOGRAD_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "iterflow_autograd_jacobian_terms", default=False
+)
+
+
+@contextmanager
+def autograd_jacobian_terms() -> Iterator[None]:
+    """Inside the ``with`` body every velocity takes the autograd path of
+    :func:`iterflow.core.ode.jacobian_terms` (no one-pass method is used): for comparisons of the
+    two paths and benchmarks."""
+    token = _AUTOGRAD_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _AUTOGRAD_ONLY.reset(token)
+
+
+def fused_terms(block: Velocity) -> FusedTerms | None:
+    """The velocity's one-pass ``(v, div, frob)`` method, if it has one (the capability check).
+
+    A velocity (a :class:`~iterflow.core.flow.Block`, :class:`Reversed`, or a network such as
+    :class:`~iterflow.core.nn.MLPVelocity`) that offers ``velocity_and_jacobian_terms(x, s, probes,
+    frobenius=...)`` gets the velocity, its divergence and its squared Jacobian norm from it
+    (forward-mode tangents, no autograd graph, one ordinary backward in training); the method may
+    answer ``None`` for a call it does not cover. Every other velocity, and every velocity inside
+    :func:`autograd_jacobian_terms`, takes the autograd path of
+    :func:`iterflow.core.ode.jacobian_terms`.
+    """
+    if _AUTOGRAD_ONLY.get():
+        return None
+    fused = getattr(block, "velocity_and_jacobian_terms", None)
+    return fused if callable(fused) else None
+
 
 def augmented_field(
     block: Velocity,
@@ -143,6 +199,9 @@ def augmented_field(
     derivatives: bool = True,
 ) -> Callable[[Tensor, AugmentedState], AugmentedState]:
     """The vector field of the augmented state ``(x, *integrals)`` (see the module docstring).
+
+    The divergence and the Jacobian norm come from the velocity's one-pass method where it has one
+    (:func:`fused_terms`), else from autograd (:func:`iterflow.core.ode.jacobian_terms`).
 
     Arguments:
         block: the velocity integrated.
@@ -158,11 +217,18 @@ def augmented_field(
     """
     want_div, want_jac = divergence and derivatives, jacobian and derivatives
     need_products = want_div or want_jac
+    fused = fused_terms(block) if need_products else None
 
     def field(t: Tensor, state: AugmentedState) -> AugmentedState:
         x = state[0]
         div = frob = None
-        if need_products:
+        terms = None
+        if fused is not None:
+            with nullcontext() if create_graph else torch.no_grad():
+                terms = fused(x, t, probes, frobenius=want_jac)
+        if terms is not None:
+            v, div, frob = terms
+        elif need_products:
             with torch.enable_grad():
                 if not x.requires_grad:
                     x = x.detach().requires_grad_(True)

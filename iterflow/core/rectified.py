@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Block, Flow
+from iterflow.core.guidance import LABEL_KEY, guidance
 from iterflow.core.ode import SolverSpec
 from iterflow.errors import check_positive, fail
 
@@ -315,10 +317,13 @@ class Pairs:
     Attributes:
         data: ``(n, *E)`` decoded end points (the ``s = 0`` side).
         noise: ``(n, *E)`` the noise they were decoded from (the ``s = 1`` side).
+        labels: ``(n,)`` the class label each pair was decoded under (a label-conditional
+            source), or ``None``.
     """
 
     data: Tensor
     noise: Tensor
+    labels: Tensor | None = None
 
 
 def decode_model_units(flow: Flow, z: Tensor, spec: SolverSpec) -> Tensor:
@@ -336,6 +341,8 @@ def simulate_pairs(
     spec: SolverSpec,
     generator: torch.Generator | None = None,
     chunk: int = 8192,
+    labels: Tensor | None = None,
+    guidance_weight: float = 1.0,
 ) -> Pairs:
     """Draw ``Z ~ N(0, I)`` and decode it: the pairs ``(X_0 = flow^{-1}(Z), Z)`` of reflow.
 
@@ -345,21 +352,39 @@ def simulate_pairs(
         spec: solver that simulates the flow.
         generator: randomness of the noise (on any device; the noise is moved to the flow's).
         chunk: pairs decoded at a time.
+        labels: ``(n,)`` class labels of a label-conditional source: pair ``i`` is decoded under
+            label ``labels[i]`` (kept with the pairs).
+        guidance_weight: classifier-free guidance weight of the decoding
+            (:mod:`iterflow.core.guidance`; 1: the conditional field).
     """
     check_positive(n, "n_pairs", integer=True)
     like = flow.shift
     gdev = generator.device if generator is not None else like.device
     z = torch.randn((n, *flow.event_shape), generator=generator, device=gdev, dtype=like.dtype)
     z = z.to(like.device)
-    data = torch.cat([decode_model_units(flow, c, spec) for c in z.split(chunk)])
-    return Pairs(data=data, noise=z)
+    if labels is None:
+        data = torch.cat([decode_model_units(flow, c, spec) for c in z.split(chunk)])
+        return Pairs(data=data, noise=z)
+    if labels.shape != (n,):
+        fail("labels", f"must hold one label per pair, shape ({n},)", tuple(labels.shape))
+    labels = labels.to(like.device)
+    parts = []
+    with guidance(guidance_weight):
+        for c, y in zip(z.split(chunk), labels.split(chunk), strict=True):
+            with conditioning(**{LABEL_KEY: y}):
+                parts.append(decode_model_units(flow, c, spec))
+    return Pairs(data=torch.cat(parts), noise=z, labels=labels)
 
 
 def save_pairs(path: str | Path, pairs: Pairs, info: dict[str, str]) -> None:
-    """Write pairs as safetensors (keys ``data``, ``noise``) with string metadata ``info``."""
+    """Write pairs as safetensors (keys ``data``, ``noise`` and, when labelled, ``labels``) with
+    string metadata ``info``."""
     from iterflow.io import save_tensors
 
-    save_tensors(path, {"data": pairs.data, "noise": pairs.noise}, metadata=info)
+    tensors = {"data": pairs.data, "noise": pairs.noise}
+    if pairs.labels is not None:
+        tensors["labels"] = pairs.labels
+    save_tensors(path, tensors, metadata=info)
 
 
 def load_pairs(path: str | Path, argument: str = "pairs") -> tuple[Pairs, dict[str, str]]:
@@ -369,12 +394,17 @@ def load_pairs(path: str | Path, argument: str = "pairs") -> tuple[Pairs, dict[s
     from iterflow.io import load_tensors
 
     tensors = load_tensors(path, argument)
-    if set(tensors) != {"data", "noise"} or tensors["data"].shape != tensors["noise"].shape:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if (
+        set(tensors) - {"labels"} != {"data", "noise"}
+        or tensors["data"].shape != tensors["noise"].shape
+        or ("labels" in tensors and shapes["labels"] != shapes["data"][:1])
+    ):
         fail(
             argument,
-            "must hold tensors 'data' and 'noise' of equal shape",
-            {k: tuple(v.shape) for k, v in tensors.items()},
+            "must hold tensors 'data' and 'noise' of equal shape (and optional (n,) 'labels')",
+            shapes,
         )
     with safe_open(str(path), framework="pt") as fh:
         info = dict(fh.metadata() or {})
-    return Pairs(data=tensors["data"], noise=tensors["noise"]), info
+    return Pairs(data=tensors["data"], noise=tensors["noise"], labels=tensors.get("labels")), info

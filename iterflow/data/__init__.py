@@ -36,7 +36,8 @@ from iterflow.data.base import (
     seeded_generator,
 )
 from iterflow.data.image2d import ImageDensity, image_factory
-from iterflow.data.images import IMAGE_SETS, image_dataset_from_path
+from iterflow.data.image_files import image_dataset_from_path
+from iterflow.data.image_sets import IMAGE_SETS
 from iterflow.data.mixture import GaussianMixture, eight_gaussians, gmm_2d
 from iterflow.data.tabular import (
     SKLEARN_SETS,
@@ -77,7 +78,12 @@ def _sklearn_factory(name: str) -> Callable[[], Dataset]:
     return factory
 
 
-def get_dataset(spec: str | os.PathLike[str], *, img2d_dir: str | Path | None = None) -> Dataset:
+def get_dataset(
+    spec: str | os.PathLike[str],
+    *,
+    img2d_dir: str | Path | None = None,
+    label_column: str | int | None = None,
+) -> Dataset:
     """Build a data set from a registered name or a data file.
 
     Args:
@@ -86,6 +92,11 @@ def get_dataset(spec: str | os.PathLike[str], *, img2d_dir: str | Path | None = 
         img2d_dir: folder holding ``img_rose.png`` / ``img_tree.png`` for ``"rose"`` / ``"tree"``;
             default: ``$ITERFLOW_IMG2D_DIR``, else ``../shared/data/img2d`` next to the working
             directory or the repository root.
+        label_column: for a ``.npy`` / ``.csv`` table: the column holding class labels (index or
+            CSV header name; :func:`~iterflow.data.tabular.load_file_dataset`). Labelled sets
+            (``num_classes > 0``, :meth:`Dataset.label_splits`) without it: ``moons``,
+            ``pinwheel``, ``2spirals``, ``rings``, ``circles``, ``8gaussians``, ``gmm-2d``, the
+            classification sets of ``sklearn:``, ``digits8``, ``fashion-mnist`` and image folders.
 
     Raises:
         InputError: (argument ``"data"``) for an unknown name or a missing/unsupported file.
@@ -94,10 +105,21 @@ def get_dataset(spec: str | os.PathLike[str], *, img2d_dir: str | Path | None = 
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec:
         fail("data", "must be a data set name or a file path (a non-empty string)", spec)
+    if label_column not in (None, ""):
+        if spec in DATASETS.names() or Path(spec).suffix.lower() not in (".npy", ".csv"):
+            fail("label_column", "is for .npy / .csv tables (labelled sets carry theirs)", spec)
+        return load_file_dataset(_existing_file(spec), label_column)
     if spec in DATASETS.names():  # Registry lookups of unknown names raise, hence names()
         factory = DATASETS[spec]
         return factory(img2d_dir=img2d_dir) if spec in _IMAGE_NAMES else factory()
     return _dataset_from_path(spec)
+
+
+def _existing_file(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        fail("data", f"must be an existing file; no file at {str(path.resolve())!r}", spec)
+    return path
 
 
 def _dataset_from_path(spec: str) -> Dataset:

@@ -93,12 +93,18 @@ class Dataset(ABC):
         dim: dimension :math:`d` of a point.
         finite: True for file/table-backed sets with a fixed number of rows.
         has_log_prob: True when :meth:`log_prob` returns the exact log density.
+        num_classes: number of classes of a labelled set (0: no labels); see :meth:`label_splits`.
     """
 
     name: str
     dim: int
     finite: bool
     has_log_prob: bool
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of a labelled set (0: no labels)."""
+        return 0
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Draw ``n`` i.i.d. points (finite sets: rows with replacement).
@@ -158,6 +164,15 @@ class Dataset(ABC):
     def splits(self, n_train: int, n_val: int, n_test: int, seed: int) -> Splits:
         """Train/val/test tensors, deterministic in ``seed``."""
 
+    def label_splits(self, n_train: int, n_val: int, n_test: int, seed: int) -> Splits:
+        """Class labels ``(n_split,)`` int64 in ``[0, num_classes)``, row for row those of
+        :meth:`splits` with the same arguments.
+
+        Raises:
+            InputError: (argument ``data``) a data set without labels.
+        """
+        fail("data", "must have class labels for this use (a labelled data set)", self.name)
+
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable summary: name, dim, finite, source, has_log_prob (and extras)."""
@@ -199,15 +214,38 @@ class GeneratedDataset(Dataset):
         parts = [self.sample(n, seeded_generator(s)) for n, s in zip(sizes, seeds, strict=True)]
         return Splits(*parts)
 
+    def label_splits(self, n_train: int, n_val: int, n_test: int, seed: int) -> Splits:
+        """The class of each row of :meth:`splits` (the same draws, replayed with their labels)."""
+        if self.num_classes == 0:
+            return super().label_splits(n_train, n_val, n_test, seed)
+        sizes = check_split_sizes(n_train, n_val, n_test)
+        seeds = child_seeds(check_seed(seed), 3)
+        parts = [
+            self.draw_labelled(n, seeded_generator(s))[1].long()
+            for n, s in zip(sizes, seeds, strict=True)
+        ]
+        return Splits(*parts)
+
+    def draw_labelled(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, dim)`` points and their ``(n,)`` classes, drawn as :meth:`sample` draws them
+        (labelled sets override it and draw their points through it)."""
+        raise NotImplementedError(f"{self.name} has no class labels")
+
     def describe(self) -> dict[str, Any]:
-        """Name, dim, finite, source (``"generator"``) and has_log_prob."""
-        return {
+        """Name, dim, finite, source (``"generator"``), has_log_prob (and num_classes when
+        labelled)."""
+        out = {
             "name": self.name,
             "dim": int(self.dim),
             "finite": False,
             "source": "generator",
             "has_log_prob": bool(self.has_log_prob),
         }
+        if self.num_classes:
+            out["num_classes"] = int(self.num_classes)
+        return out
 
 
 def check_split_sizes(n_train: int, n_val: int, n_test: int) -> tuple[int, int, int]:

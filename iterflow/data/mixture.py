@@ -135,24 +135,37 @@ class GaussianMixture(GeneratedDataset):
         """Number of components :math:`K`."""
         return int(self.means.shape[0])
 
+    @property
+    def num_classes(self) -> int:
+        """One class per component: ``label_splits`` gives each point's component."""
+        return self.n_components
+
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.draw_labelled(n, generator)[0]
+
+    def draw_labelled(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points and the component ``k`` each was drawn from (its class)."""
         idx = sample_categorical(self.weights, n, generator)  # (n,)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)  # (n, d)
-        return self.means[idx] + (self.chol[idx] @ z[:, :, None])[:, :, 0]
+        return self.means[idx] + (self.chol[idx] @ z[:, :, None])[:, :, 0], idx
 
-    def _log_density(self, x: torch.Tensor) -> torch.Tensor:
+    def class_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log N(x; mu_k, Sigma_k)`` of every row and component, ``(n, K)`` (float64): the
+        exact class-conditional densities ``log p(x | y = k)``."""
         x64 = x.to(torch.float64)
         mu, chol = self.means.to(x.device), self.chol.to(x.device)
         diff = (x64[None, :, :] - mu[:, None, :]).transpose(1, 2)  # (K, d, n)
         white = torch.linalg.solve_triangular(chol, diff, upper=False)  # (K, d, n)
         maha = (white**2).sum(dim=1)  # (K, n)
         half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
-        const = (
-            torch.log(self.weights.to(x.device))
-            - half_logdet
-            - 0.5 * self.dim * math.log(2 * math.pi)
-        )
-        return torch.logsumexp(const[:, None] - 0.5 * maha, dim=0)  # (n,)
+        const = -half_logdet - 0.5 * self.dim * math.log(2 * math.pi)
+        return (const[:, None] - 0.5 * maha).T
+
+    def _log_density(self, x: torch.Tensor) -> torch.Tensor:
+        log_w = torch.log(self.weights.to(x.device))
+        return torch.logsumexp(self.class_log_prob(x) + log_w, dim=1)  # (n,)
 
     def _exact_entropy(self) -> float | None:
         return None

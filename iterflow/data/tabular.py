@@ -16,7 +16,8 @@ from iterflow.errors import check_finite, fail
 
 MIN_ROWS = 3
 SKLEARN_SETS = ("iris", "wine", "breast_cancer", "diabetes", "digits")
-"""scikit-learn loaders that ship their data (no download); features only."""
+"""scikit-learn loaders that ship their data (no download); the classification sets (all but
+``diabetes``) with their class labels."""
 
 
 def load_array(path: str | Path) -> np.ndarray:
@@ -164,20 +165,57 @@ class ArrayDataset(Dataset):
         rows: ``(n, d)`` array, ``n >= 3``, finite.
         name: data set name.
         source: where the rows came from (a path or ``"sklearn:NAME"``).
+        labels: ``(n,)`` class labels in ``[0, K)`` (:meth:`label_splits`), or ``None``.
+        class_names: the names of the ``K`` classes (optional).
     """
 
     finite = True
     has_log_prob = False
 
-    def __init__(self, rows: np.ndarray | torch.Tensor, name: str, source: str) -> None:
+    def __init__(
+        self,
+        rows: np.ndarray | torch.Tensor,
+        name: str,
+        source: str,
+        *,
+        labels: np.ndarray | torch.Tensor | None = None,
+        class_names: tuple[str, ...] | None = None,
+    ) -> None:
         arr = _check_table(np.asarray(rows, dtype=np.float64), name)
         self.rows = torch.from_numpy(arr).to(torch.float32)  # (n, d)
         self.name, self.dim, self.source = name, int(arr.shape[1]), source
+        self.labels: torch.Tensor | None = None
+        if labels is not None:
+            lab = np.asarray(labels)
+            if lab.shape != (arr.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
+                fail(name, f"labels must be {arr.shape[0]} integers, one per row", lab.shape)
+            if lab.min() < 0:
+                fail(name, "labels must be >= 0", int(lab.min()))
+            self.labels = torch.from_numpy(lab.astype(np.int64))
+        self.class_names = class_names
 
     @property
     def n_rows(self) -> int:
         """Number of rows in the table."""
         return int(self.rows.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``max label + 1``; 0 without labels)."""
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    def _split_rows(self, n_train: int, n_val: int, n_test: int, seed: int) -> list[torch.Tensor]:
+        """Row indices of train, val and test."""
+        n_train, n_val, n_test = check_split_sizes(n_train, n_val, n_test)
+        order = torch.randperm(self.n_rows, generator=seeded_generator(check_seed(seed)))
+        tenth = max(1, round(0.1 * self.n_rows))
+        k_test, k_val = min(n_test, tenth), min(n_val, tenth)
+        k_train = min(n_train, self.n_rows - k_test - k_val)
+        return [
+            order[k_test + k_val : k_test + k_val + k_train],
+            order[k_test : k_test + k_val],
+            order[:k_test],
+        ]
 
     def splits(self, n_train: int, n_val: int, n_test: int, seed: int) -> Splits:
         """Disjoint train/val/test rows after a shuffle seeded with ``seed``.
@@ -185,19 +223,20 @@ class ArrayDataset(Dataset):
         ``test`` and ``val`` take about 10% of the rows each (at least 1, at most ``n_test`` /
         ``n_val``); ``train`` takes the rest, at most ``n_train``.
         """
-        n_train, n_val, n_test = check_split_sizes(n_train, n_val, n_test)
-        order = torch.randperm(self.n_rows, generator=seeded_generator(check_seed(seed)))
-        tenth = max(1, round(0.1 * self.n_rows))
-        k_test, k_val = min(n_test, tenth), min(n_val, tenth)
-        k_train = min(n_train, self.n_rows - k_test - k_val)
-        test = self.rows[order[:k_test]]
-        val = self.rows[order[k_test : k_test + k_val]]
-        train = self.rows[order[k_test + k_val : k_test + k_val + k_train]]
-        return Splits(train.clone(), val.clone(), test.clone())
+        return Splits(
+            *(self.rows[i].clone() for i in self._split_rows(n_train, n_val, n_test, seed))
+        )
+
+    def label_splits(self, n_train: int, n_val: int, n_test: int, seed: int) -> Splits:
+        """The labels of the rows of :meth:`splits`."""
+        if self.labels is None:
+            return super().label_splits(n_train, n_val, n_test, seed)
+        rows = self._split_rows(n_train, n_val, n_test, seed)
+        return Splits(*(self.labels[i].clone() for i in rows))
 
     def describe(self) -> dict[str, Any]:
-        """Name, dim, finite, source, has_log_prob and the number of rows."""
-        return {
+        """Name, dim, finite, source, has_log_prob and the number of rows (and the classes)."""
+        out: dict[str, Any] = {
             "name": self.name,
             "dim": self.dim,
             "finite": True,
@@ -205,6 +244,11 @@ class ArrayDataset(Dataset):
             "has_log_prob": False,
             "n_rows": self.n_rows,
         }
+        if self.labels is not None:
+            out["num_classes"] = self.num_classes
+            if self.class_names is not None:
+                out["class_names"] = list(self.class_names)
+        return out
 
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return self.rows[torch.randint(0, self.n_rows, (n,), generator=generator)]
@@ -216,10 +260,61 @@ class ArrayDataset(Dataset):
         return None
 
 
-def load_file_dataset(path: str | Path) -> ArrayDataset:
-    """A finite data set from a ``.npy`` / ``.csv`` file (see :func:`load_array`)."""
+def load_file_dataset(path: str | Path, label_column: str | int | None = None) -> ArrayDataset:
+    """A finite data set from a ``.npy`` / ``.csv`` file (see :func:`load_array`).
+
+    Args:
+        path: the file.
+        label_column: the column of class labels, if any: an index (negative: from the end) or,
+            for a CSV file with a header line, a column name. Its distinct values, sorted, become
+            the classes ``0..K-1`` (their text is recorded as ``class_names``); the other columns
+            are the data.
+
+    Raises:
+        InputError: (argument ``label_column``) an unknown column, or a table of one column.
+    """
     path = Path(path)
-    return ArrayDataset(load_array(path), name=path.stem, source=str(path.resolve()))
+    table = load_array(path)
+    if label_column is None or label_column == "":
+        return ArrayDataset(table, name=path.stem, source=str(path.resolve()))
+    col = _column_index(path, label_column, table.shape[1])
+    if table.shape[1] < 2:
+        fail("label_column", "needs a table with a data column besides the labels", table.shape)
+    values, labels = np.unique(table[:, col], return_inverse=True)
+    names = tuple(format(v, "g") for v in values)
+    rows = np.delete(table, col, axis=1)
+    return ArrayDataset(
+        rows, name=path.stem, source=str(path.resolve()), labels=labels, class_names=names
+    )
+
+
+def _column_index(path: Path, column: str | int, width: int) -> int:
+    """The index of ``column`` (an index, negative from the end, or a CSV header name)."""
+    text = str(column).strip()
+    try:
+        index = int(text)
+    except ValueError:
+        header = csv_header(path) if path.suffix.lower() == ".csv" else None
+        if header is None or text not in header:
+            known = f"one of {header}" if header else "a column index"
+            fail("label_column", f"must be {known} of {path.name}", text)
+        return header.index(text)
+    if not -width <= index < width:
+        fail("label_column", f"must be a column index in [-{width}, {width})", index)
+    return index % width
+
+
+def csv_header(path: str | Path) -> list[str] | None:
+    """The column names of a CSV file's header line (``None`` without one)."""
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        delimiter = "," if "," in line else None
+        if not _is_header(line, delimiter):
+            return None
+        return [f.strip().strip('"') for f in line.split(delimiter)]
+    return None
 
 
 def sklearn_dataset(name: str) -> ArrayDataset:
@@ -232,7 +327,12 @@ def sklearn_dataset(name: str) -> ArrayDataset:
         fail("data", f"must be one of {[f'sklearn:{s}' for s in SKLEARN_SETS]}", f"sklearn:{name}")
     import sklearn.datasets
 
-    features = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)[0]
+    bunch = getattr(sklearn.datasets, f"load_{name}")()
+    labelled = "target_names" in bunch  # classification sets: their targets are class labels
     return ArrayDataset(
-        np.asarray(features, dtype=np.float64), f"sklearn:{name}", f"sklearn:{name}"
+        np.asarray(bunch.data, dtype=np.float64),
+        f"sklearn:{name}",
+        f"sklearn:{name}",
+        labels=np.asarray(bunch.target) if labelled else None,
+        class_names=tuple(str(c) for c in bunch.target_names) if labelled else None,
     )

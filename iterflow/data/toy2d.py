@@ -19,6 +19,8 @@ import torch
 from iterflow.data.base import Dataset, GeneratedDataset, sample_categorical
 
 Sampler = Callable[[int, torch.Generator], torch.Tensor]
+#: A sampler that also returns each point's class: ``(n, 2)`` points and ``(n,)`` int64 labels.
+LabelledSampler = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 _F64 = torch.float64
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -41,12 +43,17 @@ def _coin(n: int, g: torch.Generator) -> torch.Tensor:
 
 def sample_moons(n: int, g: torch.Generator) -> torch.Tensor:
     """Two interleaved half circles (sklearn ``make_moons``, noise 0.1), then ``2x - (1, 0.2)``."""
+    return labelled_moons(n, g)[0]
+
+
+def labelled_moons(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_moons` with each point's moon (0: upper, 1: lower), the same draws."""
     theta = math.pi * _rand(n, g)
     lower = _coin(n, g)  # 1: the inner (lower) moon
     x = torch.cos(theta) * (1 - 2 * lower) + lower
     y = torch.sin(theta) * (1 - 2 * lower) + 0.5 * lower
     pts = torch.stack([x, y], dim=1) + 0.1 * _randn(n, 2, g=g)
-    return 2.0 * pts + torch.tensor([-1.0, -0.2], dtype=_F64)
+    return 2.0 * pts + torch.tensor([-1.0, -0.2], dtype=_F64), lower.long()
 
 
 def sample_pinwheel(n: int, g: torch.Generator) -> torch.Tensor:
@@ -54,6 +61,11 @@ def sample_pinwheel(n: int, g: torch.Generator) -> torch.Tensor:
 
     The class ``c`` is uniform on ``{0, ..., 4}``; points are finally scaled by 2.
     """
+    return labelled_pinwheel(n, g)[0]
+
+
+def labelled_pinwheel(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_pinwheel` with each point's arm ``c`` in ``{0, ..., 4}``, the same draws."""
     label = torch.randint(0, 5, (n,), generator=g).to(_F64)
     feat = _randn(n, 2, g=g) * torch.tensor([0.3, 0.1], dtype=_F64)
     feat[:, 0] += 1.0
@@ -61,7 +73,7 @@ def sample_pinwheel(n: int, g: torch.Generator) -> torch.Tensor:
     c, s = torch.cos(angle), torch.sin(angle)
     x = feat[:, 0] * c + feat[:, 1] * s
     y = -feat[:, 0] * s + feat[:, 1] * c
-    return 2.0 * torch.stack([x, y], dim=1)
+    return 2.0 * torch.stack([x, y], dim=1), label.long()
 
 
 def sample_two_spirals(n: int, g: torch.Generator) -> torch.Tensor:
@@ -69,11 +81,17 @@ def sample_two_spirals(n: int, g: torch.Generator) -> torch.Tensor:
 
     Each point takes one arm or its mirror image, is divided by 3 and gets Gaussian noise 0.1.
     """
+    return labelled_two_spirals(n, g)[0]
+
+
+def labelled_two_spirals(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_two_spirals` with each point's spiral (0: the arm, 1: its mirror image)."""
     t = torch.sqrt(_rand(n, g)) * 3 * math.pi
     jitter = 0.5 * torch.rand(n, 2, generator=g, dtype=_F64)
     arm = torch.stack([-torch.cos(t) * t, torch.sin(t) * t], dim=1) + jitter
-    sign = 1 - 2 * _coin(n, g)
-    return sign[:, None] * arm / 3 + 0.1 * _randn(n, 2, g=g)
+    mirror = _coin(n, g)
+    sign = 1 - 2 * mirror
+    return sign[:, None] * arm / 3 + 0.1 * _randn(n, 2, g=g), mirror.long()
 
 
 def sample_swissroll(n: int, g: torch.Generator) -> torch.Tensor:
@@ -87,15 +105,37 @@ def sample_swissroll(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 class SamplerDataset(GeneratedDataset):
-    """A 2-D distribution known only through its sampler (``log_prob`` is ``None``)."""
+    """A 2-D distribution known only through its sampler (``log_prob`` is ``None``); with a
+    labelled sampler and ``num_classes > 0`` its points come with classes (:meth:`label_splits`)."""
 
     has_log_prob = False
 
-    def __init__(self, name: str, sampler: Sampler) -> None:
+    def __init__(
+        self,
+        name: str,
+        sampler: Sampler,
+        labelled: LabelledSampler | None = None,
+        num_classes: int = 0,
+    ) -> None:
         self.name, self.dim, self._sampler = name, 2, sampler
+        self._labelled, self._classes = labelled, int(num_classes) if labelled else 0
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a labelled sampler (0: none)."""
+        return self._classes
 
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self._labelled is not None:
+            return self._labelled(n, generator)[0]
         return self._sampler(n, generator)
+
+    def draw_labelled(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._labelled is None:
+            return super().draw_labelled(n, generator)
+        return self._labelled(n, generator)
 
     def _log_density(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no known density")
@@ -161,11 +201,22 @@ class RingMixture(GeneratedDataset):
         w = torch.tensor(weights, dtype=_F64)
         self.weights = w / w.sum()
 
+    @property
+    def num_classes(self) -> int:
+        """One class per circle."""
+        return int(self.radii.numel())
+
     def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.draw_labelled(n, generator)[0]
+
+    def draw_labelled(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Points and their circle ``k``."""
         k = sample_categorical(self.weights, n, generator)
         theta = 2 * math.pi * _rand(n, generator)
         circle = self.radii[k, None] * torch.stack([torch.cos(theta), torch.sin(theta)], dim=1)
-        return circle + self.noise * _randn(n, 2, g=generator)
+        return circle + self.noise * _randn(n, 2, g=generator), k
 
     def _log_density(self, x: torch.Tensor) -> torch.Tensor:
         rho = torch.linalg.vector_norm(x.to(_F64), dim=1)[:, None]  # (n, 1)
@@ -272,9 +323,11 @@ class SegmentMixture(GeneratedDataset):
 # --------------------------------------------------------------------------- registry entries
 
 
-def _sampler_factory(name: str, sampler: Sampler) -> Callable[[], Dataset]:
+def _sampler_factory(
+    name: str, sampler: Sampler, labelled: LabelledSampler | None = None, num_classes: int = 0
+) -> Callable[[], Dataset]:
     def factory() -> Dataset:
-        return SamplerDataset(name, sampler)
+        return SamplerDataset(name, sampler, labelled, num_classes)
 
     return factory
 
@@ -296,9 +349,9 @@ def fractal_tree() -> SegmentMixture:
 
 TOY_FACTORIES: dict[str, Callable[[], Dataset]] = {
     "checkerboard": Checkerboard,
-    "moons": _sampler_factory("moons", sample_moons),
-    "pinwheel": _sampler_factory("pinwheel", sample_pinwheel),
-    "2spirals": _sampler_factory("2spirals", sample_two_spirals),
+    "moons": _sampler_factory("moons", sample_moons, labelled_moons, 2),
+    "pinwheel": _sampler_factory("pinwheel", sample_pinwheel, labelled_pinwheel, 5),
+    "2spirals": _sampler_factory("2spirals", sample_two_spirals, labelled_two_spirals, 2),
     "swissroll": _sampler_factory("swissroll", sample_swissroll),
     "rings": rings,
     "circles": circles,

@@ -115,6 +115,45 @@ class Method(ABC):
         """Tensors whose rows the trainer samples minibatches from (default: the particles)."""
         return (particles,)
 
+    def conditioned_stage_data(
+        self,
+        stage: Flow,
+        particles: Tensor,
+        index: int,
+        generator: torch.Generator,
+        cond: Mapping[str, Tensor],
+    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+        """:meth:`stage_data` of a conditioned run, with the conditioning rows of its tensors.
+
+        Arguments:
+            cond: the rows of the particles: name -> ``(n, ...)`` (class labels ``y``, ...).
+
+        Returns:
+            ``(tensors, rows)``: the tensors the trainer samples minibatches from and their
+            conditioning rows (the trainer draws the same row indices of all of them). Default:
+            the particles and ``cond`` itself. Methods whose tensors are not the particles
+            (reflow, distillation: simulated pairs) override it and give their tensors' own rows.
+
+        Raises:
+            InputError: (argument ``cond``) a method whose :meth:`stage_data` is not the particles
+                and that does not override this method.
+        """
+        if not self.accepts_cond():
+            fail(
+                "cond",
+                f"is not supported by method {self.name!r} (its minibatches are not data rows)",
+                sorted(cond),
+            )
+        return self.stage_data(stage, particles, index, generator), dict(cond)
+
+    @classmethod
+    def accepts_cond(cls) -> bool:
+        """Whether runs of this method may be conditioned (see :meth:`conditioned_stage_data`)."""
+        return (
+            cls.stage_data is Method.stage_data
+            or cls.conditioned_stage_data is not Method.conditioned_stage_data
+        )
+
     def start_at(self, step: int) -> None:
         """Called before a stage's first step with the step it starts from (0, or the checkpoint's
         step after a resume); methods whose state depends on the step restore it here."""

@@ -91,7 +91,7 @@ class Distill(PairedMethod):
         block: Block = stage.blocks[0]  # type: ignore[assignment]
         if self._pool is not None:
             data, noise = self._pool.data[:2000], self._pool.noise[:2000]
-            with torch.no_grad():
+            with torch.no_grad(), self.pool_labels(len(data)):
                 err = euler_decode(block, noise, opts.k_steps) - data
             out["k_steps"] = float(opts.k_steps)
             out["endpoint_mse"] = float(err.flatten(1).pow(2).sum(1).mean())

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from iterflow.core.conditioning import bound_rows
 from iterflow.core.couplings import COUPLINGS, OT_SOLVERS, couple
 from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Flow
+from iterflow.core.guidance import LABEL_KEY
 from iterflow.core.paths import INTERPOLANTS, get_interpolant
 from iterflow.errors import check_choice, check_positive
 from iterflow.methods.base import Loss, Method, MethodOptions
@@ -69,8 +71,11 @@ def flow_matching_loss(
     batch ``(B, *E)``, returned per row (the mean over each row's entries). The coupling, the times and
     the path noise are drawn for the whole batch; the network then runs only on this process's rows
     (:func:`iterflow.core.distributed.local_rows`: all rows outside data-parallel training), so ranks
-    that share the generator's seed reproduce one process's update exactly.
+    that share the generator's seed reproduce one process's update exactly. With class labels
+    bound (:func:`iterflow.core.conditioning.conditioning`), an OT coupling pairs rows only within
+    their class (``couple``'s ``groups``), so that each class keeps ``N(0, I)`` noise.
     """
+    labels = bound_rows(x0.shape[0]).get(LABEL_KEY) if options.coupling != "independent" else None
     x0, x1 = couple(
         x0,
         x1,
@@ -79,6 +84,7 @@ def flow_matching_loss(
         ot_solver=options.ot_solver,
         refine=options.ot_refine,
         generator=generator,
+        groups=labels,
     )
     n = x0.shape[0]
     s = torch.rand(n, generator=generator, device=x0.device, dtype=x0.dtype)

@@ -24,6 +24,8 @@ every ``regenerate_every`` steps (online: more distinct pairs, more simulation).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Flow
+from iterflow.core.guidance import LABEL_KEY
 from iterflow.core.ode import SolverSpec, solver_names
 from iterflow.core.rectified import (
+    EVAL_LARGE,
+    EVAL_LARGE_DIM,
+    EVAL_POINTS,
     Pairs,
     load_pairs,
     quick_straightness,
@@ -41,7 +48,7 @@ from iterflow.core.rectified import (
     simulate_pairs,
 )
 from iterflow.core.store import load_trained_flow
-from iterflow.errors import check_positive, fail
+from iterflow.errors import check_finite, check_positive, fail
 from iterflow.methods.base import Loss, Method, MethodOptions
 from iterflow.methods.fm import FMOptions, flow_matching_loss
 
@@ -59,6 +66,9 @@ class PairedOptions(MethodOptions):
             ``pair_steps`` steps per block).
         regenerate_every: re-simulate the whole pool every this many optimiser steps (0: offline).
         warm_start: start from the source's weights (its single block must have the same network).
+        pair_guidance: classifier-free guidance weight of the source's decoding in a run with
+            class labels (:mod:`iterflow.core.guidance`; 1: the conditional field): distils or
+            straightens the guided sampler.
     """
 
     source: str = ""
@@ -68,9 +78,11 @@ class PairedOptions(MethodOptions):
     pair_steps: int = 32
     regenerate_every: int = 0
     warm_start: bool = True
+    pair_guidance: float = 1.0
 
     def __post_init__(self) -> None:
         check_positive(self.n_pairs, "option 'n_pairs'", integer=True)
+        check_finite(self.pair_guidance, "option 'pair_guidance'")
         check_positive(self.pair_steps, "option 'pair_steps'", integer=True)
         check_positive(
             self.regenerate_every, "option 'regenerate_every'", integer=True, allow_zero=True
@@ -88,6 +100,7 @@ class PairedOptions(MethodOptions):
             "n_pairs": str(self.n_pairs),
             "pair_solver": self.pair_solver,
             "pair_steps": str(self.pair_steps),
+            "pair_guidance": str(self.pair_guidance),
         }
 
 
@@ -109,6 +122,12 @@ class PairedMethod(Method):
     the same row indices; it also warm-starts the block from the source. With
     ``regenerate_every > 0``, :meth:`refresh` overwrites the pool in place (the trainer keeps
     indexing the same tensors).
+
+    Class labels (a run conditioned on ``y``, :meth:`conditioned_stage_data`): each pair gets a
+    label drawn from the training rows' labels (with the pairs' seed) and is decoded by the
+    label-conditional source under it (guided by ``pair_guidance``); the labels stay with the pairs
+    (in the pool, in the pairs file and in every regenerated pool) and are the conditioning rows of
+    the minibatches.
     """
 
     Options = PairedOptions
@@ -123,8 +142,30 @@ class PairedMethod(Method):
         self._pool: Pairs | None = None
         self._calls = 0
         self._seed = 0
+        self._row_labels: Tensor | None = None  # the training rows' labels (a conditioned run)
 
     # -- data -----------------------------------------------------------------------------------
+    def conditioned_stage_data(
+        self,
+        stage: Flow,
+        particles: Tensor,
+        index: int,
+        generator: torch.Generator,
+        cond: Mapping[str, Tensor],
+    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+        """The labelled pool ``(data, noise)`` and its labels (class docstring)."""
+        if set(cond) != {LABEL_KEY}:
+            fail(
+                "cond",
+                f"method {self.name!r} is conditioned on class labels 'y' only",
+                sorted(cond),
+            )
+        self._row_labels = cond[LABEL_KEY]
+        data = self.stage_data(stage, particles, index, generator)
+        if self._pool is None or self._pool.labels is None:
+            raise RuntimeError("stage_data must build a labelled pool in a conditioned run")
+        return data, {LABEL_KEY: self._pool.labels}
+
     def stage_data(
         self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator
     ) -> tuple[Tensor, ...]:
@@ -143,8 +184,11 @@ class PairedMethod(Method):
         if opts.warm_start:
             self._warm_start(stage)
         pairs = self._initial_pairs(like)
+        labels = None if pairs.labels is None else pairs.labels.to(like.device, torch.long)
         self._pool = Pairs(
-            data=pairs.data.to(like).contiguous(), noise=pairs.noise.to(like).contiguous()
+            data=pairs.data.to(like).contiguous(),
+            noise=pairs.noise.to(like).contiguous(),
+            labels=labels if self._row_labels is not None else None,
         )
         return (self._pool.data, self._pool.noise)
 
@@ -211,6 +255,8 @@ class PairedMethod(Method):
                     f"was made with other settings {stale}; use a new file",
                     opts.pairs,
                 )
+            if self._row_labels is not None and pairs.labels is None:
+                fail("option 'pairs'", "must hold labelled pairs for a run with labels", opts.pairs)
             return pairs
         pairs = self._simulate(0, like)
         if opts.pairs:
@@ -224,7 +270,34 @@ class PairedMethod(Method):
                 "option 'source'", "must name the source run folder to simulate pairs", opts.source
             )
         gen = torch.Generator(device=like.device).manual_seed(_seed_from(self._seed, round_))
-        return simulate_pairs(self._source, opts.n_pairs, spec=opts.pair_spec(), generator=gen)
+        labels = self._pair_labels(like)
+        if labels is not None and self._source.num_classes < int(labels.max()) + 1:
+            fail(
+                "option 'source'",
+                "must be a label-conditional run with the classes of this run's labels "
+                f"({int(labels.max()) + 1})",
+                f"{opts.source} ({self._source.num_classes} classes)",
+            )
+        return simulate_pairs(
+            self._source,
+            opts.n_pairs,
+            spec=opts.pair_spec(),
+            generator=gen,
+            labels=labels,
+            guidance_weight=opts.pair_guidance,
+        )
+
+    def _pair_labels(self, like: Tensor) -> Tensor | None:
+        """The pool's labels: kept once drawn; first drawn from the training rows' labels with the
+        pairs' seed (``None`` in a run without labels)."""
+        if self._row_labels is None:
+            return None
+        if self._pool is not None and self._pool.labels is not None:
+            return self._pool.labels
+        opts: PairedOptions = self.options  # type: ignore[assignment]
+        gen = torch.Generator().manual_seed(_seed_from(self._seed, "labels"))
+        rows = torch.randint(0, self._row_labels.shape[0], (opts.n_pairs,), generator=gen)
+        return self._row_labels[rows.to(self._row_labels.device)].to(like.device, torch.long)
 
     def start_at(self, step: int) -> None:
         """Restore the step count and the pool of the round that ``step`` falls in (a resume)."""
@@ -253,8 +326,19 @@ class PairedMethod(Method):
         self, stage: Flow, before: Tensor, after: Tensor, index: int
     ) -> dict[str, float]:
         """Straightness and transport cost of the trained block (model units, ``eval``'s budget)."""
-        res = quick_straightness(stage, _seed_from(self._seed, "report"))
+        with self.pool_labels(EVAL_POINTS if stage.dim <= EVAL_LARGE_DIM else EVAL_LARGE[0]):
+            res = quick_straightness(stage, _seed_from(self._seed, "report"))
         return {"straightness": res.straightness, "transport_cost": res.transport_cost}
+
+    def pool_labels(self, n: int) -> AbstractContextManager[None]:
+        """Bind ``n`` labels of a labelled pool, its first ones (cycled when the pool is smaller),
+        for the reports' ``n`` rows; nothing without labels."""
+        if self._pool is None or self._pool.labels is None:
+            return nullcontext()
+        labels = self._pool.labels
+        return conditioning(
+            **{LABEL_KEY: labels[torch.arange(n, device=labels.device) % len(labels)]}
+        )
 
 
 @dataclass(frozen=True)

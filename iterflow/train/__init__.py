@@ -23,7 +23,7 @@ from iterflow.train.config import (
     stage_seed,
     standardization,
 )
-from iterflow.train.inputs import TrainData, VelocitySource
+from iterflow.train.inputs import TrainData, VelocitySource, check_labels
 from iterflow.train.loop import (
     Checkpoint,
     OptimConfig,
@@ -49,6 +49,7 @@ __all__ = [
     "VelocitySource",
     "autocast_dtype",
     "build_velocity",
+    "check_labels",
     "cosine_lr",
     "cpu_has_native_bf16",
     "load_flow",

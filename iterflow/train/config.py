@@ -62,6 +62,17 @@ class TrainConfig:
             form: ``{"gamma": "0.5"}`` (the command line's ``-o gamma=0.5``) and ``{"gamma": 0.5}``
             are one configuration, with one :func:`config_hash`; tuples are stored as lists.
         img2d_dir: folder of the image-defined 2-D densities (``rose``, ``tree``).
+        labels: condition the flow on the data set's class labels (labelled sets: ``moons``,
+            ``8gaussians``, ``digits8``, ``fashion-mnist``, ``sklearn:iris``, ...; see
+            :func:`iterflow.data.get_dataset`): the networks get ``num_classes`` classes and a null
+            label, and ``log p(x | y)``, guided sampling and the generative classifier apply
+            (:mod:`iterflow.core.guidance`, :mod:`iterflow.evaluation.conditional`).
+        label_column: for a ``.csv`` / ``.npy`` data file: the column of class labels (an index,
+            negative from the end, or a CSV header name); the other columns are the data. Implies
+            ``labels``.
+        label_dropout: probability that a training row's label is replaced by the null label
+            (the unconditional field classifier-free guidance needs; Ho & Salimans 2022 use 0.1
+            to 0.2). Only runs with labels use it.
 
     Every field is coerced by its annotation when the config is built (text from the command line,
     values from Python, JSON from ``config.json``), so equal configurations compare and hash equal.
@@ -104,6 +115,9 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)
     net_options: dict[str, Any] = field(default_factory=dict)
     img2d_dir: str | None = None
+    labels: bool = False
+    label_column: str = ""
+    label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.standardize, bool):  # older configs: True/False
@@ -125,6 +139,10 @@ class TrainConfig:
             fail("autocast", "bf16 needs dtype float32", self.autocast)
         if self.seed < 0:
             fail("seed", "must be a non-negative integer", self.seed)
+        if not 0.0 <= self.label_dropout < 1.0:
+            fail("label_dropout", "must be in [0, 1)", self.label_dropout)
+        if self.label_column and not self.labels:
+            object.__setattr__(self, "labels", True)
         if self.standardize not in ("auto", "dim", "scalar", "none"):
             fail("standardize", "must be 'auto', 'dim', 'scalar' or 'none'", self.standardize)
         # The method's options: the keys given, typed and validated (unset ones take the method's
@@ -146,7 +164,8 @@ class TrainConfig:
         """A config with ``method``'s recommended settings wherever ``given`` leaves a field unset.
 
         The recommendations are the method's :attr:`~iterflow.methods.base.Method.recommended`
-        (e.g. JKO-flow: 5 blocks of 400 steps, width 128, ``gamma = 1``, Jacobian weight 0.2);
+        (e.g. JKO-flow: 5 blocks of 400 steps, width 128, the plain time input, ``gamma = 1``,
+        Jacobian weight 0.02);
         ``None`` counts as unset; ``options`` are merged key by key, the given ones winning. The
         recommendations are tuned for vector data and the MLP: with another ``network`` (the image
         U-Net) only their method options are used. This is what ``iterflow train`` builds;
@@ -154,8 +173,8 @@ class TrainConfig:
 
         Example:
             >>> cfg = TrainConfig.for_method("jko", steps=100, options={"gamma": 0.5})
-            >>> cfg.blocks, cfg.steps, cfg.options["gamma"], cfg.options["jacobian"]
-            (5, 100, 0.5, 0.2)
+            >>> cfg.blocks, cfg.steps, cfg.time_freqs, cfg.options["gamma"], cfg.options["jacobian"]
+            (5, 100, 0, 0.5, 0.02)
         """
         rec = dict(METHODS.get(method, "method").recommended)
         given = {k: v for k, v in given.items() if v is not None}
@@ -267,15 +286,23 @@ def standardization(x: Tensor, mode: str = "auto") -> tuple[Tensor, Tensor]:
     return x.mean(0), x.std(0).clamp_min(1e-6)
 
 
-def build_velocity(cfg: TrainConfig, event_shape: tuple[int, ...], seed: int) -> torch.nn.Module:
-    """A fresh velocity network for one block, initialised from ``seed`` without touching global RNGs."""
-    net_cfg = network_config(cfg, event_shape)
+def build_velocity(
+    cfg: TrainConfig, event_shape: tuple[int, ...], seed: int, num_classes: int = 0
+) -> torch.nn.Module:
+    """A fresh velocity network for one block, initialised from ``seed`` without touching global
+    RNGs; label-conditional with ``num_classes > 0`` classes."""
+    net_cfg = network_config(cfg, event_shape, num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_network(net_cfg)
 
 
-def network_config(cfg: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, Any]:
+def network_config(
+    cfg: TrainConfig, event_shape: tuple[int, ...], num_classes: int = 0
+) -> dict[str, Any]:
+    """The ``config()`` of ``cfg``'s network for events of ``event_shape`` (with ``num_classes``
+    classes when > 0)."""
+    classes = {"num_classes": int(num_classes)} if num_classes > 0 else {}
     if cfg.network == "mlp":
         if len(event_shape) != 1:
             fail(
@@ -296,8 +323,9 @@ def network_config(cfg: TrainConfig, event_shape: tuple[int, ...]) -> dict[str, 
             "activation": cfg.activation,
             "time_freqs": cfg.time_freqs,
             "zero_init": cfg.zero_init,
+            **classes,
         }
-    return {"kind": cfg.network, "event_shape": list(event_shape), **cfg.net_options}
+    return {"kind": cfg.network, "event_shape": list(event_shape), **cfg.net_options, **classes}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

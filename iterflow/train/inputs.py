@@ -21,9 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from iterflow.core.flow import Block
+from iterflow.core.guidance import LABEL_KEY
 from iterflow.core.nn import NETWORKS, build_network
-from iterflow.data import Splits
-from iterflow.errors import fail
+from iterflow.data import Splits, get_dataset
+from iterflow.errors import check_positive, fail
+from iterflow.train.config import TrainConfig
 
 #: A user's velocity network: a module (deep-copied into every block) or a factory of modules
 #: (called once per block, under a seed derived from the run's seed and the block's index).
@@ -42,6 +44,9 @@ class TrainData:
         cond: per-row conditioning of ``train``: name -> ``(n, ...)`` tensor, passed to the velocity
             networks as keyword arguments (:func:`iterflow.core.conditioning.conditioning`).
         val_cond: the same for ``val`` (``(m, ...)``; required with ``cond``, same names).
+        num_classes: ``K > 0``: class labels, ``cond["y"]`` and ``val_cond["y"]`` ``(n,)`` integers
+            in ``[0, K)``; the built-in networks are then label-conditional with ``K`` classes and a
+            null label (label dropout, classifier-free guidance). 0: no class labels.
     """
 
     train: Tensor
@@ -50,6 +55,7 @@ class TrainData:
     test: Tensor | None = None
     cond: Mapping[str, Tensor] = field(default_factory=dict)
     val_cond: Mapping[str, Tensor] = field(default_factory=dict)
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("train", "val"):
@@ -79,11 +85,29 @@ class TrainData:
                         f"{key!r} must be a tensor with one row per row ({rows.shape[0]})",
                         _shape(v),
                     )
+        if self.num_classes:
+            check_positive(self.num_classes, "num_classes", integer=True)
+            for cond, name in ((self.cond, "cond"), (self.val_cond, "val_cond")):
+                check_labels(cond.get(LABEL_KEY), self.num_classes, f"{name}[{LABEL_KEY!r}]")
+
+    def class_counts(self) -> list[int]:
+        """Training rows per class (``num_classes`` counts; the empirical prior ``p(y)``)."""
+        y = self.cond[LABEL_KEY].long().cpu()
+        return [int(c) for c in torch.bincount(y, minlength=self.num_classes)]
 
     def splits(self) -> Splits:
         """The rows as :class:`~iterflow.data.Splits` (an empty ``test`` when there is none)."""
         test = self.test if self.test is not None else self.train[:0]
         return Splits(self.train, self.val, test)
+
+
+def check_labels(y: Any, num_classes: int, argument: str) -> Tensor:
+    """``y`` as ``(n,)`` int64 class labels in ``[0, num_classes)``, or an error naming ``argument``."""
+    if not isinstance(y, Tensor) or y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        fail(argument, "must be (n,) integer class labels", _shape(y))
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        fail(argument, f"must lie in [0, {num_classes})", (int(y.min()), int(y.max())))
+    return y.long()
 
 
 def _shape(x: Any) -> Any:
@@ -130,3 +154,51 @@ def rebuild_velocity(
             net_cfg.get("class", net_cfg.get("kind")),
         )
     return build_network(net_cfg)
+
+
+def labelled_data(cfg: TrainConfig) -> TrainData:
+    """The splits of the data set ``cfg.data`` with their class labels (a run with ``cfg.labels``):
+    ``cond["y"]`` and ``val_cond["y"]`` from :meth:`~iterflow.data.Dataset.label_splits`, and
+    the set's ``num_classes``.
+
+    Raises:
+        InputError: (argument ``labels``) a data set without class labels.
+    """
+    dataset = get_dataset(cfg.data, img2d_dir=cfg.img2d_dir, label_column=cfg.label_column or None)
+    if dataset.num_classes < 1:
+        fail(
+            "labels",
+            "need a labelled data set (moons, pinwheel, 8gaussians, digits8, fashion-mnist, "
+            "sklearn:iris, ...; or a table with label_column)",
+            cfg.data,
+        )
+    args = (cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+    splits, labels = dataset.splits(*args), dataset.label_splits(*args)
+    description = dataset.describe()
+    names = getattr(dataset, "class_names", None)
+    if names is not None:
+        description.setdefault("class_names", [str(n) for n in names])
+    return TrainData(
+        splits.train,
+        splits.val,
+        description,
+        test=splits.test,
+        cond={LABEL_KEY: labels.train},
+        val_cond={LABEL_KEY: labels.val},
+        num_classes=dataset.num_classes,
+    )
+
+
+def labels_record(data: TrainData, cfg: TrainConfig) -> dict[str, Any]:
+    """The ``labels`` entry of a labelled run's manifest: ``num_classes``, the training rows per
+    class ``class_counts`` (the prior ``p(y)`` of the generative classifier), ``label_dropout``
+    and the data set's ``class_names`` when it has them."""
+    out: dict[str, Any] = {
+        "num_classes": data.num_classes,
+        "class_counts": data.class_counts(),
+        "label_dropout": cfg.label_dropout,
+    }
+    names = data.description.get("class_names")
+    if names is not None:
+        out["class_names"] = [str(n) for n in names]
+    return out

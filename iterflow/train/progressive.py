@@ -29,38 +29,36 @@ under bf16 autocast where that is measured to keep results (``TrainConfig.autoca
 Adam kernel, and updates the EMA with one foreach call. Under ``torchrun`` the same function trains
 data-parallel and gives the one-process model (:mod:`iterflow.core.distributed`): every rank
 draws the global batch, computes its shard, and rank 0 alone writes the run folder.
+
+This module holds the run (folder, resumption, the stage sequence, :func:`load_run`); one stage's
+operations (building, optimising and pushing through its blocks) are in :mod:`iterflow.train.stages`.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from iterflow._version import __version__
 from iterflow.core import distributed as ddp
-from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Block, Flow
 from iterflow.core.nn import NETWORKS
 from iterflow.core.store import load_flow
 from iterflow.data import Splits, get_dataset
 from iterflow.errors import fail
 from iterflow.io import FORMAT_VERSION, RunDir, load_json, load_tensors, save_tensors
-from iterflow.methods import METHODS, Loss, Method, options_record, parse_options
+from iterflow.methods import METHODS, options_record, parse_options
 from iterflow.train.config import (
     DTYPES,
     TrainConfig,
     autocast_dtype,
-    build_velocity,
     config_hash,
     resolve_device,
-    stage_seed,
     standardization,
 )
 from iterflow.train.folder import commit, prepare_run_dir, read_meta
@@ -68,16 +66,23 @@ from iterflow.train.inputs import (
     TrainData,
     VelocitySource,
     block_network_config,
-    new_velocity,
+    labelled_data,
+    labels_record,
     rebuild_velocity,
 )
-from iterflow.train.loop import Checkpoint, Reporter, SilentReporter, StepBudget, optimize
+from iterflow.train.loop import Checkpoint, Reporter, SilentReporter, StepBudget
+from iterflow.train.stages import (
+    COND_REPORT_ROWS,
+    PUSH_CHUNK,
+    cond_to_device,
+    make_stage_blocks,
+    optimize_stage,
+    push_particles,
+    replay_particles,
+    report_stage,
+)
 
-#: Most validation rows a conditioned stage report integrates in one call (the reports of the
-#: likelihood methods integrate chunks of 4096 rows; bound conditioning must match each call).
-COND_REPORT_ROWS = 4096
-#: Rows per ``method.push`` call in a conditioned run (within the methods' own push chunk, 8192).
-PUSH_CHUNK = 8192
+__all__ = ["COND_REPORT_ROWS", "PUSH_CHUNK", "TrainResult", "load_run", "train", "train_tensors"]
 
 
 @dataclass
@@ -128,9 +133,11 @@ def train(
     Returns:
         :class:`TrainResult` with the trained flow (data units) and the per-stage history.
     """
-    dataset = get_dataset(cfg.data, img2d_dir=cfg.img2d_dir)
-    splits = dataset.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-    data = TrainData(splits.train, splits.val, dataset.describe(), test=splits.test)
+    data = labelled_data(cfg) if cfg.labels else None
+    if data is None:
+        dataset = get_dataset(cfg.data, img2d_dir=cfg.img2d_dir)
+        splits = dataset.splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+        data = TrainData(splits.train, splits.val, dataset.describe(), test=splits.test)
     return train_tensors(
         cfg, data, out, resume=resume, reporter=reporter, stop_after_steps=stop_after_steps
     )
@@ -182,10 +189,11 @@ def train_tensors(
         reporter = SilentReporter()
     train_x = data.train.to(device=device, dtype=dtype)
     val_x = data.val.to(device=device, dtype=dtype)
-    cond, val_cond = _to_device(data.cond, device, dtype), _to_device(data.val_cond, device, dtype)
+    cond = cond_to_device(data.cond, device, dtype)
+    val_cond = cond_to_device(data.val_cond, device, dtype)
     event_shape = tuple(train_x.shape[1:])
     method = method_cls(options, event_shape=event_shape, num_blocks=cfg.blocks)
-    if cond and type(method).stage_data is not Method.stage_data:
+    if cond and not method.accepts_cond():
         fail(
             "cond",
             f"is not supported by method {cfg.method!r} (its minibatches are not data rows)",
@@ -219,6 +227,8 @@ def train_tensors(
         }
     meta.setdefault("method_options", options_record(options))  # all of them, defaults included
     meta.setdefault("normalization", {"mode": cfg.standardize, "shape": list(shift.shape)})
+    if data.num_classes:
+        meta.setdefault("labels", labels_record(data, cfg))
     if writer is not None and meta["stages_done"] == 0:
         commit(writer, cfg, meta)  # the manifest names the folder's kind
     stages = method.stages()
@@ -232,7 +242,7 @@ def train_tensors(
         cache = load_tensors(run.particles, "out", device)  # type: ignore[union-attr]
         cur_train, cur_val = cache["train"].to(dtype), cache["val"].to(dtype)
         if int(cache.get("stages_done", done)) != done:  # killed between particles and record
-            cur_train, cur_val = _replay(
+            cur_train, cur_val = replay_particles(
                 method, blocks, stages[:done], norm, train_x, val_x, ctx, cond, val_cond
             )
     else:
@@ -242,25 +252,25 @@ def train_tensors(
         if meta["history"] and method.should_stop(meta["history"]):
             break
         t_stage = time.perf_counter()
-        stage_blocks = _make_stage_blocks(
-            cfg, stages[k], blocks, k, event_shape, device, dtype, velocity
+        stage_blocks = make_stage_blocks(
+            cfg, stages[k], blocks, k, event_shape, device, dtype, velocity, data.num_classes
         )
         stage = Flow(stage_blocks, event_shape).to(device=device, dtype=dtype)
         last = k == len(stages) - 1
-        record = _optimize_stage(
+        record = optimize_stage(
             cfg, method, stage, cur_train, k, len(stages), run, reporter, budget, ctx, amp, cond
         )
         stage.eval()
         with stage.count_nfe() as c_val:
-            new_val = _push(method, stage, cur_val, ctx, val_cond)
-        new_train = None if last else _push(method, stage, cur_train, ctx, cond)
+            new_val = push_particles(method, stage, cur_val, ctx, val_cond)
+        new_train = None if last else push_particles(method, stage, cur_train, ctx, cond)
         record.update(
             {
                 "stage": k,
                 "blocks": stages[k],
                 "movement": float((new_val - cur_val).pow(2).flatten(1).sum(1).mean()),
                 "push_nfe": c_val.nfe,
-                **_stage_report(method, stage, cur_val, new_val, k, val_cond),
+                **report_stage(method, stage, cur_val, new_val, k, val_cond),
             }
         )
         record["seconds"] = record["seconds_optimize"] + (
@@ -299,164 +309,6 @@ def train_tensors(
         run_dir=run.path if run is not None else None,
         splits=data.splits(),
     )
-
-
-def _replay(
-    method: Method,
-    blocks: list[Block],
-    stages: list[list[int]],
-    norm: Flow,
-    train_x: Tensor,
-    val_x: Tensor,
-    ctx: ddp.DistContext | None,
-    cond: dict[str, Tensor],
-    val_cond: dict[str, Tensor],
-) -> tuple[Tensor, Tensor]:
-    """The training and validation particles after the committed ``stages``, pushed again from the
-    data: needed only when a kill fell between writing the particle cache and the commit record."""
-    x, v = norm.normalize(train_x), norm.normalize(val_x)
-    for indices in stages:
-        stage = Flow([blocks[i] for i in indices], tuple(x.shape[1:])).to(x.device, x.dtype).eval()
-        x, v = _push(method, stage, x, ctx, cond), _push(method, stage, v, ctx, val_cond)
-    return x, v
-
-
-def _to_device(
-    cond: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype
-) -> dict[str, Tensor]:
-    """Conditioning tensors on ``device``; floating ones in the run's ``dtype`` (labels keep theirs)."""
-    return {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-        for k, v in cond.items()
-    }
-
-
-def _stage_report(
-    method: Method,
-    stage: Flow,
-    before: Tensor,
-    after: Tensor,
-    k: int,
-    val_cond: dict[str, Tensor],
-) -> dict[str, float]:
-    """``method.stage_report`` on the validation particles (at most :data:`COND_REPORT_ROWS` of
-    them, with their conditioning bound, in a conditioned run)."""
-    if not val_cond:
-        return method.stage_report(stage, before, after, k)
-    n = min(before.shape[0], COND_REPORT_ROWS)
-    with conditioning(**{name: v[:n] for name, v in val_cond.items()}):
-        return method.stage_report(stage, before[:n], after[:n], k)
-
-
-def _push(
-    method: Method,
-    stage: Flow,
-    x: Tensor,
-    ctx: ddp.DistContext | None,
-    cond: dict[str, Tensor] | None = None,
-) -> Tensor:
-    """``method.push`` of the particles ``x``; under data parallelism each rank pushes its shard of
-    rows and the shards are all-gathered (pushes are row by row: fixed-step solvers). With
-    conditioning, rows are pushed in chunks of :data:`PUSH_CHUNK`, each with its rows of ``cond``."""
-    n = x.shape[0]
-    lo, hi = (0, n) if ctx is None else ctx.bounds(n)
-    if not cond:
-        out = method.push(stage, x[lo:hi] if ctx is not None else x)
-    else:
-        parts = []
-        for a in range(lo, hi, PUSH_CHUNK):
-            b = min(hi, a + PUSH_CHUNK)
-            with conditioning(**{name: v[a:b] for name, v in cond.items()}):
-                parts.append(method.push(stage, x[a:b]))
-        out = torch.cat(parts) if parts else x[lo:hi]
-    return out if ctx is None else ddp.all_gather_rows(out, n, ctx)
-
-
-def _optimize_stage(
-    cfg: TrainConfig,
-    method: Method,
-    stage: Flow,
-    particles: Tensor,
-    k: int,
-    n_stages: int,
-    run: RunDir | None,
-    reporter: Reporter,
-    budget: StepBudget,
-    ctx: ddp.DistContext | None,
-    amp: torch.dtype | None,
-    cond: dict[str, Tensor],
-) -> dict[str, Any]:
-    """Optimise the blocks of stage ``k`` on the one loop (:func:`iterflow.train.loop.optimize`).
-
-    Conditioning rows are drawn with the particle rows (the loop draws the same rows of every
-    tensor of the batch source) and bound around the method's loss."""
-    gen = torch.Generator(device=particles.device).manual_seed(stage_seed(cfg.seed, k, salt=2))
-    data = method.stage_data(stage, particles, k, gen)
-    view = _training_view(stage, cfg)
-    names = list(cond)
-    m = len(data)
-    if cond:
-        data = (*data, *cond.values())
-
-    def loss_fn(batch: tuple[Tensor, ...], generator: torch.Generator) -> Loss:
-        if not names:
-            return method.loss(view, batch, k, generator)
-        with conditioning(**dict(zip(names, batch[m:]))):
-            return method.loss(view, batch[:m], k, generator)
-
-    return optimize(
-        stage,
-        loss_fn,
-        data,
-        cfg.optim_config(),
-        generator=gen,
-        checkpoint=Checkpoint(run.path, k, write=ctx is None or ctx.is_main) if run else None,
-        reporter=reporter,
-        ctx=ctx,
-        autocast=amp,
-        stage=k,
-        n_stages=n_stages,
-        budget=budget,
-        on_start=method.start_at,
-    )
-
-
-def _training_view(stage: Flow, cfg: TrainConfig) -> Flow:
-    """The stage as the loss drives it: each velocity network through ``torch.compile`` when
-    ``cfg.compile`` (sharing its parameters with ``stage``, which is what gets saved)."""
-    if not cfg.compile:
-        return stage
-    blocks = [Block(torch.compile(b.velocity)) for b in stage.blocks]  # type: ignore[arg-type]
-    view = Flow(blocks, stage.event_shape, shift=stage.shift, scale=stage.scale)
-    return view.to(device=stage.shift.device, dtype=stage.shift.dtype)
-
-
-def _make_stage_blocks(
-    cfg: TrainConfig,
-    indices: list[int],
-    previous: list[Block],
-    k: int,
-    event_shape: tuple[int, ...],
-    device: torch.device,
-    dtype: torch.dtype,
-    velocity: VelocitySource | None = None,
-) -> list[Block]:
-    """Fresh blocks ``indices`` of stage ``k``, seeded per block; a single block warm-starts from the
-    last finished one (``cfg.warm_start``) when their architectures agree."""
-    out = []
-    for j in indices:
-        seed = stage_seed(cfg.seed, j, salt=1)
-        if velocity is None:
-            net = build_velocity(cfg, event_shape, seed)
-        else:
-            net = new_velocity(velocity, seed)
-        if cfg.warm_start and previous and len(indices) == 1:
-            try:
-                net.load_state_dict(previous[-1].velocity.state_dict())
-            except RuntimeError:
-                pass  # architectures differ (e.g. a custom last block): keep the fresh init
-        out.append(Block(net).to(device=device, dtype=dtype))
-    return out
 
 
 def load_run(

@@ -145,21 +145,33 @@ class ClassifierOptions:
 
 
 class IntervalLogits(nn.Module):
-    """The logits ``phi_k(u)`` of the ``K`` intervals: one time-conditioned net or ``K`` nets.
+    r"""The logits ``phi_k(u)`` of the ``K`` intervals: one time-conditioned net or ``K`` nets,
+    optionally plus a quadratic form per interval.
 
-    In ``"conditioned"`` mode ``phi_k(u) = phi(u, (k + 1/2) / K)``.
+    In ``"conditioned"`` mode ``phi_k(u) = phi(u, (k + 1/2) / K)``. With ``quadratic``,
+    ``phi_k(u) + u^T A_k u + b_k^T u`` with ``A_k`` symmetric (``(K, d, d)`` and ``(K, d)``
+    parameters, zero at the start): the log ratio of two Gaussians is exactly such a form, and
+    the quadratic part carries the classifier's estimate *away* from the samples it was trained on,
+    where an MLP alone extrapolates (almost) linearly.
 
     Arguments:
         dim: dimension of ``u``.
         intervals: ``K``.
         mode: ``"conditioned"`` or ``"separate"``.
         options: the networks' widths, activation and time embedding.
+        quadratic: add the quadratic forms.
     """
 
-    def __init__(self, dim: int, intervals: int, mode: str, options: ClassifierOptions) -> None:
+    def __init__(
+        self, dim: int, intervals: int, mode: str, options: ClassifierOptions,
+        quadratic: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         check_choice(mode, MODES, "mode")
-        self.intervals, self.mode = intervals, mode
+        self.intervals, self.mode, self.quadratic = intervals, mode, quadratic
+        if quadratic:
+            self.quad = nn.Parameter(torch.zeros(intervals, dim, dim))
+            self.lin = nn.Parameter(torch.zeros(intervals, dim))
         kw: dict[str, Any] = {"hidden": options.hidden, "activation": options.activation}
         if mode == "conditioned":
             self.nets = nn.ModuleList(
@@ -176,11 +188,14 @@ class IntervalLogits(nn.Module):
     def forward(self, u: Tensor, k: Tensor) -> Tensor:
         """Logits of rows ``u`` ``(B, d)`` for their intervals ``k`` ``(B,)`` (long) -> ``(B,)``."""
         if self.mode == "conditioned":
-            return self.nets[0](u, self.times(u)[k])
-        out = torch.empty(u.shape[0], dtype=u.dtype, device=u.device)
-        for j in torch.unique(k).tolist():
-            rows = k == j
-            out[rows] = self.nets[j](u[rows])
+            out = self.nets[0](u, self.times(u)[k])
+        else:
+            out = torch.empty(u.shape[0], dtype=u.dtype, device=u.device)
+            for j in torch.unique(k).tolist():
+                rows = k == j
+                out[rows] = self.nets[j](u[rows])
+        if self.quadratic:
+            out = out + torch.einsum("bi,bij,bj->b", u, self.quad[k], u) + (u * self.lin[k]).sum(1)
         return out
 
     def all_intervals(self, u: Tensor) -> Tensor:
@@ -188,5 +203,9 @@ class IntervalLogits(nn.Module):
         b, kk = u.shape[0], self.intervals
         if self.mode == "conditioned":
             t = self.times(u).repeat_interleave(b)  # (K B,)
-            return self.nets[0](u.repeat(kk, 1), t).reshape(kk, b).T
-        return torch.stack([net(u) for net in self.nets], 1)
+            out = self.nets[0](u.repeat(kk, 1), t).reshape(kk, b).T
+        else:
+            out = torch.stack([net(u) for net in self.nets], 1)
+        if self.quadratic:
+            out = out + torch.einsum("bi,kij,bj->bk", u, self.quad, u) + u @ self.lin.T
+        return out

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from iterflow.core.nn.mlp_jacobian import velocity_and_jacobian_terms
 from iterflow.errors import Registry, check_positive, fail
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
@@ -52,7 +54,9 @@ class MLPVelocity(nn.Module):
     broadcast instead of concatenated to every row. With ``num_classes > 0`` a learned class embedding
     (one ``hidden[0]`` vector per class, i.e. a first-layer term for a one-hot label) is added too;
     labels come with ``forward(x, t, y)`` or, for code that calls ``model(x, t)`` only (ODE solvers),
-    from :meth:`condition`.
+    from :meth:`condition`. Label ``num_classes`` is the *null label* ("no class", as in the U-Net),
+    used by label dropout and classifier-free guidance (:mod:`iterflow.core.guidance`) and wherever
+    no label is given; its embedding row starts at zero.
 
     Arguments:
         dim: data dimension.
@@ -103,9 +107,14 @@ class MLPVelocity(nn.Module):
         self.num_classes = int(num_classes)
         self.inp_y: nn.Embedding | None = None
         if self.num_classes > 0:  # = a bias-free Linear on one-hot labels, initialised like one
-            self.inp_y = nn.Embedding(self.num_classes, hidden[0])
+            emb = nn.Embedding(self.num_classes, hidden[0])
             bound = 1.0 / math.sqrt(dim + n_time + self.num_classes)
-            nn.init.uniform_(self.inp_y.weight, -bound, bound)
+            nn.init.uniform_(emb.weight, -bound, bound)
+            # one more row, index num_classes: the null label ("no class"; label dropout and
+            # classifier-free guidance), zero at start; appended without a random draw
+            null = torch.zeros(1, hidden[0], dtype=emb.weight.dtype)
+            weight = torch.cat([emb.weight.detach(), null])
+            self.inp_y = nn.Embedding(self.num_classes + 1, hidden[0], _weight=weight)
         self._label: Tensor | None = None
         layers: list[nn.Module] = [act()]
         for a, b in zip(hidden[:-1], hidden[1:]):
@@ -118,7 +127,8 @@ class MLPVelocity(nn.Module):
 
     @contextmanager
     def condition(self, labels: Tensor | None) -> Iterator[None]:
-        """Use ``labels`` (``(B,)`` integers in ``[0, num_classes)``) when ``forward`` gets none.
+        """Use ``labels`` (``(B,)`` integers in ``[0, num_classes]``, ``num_classes`` the null
+        label) when ``forward`` gets none.
 
         ``None`` clears them. Labels on an unconditional network (``num_classes=0``) are an error.
         """
@@ -137,26 +147,50 @@ class MLPVelocity(nn.Module):
             fail("labels", "must be a (B,) integer tensor", getattr(y, "shape", type(y).__name__))
         if batch is not None and y.shape[0] != batch:
             fail("labels", f"must hold one label per sample, shape ({batch},)", tuple(y.shape))
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
             fail(
                 "labels",
-                f"must lie in [0, {self.num_classes})",
+                f"must lie in [0, {self.num_classes}] ({self.num_classes}: the null label)",
                 (int(y.min()), int(y.max())),
             )
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Weights saved before the null label existed (``num_classes`` embedding rows) load with
+        a zero null row appended."""
+        key = prefix + "inp_y.weight"
+        w = state_dict.get(key)
+        if self.inp_y is not None and w is not None and w.shape[0] == self.num_classes:
+            state_dict[key] = torch.cat([w, w.new_zeros(1, w.shape[1])])
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """Velocity ``(B, dim)`` at ``x`` ``(B, dim)`` and time ``t`` (0-dim or ``(B,)``); ``y``
+        ``(B,)`` class labels of a conditional network, where ``num_classes`` is the null label
+        (no label given, here or by :meth:`condition`: the null label for every row)."""
+        return self.body(self.first_layer(x, t, y))
+
+    def velocity_and_jacobian_terms(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        probes: Tensor | None = None,
+        *,
+        frobenius: bool = False,
+        y: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Velocity, divergence and squared Jacobian norm in one forward pass (forward-mode
+        tangents; :func:`iterflow.core.nn.mlp_jacobian.velocity_and_jacobian_terms`)."""
+        return velocity_and_jacobian_terms(self, x, t, probes, frobenius=frobenius, y=y)
+
+    def first_layer(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """Pre-activation ``h_0 = W_0 x + time term (+ class term)`` ``(B, hidden[0])``."""
         tc = time_column(t, x)  # (B, 1) or (1, 1)
         tf = self.time(tc) if self.time is not None else tc
         h = self.inp(x) + self.inp_t(tf)  # (B, H); the time term broadcasts
         if self.inp_y is not None:
             y = self._label if y is None else y
             if y is None:
-                fail(
-                    "labels",
-                    f"are required by a network with num_classes={self.num_classes} "
-                    "(pass y or use model.condition(labels))",
-                    None,
-                )
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
             if y.shape != (x.shape[0],):
                 fail(
                     "labels",
@@ -166,7 +200,7 @@ class MLPVelocity(nn.Module):
             h = h + self.inp_y(y.to(device=x.device, dtype=torch.long)).to(h.dtype)
         elif y is not None:
             self._check_labels(y, x.shape[0])  # raises: unconditional network
-        return self.body(h)
+        return h
 
     def config(self) -> dict:
         """JSON-serialisable constructor arguments (saved with checkpoints; ``num_classes`` only when

@@ -1,0 +1,300 @@
+"""The likelihood sections of ``bench_speed.py``: exact NLL evaluation against the plain torchdiffeq
+evaluator a user writes, and the steps/s of likelihood training (CNF, JKO-flow).
+
+Likelihood evaluation (``likelihood`` section). One trained MLP velocity per case (the package's
+default network: 3 hidden layers of 256, SiLU): the 2-D checkerboard trained with the demo's
+defaults (``--like-steps`` flow-matching steps; ``--like-run`` loads a run folder instead), and
+flow-matching models (``--like-steps-hd`` steps, the same defaults) of a mixture of 8 Gaussians in
+10, 32 and 64 dimensions (:func:`mixture`; 50,000 training rows). Contenders, on the same points,
+all with the exact trace, in interleaved rounds (medians):
+
+* ``plain torchdiffeq``: :func:`plain_nll`, the evaluator a user writes in twenty lines:
+  ``torchdiffeq.odeint`` with ``dopri5`` on the augmented state ``(x, logp)``, the exact trace by
+  one autograd backward pass per dimension, ``atol = rtol = 1e-5``;
+* the same with ``create_graph=True`` (as in torchdiffeq's ``examples/cnf.py``; 2-D only);
+* ``iterflow Flow.log_prob``: ``dopri5``, exact trace, ``atol = rtol = 1e-5``;
+* ``iterflow, autograd path``: the same call inside
+  :func:`iterflow.core.integrand.autograd_jacobian_terms` (the package before the one-pass
+  Jacobian terms of :mod:`iterflow.core.nn.mlp_jacobian`).
+
+Reported: points/s, NFE, the mean NLL, its difference to the plain evaluator (mean and largest per
+point) and each contender's error against a reference (``Flow.log_prob`` at ``atol = rtol = 1e-9``).
+
+Likelihood training (``likelihood`` section too): one optimiser step (loss, backward, Adam) of the
+CNF and JKO-flow rose recipes (``CNF.recommended`` / ``JKOFlow.recommended``: network, batch,
+solver and options), through the one-pass Jacobian terms and through the autograd path, and the
+one-pass step under bf16 autocast (for information; the trainer uses it only for methods marked
+``autocast_safe``), in interleaved rounds (steps/s, median).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from iterflow.core.flow import Block, Flow, standard_normal_log_prob
+from iterflow.core.integrand import autograd_jacobian_terms, draw_probes
+from iterflow.core.nn import MLPVelocity
+from iterflow.data import get_dataset
+from iterflow.methods.cnf import CNFOptions, likelihood_loss
+from iterflow.methods.jko import JKOOptions, jko_loss
+from iterflow.train import TrainConfig, TrainData, train, train_tensors
+
+HIGH_DIMS = (10, 32, 64)
+
+
+def mixture(n: int, d: int, seed: int) -> Tensor:
+    """``n`` rows of a mixture of 8 Gaussians in ``d`` dimensions (means ``N(0, 4 I)``,
+    per-dimension scales in ``[0.2, 0.6]``), the same for one ``seed``."""
+    g = torch.Generator().manual_seed(seed + d)
+    means = 2.0 * torch.randn(8, d, generator=g)
+    scales = 0.2 + 0.4 * torch.rand(8, d, generator=g)
+    k = torch.randint(0, 8, (n,), generator=g)
+    return means[k] + scales[k] * torch.randn(n, d, generator=g)
+
+
+def plain_nll(
+    velocity: nn.Module, u: Tensor, *, tol: float = 1e-5, create_graph: bool = False
+) -> tuple[Tensor, int]:
+    """NLL (model units) by the plain torchdiffeq evaluator: dopri5 on ``(x, logp)``, the exact
+    trace by one backward pass per dimension. Returns ``(nll (B,), NFE)``."""
+    from torchdiffeq import odeint
+
+    nfe = [0]
+
+    def f(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        nfe[0] += 1
+        with torch.enable_grad():
+            z = state[0].detach().requires_grad_(True)
+            v = velocity(z, t)
+            div = torch.zeros_like(state[1])
+            for i in range(z.shape[1]):
+                g = torch.autograd.grad(
+                    v[:, i].sum(), z, create_graph=create_graph, retain_graph=True
+                )
+                div = div + g[0][:, i]
+        return v.detach(), div.detach()
+
+    with torch.no_grad():
+        t = torch.tensor([0.0, 1.0], dtype=u.dtype, device=u.device)
+        z, logdet = odeint(f, (u, u.new_zeros(u.shape[0])), t, method="dopri5", atol=tol, rtol=tol)
+    return -(standard_normal_log_prob(z[-1]) + logdet[-1]), nfe[0]
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def _trained_flow(
+    data: str, steps: int, seed: int, device: torch.device, rows: Tensor | None = None
+) -> tuple[Flow, Tensor]:
+    """The defaults' flow-matching model of ``data`` (or of the tensor ``rows``, named ``data``)
+    after ``steps`` steps, and its test points."""
+    cfg = TrainConfig(
+        data=data, steps=steps, seed=seed, device=str(device), n_test=2000, checkpoint_every=10**6
+    )
+    if rows is None:
+        res = train(cfg, None)
+        return res.flow.eval(), res.splits.test
+    n = rows.shape[0] - 4000
+    tr = TrainData(rows[:n], rows[n : n + 2000], {"name": data}, test=rows[n + 2000 :])
+    return train_tensors(cfg, tr).flow.eval(), rows[n + 2000 :]
+
+
+def _load_flow(run: str, device: torch.device) -> tuple[Flow, Tensor]:
+    from iterflow.train import load_run
+
+    flow, cfg, _ = load_run(run, device=str(device))
+    s = get_dataset(cfg.data, img2d_dir=cfg.img2d_dir).splits(
+        cfg.n_train, cfg.n_val, 2000, cfg.seed
+    )
+    return flow.eval(), s.test.to(device)
+
+
+def bench_likelihood_eval(args: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Rows of the likelihood-evaluation comparison (see the module docstring)."""
+    cases: list[tuple[str, Flow, Tensor]] = []
+    if args.like_run:
+        flow, pts = _load_flow(args.like_run, device)
+    else:
+        flow, pts = _trained_flow("checkerboard", args.like_steps, args.seed, device)
+    cases.append(("checkerboard (2-D)", flow, pts[: args.like_points].to(device)))
+    for d in HIGH_DIMS:
+        if d > args.like_max_dim:
+            continue
+        rows = mixture(54_000, d, args.seed)
+        flow, pts = _trained_flow(f"mixture-{d}d", args.like_steps_hd, args.seed, device, rows)
+        cases.append((f"8-Gaussian mixture ({d}-D)", flow, pts[: args.like_points_hd].to(device)))
+    rows = []
+    for name, flow, x in cases:
+        rows += _compare(name, flow, x, args.like_rounds, device)
+    return rows
+
+
+def _compare(
+    name: str, flow: Flow, x: Tensor, rounds: int, device: torch.device
+) -> list[dict[str, Any]]:
+    net = flow.chain[0].velocity
+    u = flow.normalize(x)
+    logdet_norm = float(flow.normalization_log_det())
+
+    def iterflow_nll() -> tuple[Tensor, int]:
+        with torch.no_grad(), flow.count_nfe() as c:
+            lp = flow.log_prob(x, divergence="exact", solver="dopri5", atol=1e-5, rtol=1e-5)
+        return -lp, c.nfe
+
+    def autograd_nll() -> tuple[Tensor, int]:
+        with autograd_jacobian_terms():
+            return iterflow_nll()
+
+    def plain() -> tuple[Tensor, int]:
+        nll, nfe = plain_nll(net, u)
+        return nll - logdet_norm, nfe
+
+    def plain_cg() -> tuple[Tensor, int]:
+        nll, nfe = plain_nll(net, u, create_graph=True)
+        return nll - logdet_norm, nfe
+
+    contenders: dict[str, Callable[[], tuple[Tensor, int]]] = {
+        "plain torchdiffeq (one backward per dimension)": plain,
+        "iterflow Flow.log_prob": iterflow_nll,
+        "iterflow, autograd path": autograd_nll,
+    }
+    if x.shape[1] <= 2:
+        contenders["plain torchdiffeq, create_graph=True"] = plain_cg
+    with torch.no_grad():
+        ref = -flow.log_prob(x, divergence="exact", solver="dopri5", atol=1e-9, rtol=1e-9)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    outs: dict[str, tuple[Tensor, int]] = {}
+    for k, fn in contenders.items():  # warm-up
+        outs[k] = fn()
+    for _ in range(rounds):
+        for k, fn in contenders.items():
+            dt, outs[k] = _timed(fn, device)
+            times[k].append(dt)
+    base = outs["plain torchdiffeq (one backward per dimension)"][0]
+    base_rate = len(x) / statistics.median(times["plain torchdiffeq (one backward per dimension)"])
+    rows = []
+    for k in contenders:
+        nll, nfe = outs[k]
+        rate = len(x) / statistics.median(times[k])
+        rows.append(
+            {
+                "case": name,
+                "points": len(x),
+                "contender": k,
+                "points_per_s": rate,
+                "vs_plain": rate / base_rate,
+                "nfe": nfe,
+                "nll": float(nll.mean()),
+                "nll_minus_plain": float((nll - base).mean()),
+                "max_abs_diff_vs_plain": float((nll - base).abs().max()),
+                "mean_abs_err_vs_ref": float((nll - ref).abs().mean()),
+                "max_abs_err_vs_ref": float((nll - ref).abs().max()),
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Likelihood training: CNF and JKO-flow steps/s
+# ------------------------------------------------------------------------------------------------
+
+
+def _recipe_step(method: str, x_all: Tensor, seed: int) -> Callable[[str], float]:
+    """``step(mode)``: one optimiser step of the method's rose recipe (``mode``: ``one-pass``,
+    ``autograd`` or ``one-pass bf16``); returns the loss."""
+    cfg = TrainConfig.for_method(method, data="rose")
+    torch.manual_seed(seed)
+    d, blocks = x_all.shape[1], cfg.blocks if method == "cnf" else 1  # JKO: one block at a time
+    nets = [
+        MLPVelocity(d, cfg.hidden, cfg.activation, time_freqs=cfg.time_freqs) for _ in range(blocks)
+    ]
+    flow = Flow([Block(n) for n in nets], (d,)).to(x_all.device)
+    opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
+    gen = torch.Generator(device=x_all.device).manual_seed(seed)
+    options, batch = cfg.options, cfg.batch_size
+
+    def loss(x: Tensor) -> Tensor:
+        if method == "cnf":
+            o = CNFOptions(**options)
+            eps = draw_probes(x, o.divergence, o.probes, o.probe_kind, gen)
+            return likelihood_loss(
+                flow, x, o.train_spec(), eps, kinetic=o.kinetic, jacobian=o.jacobian
+            ).rows.mean()
+        j = JKOOptions(**options)
+        eps = draw_probes(x, j.divergence, j.probes, j.probe_kind, gen)
+        return jko_loss(
+            flow, x, j.gamma_at(0), j.train_spec(), eps, kinetic=j.kinetic, jacobian=j.jacobian
+        ).rows.mean()
+
+    def step(mode: str) -> float:
+        idx = torch.randint(0, x_all.shape[0], (batch,), generator=gen, device=x_all.device)
+        opt.zero_grad()
+        amp = torch.autocast(x_all.device.type, dtype=torch.bfloat16, enabled="bf16" in mode)
+        if mode == "autograd":
+            with autograd_jacobian_terms(), amp:
+                value = loss(x_all[idx])
+        else:
+            with amp:
+                value = loss(x_all[idx])
+        value.backward()
+        opt.step()
+        return float(value.detach())
+
+    return step
+
+
+def bench_likelihood_training(args: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Steps/s of the CNF and JKO-flow rose recipes' optimiser step, one-pass vs autograd."""
+    try:
+        ds = get_dataset("rose", img2d_dir=args.img2d_dir)
+        data = "rose"
+    except Exception:  # the image folder of the papers' densities is optional
+        ds, data = get_dataset("checkerboard"), "checkerboard"
+    x = ds.splits(20_000, 10, 10, args.seed).train
+    x = ((x - x.mean(0)) / x.std(0)).to(device)
+    modes = ("autograd", "one-pass", "one-pass bf16")
+    n, rows = args.like_train_steps, []
+    for method in ("cnf", "jko"):
+        step = _recipe_step(method, x, args.seed)
+        for m in modes:
+            step(m)
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(args.like_rounds):
+            for m in modes:
+                dt, _ = _timed(lambda m=m, st=step: [st(m) for _ in range(n)], device)
+                rates[m].append(n / dt)
+        base = statistics.median(rates["autograd"])
+        for m in modes:
+            med = statistics.median(rates[m])
+            rows.append(
+                {
+                    "method": method,
+                    "data": data,
+                    "path": m,
+                    "steps_per_s": med,
+                    "min": min(rates[m]),
+                    "max": max(rates[m]),
+                    "vs_autograd": med / base,
+                }
+            )
+    return rows
+
+
+def load() -> dict[str, Any]:
+    """Threads and load average (recorded with the timings)."""
+    one, five, fifteen = os.getloadavg()
+    return {"threads": torch.get_num_threads(), "loadavg_1_5_15": [one, five, fifteen]}
