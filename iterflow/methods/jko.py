@@ -22,21 +22,23 @@ k-NN estimate :func:`iterflow.metrics.kl_to_standard_normal` of the pushed parti
 validation particles.
 
 A fixed-step training solver can be exploited: a field that varies too fast for ``substeps`` RK4
-steps makes the integrated divergence disagree with the log-determinant of the map the steps actually
-compute, and the objective can then fall without bound while the true flow degrades (a large
-``solver_gap``, a rising ``kl_proxy``). Time features faster than the steps suffice: with the MLP's
-Fourier features ``sin(2 pi k s)`` (``k <= time_freqs = 4``) and 3 RK4 sub-steps, one block on 3-D
-Gaussian data missed the closed-form mean by 17 times its norm (issue 18; the case ``jko_block`` of
-``benchmarks/bench_closed_form.py``). The recommended recipe therefore feeds the network the plain
-time (``time_freqs = 0``); more ``substeps`` also help (8 sub-steps with the Fourier features: 0.2%
-and 1.1% off the closed-form mean and covariance, at 2.7 times the cost), and so does the
-``straightness`` option (weight 1 with the Fourier features: 1.2% and 1.1%), which leaves the optimum
-where it is. Fields stiff in space remain: without any regulariser the later blocks of the 2-D
-checkerboard chain exploited the sub-steps (test NLL 20 instead of 3.6). The ``jacobian`` weight
-(RNODE's ``int |eps^T dv/dx|^2 ds``, Finlay et al., arXiv 2002.02798) keeps fields smooth, but it
-also moves the optimum, in proportion to the weight: 0.2 put a 3-D block's covariance 7% off the
-closed form. The recipe's 0.02 keeps the chains stable and the single block within a few percent
-(the ``jko_block`` rows of ``benchmarks/results/closed_form.md``).
+steps makes the integrated divergence disagree with the log-determinant of the map the steps
+actually compute, and the objective can then fall without bound while the true flow degrades (a
+large ``solver_gap``, a rising ``kl_proxy``). Time features faster than the steps suffice: with the
+MLP's Fourier features ``sin(2 pi k s)`` (``k <= time_freqs = 4``) and 3 RK4 sub-steps, one block on
+3-D Gaussian data missed the closed-form mean by 10 times its norm and the covariance by 20 times
+(issue 18; the case ``jko_block`` of ``benchmarks/bench_closed_form.py``). The recommended recipe
+therefore feeds the network the plain time (``time_freqs = 0``); more ``substeps`` also help (8
+sub-steps with the Fourier features: 0.2% and 1.1% off the closed-form mean and covariance, at 2.7
+times the cost), and so does the ``straightness`` option (weight 1 with the Fourier features: 1.2%
+and 1.1%), which leaves the optimum where it is. Fields stiff in space remain: without any
+regulariser the later blocks of the 2-D checkerboard chain exploited the sub-steps (test NLL 20
+instead of 3.6). The ``jacobian`` weight (RNODE's ``int |eps^T dv/dx|^2 ds``, Finlay et al., arXiv
+2002.02798) keeps fields smooth, but it also moves the optimum, in proportion to the weight: 0.2 put
+a 3-D block's covariance 7-8% off the closed form. The recipe's 0.02 keeps the chains stable, and a
+single block lands within 1% of the closed-form mean and 2.5% of its covariance from 1 to 10
+dimensions (the ``jko_block`` rows of ``benchmarks/results/closed_form.md`` and
+``closed_form_jko.md``).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ class JKOOptions(MethodOptions):
             solver's quadrature) and 0 exactly for straight paths at constant speed; the JKO step is
             reached by such paths, so it straightens the block without moving the optimum (for a
             network that can represent them: a time-constant field cannot), and it keeps the field
-            from oscillating in time between the solver's steps (module docstring).
+            from oscillating in time between the solver's steps; it does not stop fields stiff in
+            space (module docstring).
         jacobian: weight of ``int |eps^T dv/dx|^2 ds`` (0: off); keeps each block's field smooth
             enough for ``substeps`` steps of the training solver (see the module docstring).
         stop_tol: stop adding blocks once a block's movement ``E|x_n - x_{n-1}|^2`` is below this
