@@ -109,3 +109,25 @@ def test_grid_search_and_pipeline_write_nothing(
     pipe.fit(X)
     assert pipe.score_samples(X[:5]).shape == (5,) and np.isfinite(pipe.score(X))
     assert list(cwd.iterdir()) == [] and list(tmp.iterdir()) == []
+
+
+def test_divergence_choice_above_the_exact_rule() -> None:
+    """Above 16 features ``auto`` is one Hutchinson probe; ``divergence="exact"`` gives each row's
+    exact log-density (the flow's exact ``log_prob`` with the same solver), whatever the width."""
+    import torch
+
+    from iterflow.core.integrand import EXACT_DIVERGENCE_MAX_DIM
+
+    d = EXACT_DIVERGENCE_MAX_DIM + 4
+    x = np.random.default_rng(0).normal(size=(64, d)) @ np.diag(np.linspace(0.5, 2.0, d))
+    model = FlowDensity(steps=30, hidden=(16,), random_state=0, divergence="exact").fit(x)
+    got = model.score_samples(x[:8])
+    with torch.no_grad():
+        want = model.flow_.log_prob(
+            torch.as_tensor(x[:8]), solver="rk4", steps=16, divergence="exact"
+        ).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    noisy = model.set_params(divergence="auto").score_samples(x[:8])
+    assert np.abs(noisy - want).max() > 1e-6  # one probe is not the exact trace
+    with pytest.raises(InputError, match="^divergence: "):
+        model.set_params(divergence="trace").score_samples(x[:8])

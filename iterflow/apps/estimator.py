@@ -28,8 +28,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from iterflow.apps.api import fit
 from iterflow.core.flow import Flow
+from iterflow.core.integrand import DIVERGENCES
 from iterflow.core.ode import ADAPTIVE_SOLVERS, SolverSpec
-from iterflow.errors import InputError, fail
+from iterflow.errors import InputError, check_choice, fail
 from iterflow.evaluation.score import log_density_rows
 from iterflow.train import VelocitySource
 
@@ -55,6 +56,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
         solver, steps_per_block: the integration of :meth:`score_samples` and :meth:`sample`. The
             default fixed-step ``rk4`` makes each row's result independent of the other rows of
             the call (an adaptive solver such as ``dopri5`` picks its steps for the whole batch).
+        divergence: the trace in :meth:`score_samples`: ``"auto"`` (exact up to
+            :data:`~iterflow.core.integrand.EXACT_DIVERGENCE_MAX_DIM` features, one Hutchinson probe
+            above: unbiased but noisy row by row), ``"exact"`` (exact per-row scores at any width,
+            e.g. to rank rows as anomalies; one backward product per feature) or ``"hutchinson"``.
         random_state: seed of training (initialisation and minibatches): an int, a
             ``numpy.random.RandomState`` or ``None`` (a fresh seed at every ``fit``).
         out: run folder of the training (checkpoints, resumption, ``iterflow`` CLI commands);
@@ -90,6 +95,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         device: str = "cpu",
         solver: str = "rk4",
         steps_per_block: int = 16,
+        divergence: str = "auto",
         random_state: int | np.random.RandomState | None = None,
         out: str | Path | None = None,
     ) -> None:
@@ -106,6 +112,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         self.device = device
         self.solver = solver
         self.steps_per_block = steps_per_block
+        self.divergence = divergence
         self.random_state = random_state
         self.out = out
 
@@ -153,7 +160,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         check_is_fitted(self)
         x = self._tensor(self._validate(X, reset=False))
         spec = SolverSpec(self.solver, self.steps_per_block)
-        lp, _ = log_density_rows(self.flow_, x, spec=spec)
+        check_choice(self.divergence, DIVERGENCES, "divergence")
+        lp, _ = log_density_rows(self.flow_, x, spec=spec, divergence=self.divergence)
         return lp.cpu().numpy().astype(np.float64)
 
     def score(self, X: Any, y: Any = None) -> float:
