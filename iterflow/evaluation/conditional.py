@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Flow
 from iterflow.core.guidance import LABEL_KEY
 from iterflow.core.ode import SolverSpec
 from iterflow.errors import check_positive, fail
+from iterflow.evaluation.score import log_density_rows
 
 __all__ = [
     "GenerativeClassifier",
@@ -102,15 +102,9 @@ def conditional_log_prob(
         fail("labels", f"must lie in [0, {k})", (int(y.min()), int(y.max())))
     spec = _spec(solver, steps, atol, rtol)
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    out = []
-    with torch.no_grad():
-        for part, lab in zip(x.split(chunk), y.long().split(chunk), strict=True):
-            with conditioning(**{LABEL_KEY: lab}):
-                lp = flow.log_prob(
-                    part, divergence=divergence, probes=probes, generator=gen, solver=spec
-                )
-            out.append(lp.double())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=x.device)
+    lp, _ = log_density_rows(flow, x, spec=spec, divergence=divergence, probes=probes,
+                             generator=gen, chunk=chunk, cond={LABEL_KEY: y.long()})  # fmt: skip
+    return lp
 
 
 def class_log_likelihoods(flow: Flow, x: Tensor, **kwargs: Any) -> Tensor:

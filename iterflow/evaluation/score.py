@@ -19,7 +19,8 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Flow
 from iterflow.core.integrand import PROBE_KINDS, resolve_divergence
 from iterflow.core.ode import SolverSpec
@@ -142,6 +144,22 @@ def check_rows(x: Any, event_shape: tuple[int, ...], argument: str = "x") -> Ten
     return x
 
 
+def _repeat(rows: Tensor, times: int) -> Tensor:
+    """``(b, ...)`` rows stacked ``times`` times: ``(times * b, ...)``, probe-major."""
+    return (
+        rows.unsqueeze(0).expand(times, *rows.shape).reshape(times * rows.shape[0], *rows.shape[1:])
+    )
+
+
+def _bound(
+    cond: Mapping[str, Tensor] | None, start: int, rows: int, times: int
+) -> AbstractContextManager[None]:
+    """Bind rows ``start : start + rows`` of ``cond`` (each repeated ``times`` times), or nothing."""
+    if not cond:
+        return nullcontext()
+    return conditioning(**{k: _repeat(v[start : start + rows], times) for k, v in cond.items()})
+
+
 def log_density_rows(
     flow: Flow,
     x: Tensor,
@@ -154,6 +172,7 @@ def log_density_rows(
     chunk: int = 4096,
     per_probe: bool = False,
     progress: Progress | None = None,
+    cond: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     """``log p(x_i)`` in nats by :meth:`Flow.log_prob`, ``chunk`` rows at a time, without a graph.
 
@@ -166,6 +185,9 @@ def log_density_rows(
             every row is repeated ``K`` times with one probe each (``chunk // K`` rows per call)
             and the result is ``(K, n)``. Ignored (result ``(n,)``) when the trace is exact.
         progress: called with ``(rows_done, n)`` after each chunk.
+        cond: per-row conditioning ``name -> (n, ...)`` tensors (e.g. class labels ``y``), bound
+            chunk by chunk (:func:`iterflow.core.conditioning.conditioning`) with the rows they
+            belong to (repeated with the rows when ``per_probe`` splits the probes).
 
     Returns:
         ``(values, nfe)``: float64 log-densities on ``x``'s device, ``(n,)`` (``(K, n)`` with
@@ -178,35 +200,34 @@ def log_density_rows(
     done = 0
     with flow.count_nfe() as c, torch.no_grad():
         if not split:
-            for part in x.split(chunk):
-                vals.append(
-                    flow.log_prob(
+            for start, part in zip(range(0, n, chunk), x.split(chunk)):
+                with _bound(cond, start, part.shape[0], 1):
+                    lp = flow.log_prob(
                         part,
                         divergence=divergence,
                         probes=probes,
                         probe_kind=probe_kind,
                         generator=generator,
                         solver=spec,
-                    ).double()
-                )
+                    )
+                vals.append(lp.double())
                 done += part.shape[0]
                 if progress is not None:
                     progress(done, n)
         else:
             check_positive(probes, "probes", integer=True)
-            for part in x.split(max(1, chunk // probes)):
+            size = max(1, chunk // probes)
+            for start, part in zip(range(0, n, size), x.split(size)):
                 b = part.shape[0]
-                rep = (
-                    part.unsqueeze(0).expand(probes, *part.shape).reshape(probes * b, *x.shape[1:])
-                )
-                lp = flow.log_prob(
-                    rep,
-                    divergence="hutchinson",
-                    probes=1,
-                    probe_kind=probe_kind,
-                    generator=generator,
-                    solver=spec,
-                )
+                with _bound(cond, start, b, probes):
+                    lp = flow.log_prob(
+                        _repeat(part, probes),
+                        divergence="hutchinson",
+                        probes=1,
+                        probe_kind=probe_kind,
+                        generator=generator,
+                        solver=spec,
+                    )
                 vals.append(lp.double().reshape(probes, b))
                 done += b
                 if progress is not None:
