@@ -11,8 +11,11 @@
 Exact assignment costs grow about cubically (on one core of an AMD EPYC, ``ot.emd`` takes ~5 ms at
 256 rows and ~0.2 s at 1,024, many times a training step), so ``ot_solver="auto"`` solves batches of
 up to :data:`AUTO_EXACT_MAX` rows exactly and larger ones on spatially stratified chunks of about
-:data:`AUTO_CHUNK` rows followed by :data:`AUTO_REFINE` 2-opt passes: linear in the batch size (a few
-ms per 1,024 rows), 1.1-1.4x the exact transport cost on 2-D data at 256-2,048 rows.
+:data:`AUTO_CHUNK` rows, followed by :data:`AUTO_REFINE` 2-opt passes and :data:`AUTO_WINDOWS` rounds
+of exact re-assignment within windows of :data:`AUTO_WINDOW` neighbouring pairs
+(:func:`resolve_windows`): linear in the batch size, within about 1.1x the exact transport cost on
+2-D data at 1,024 rows. Flow matching computes the pairing of the next minibatch in a background
+thread while the current step trains (:class:`iterflow.core.coupled_batches.CoupledBatches`).
 ``benchmarks/bench_speed.py`` measures the time and the quality (transport cost relative to the exact
 whole-batch assignment) of every choice.
 """
@@ -35,7 +38,9 @@ for _n in ("independent", "ot", "sinkhorn"):
 OT_SOLVERS = ("auto", "emd", "lsa")
 AUTO_EXACT_MAX = 128  # "auto": whole-batch exact OT up to this many rows ...
 AUTO_CHUNK = 48  # ... otherwise exact OT on stratified chunks of about this many rows ...
-AUTO_REFINE = 4  # ... followed by this many refinement passes
+AUTO_REFINE = 4  # ... followed by this many refinement passes ...
+AUTO_WINDOWS = 2  # ... and this many rounds of exact re-assignment in windows of ...
+AUTO_WINDOW = 32  # ... this many neighbouring pairs
 
 
 def _cost(a: Tensor, b: Tensor) -> np.ndarray:
@@ -221,6 +226,54 @@ def _refine_np(
     return p
 
 
+def resolve_windows(
+    x0: Tensor, x1: Tensor, perm: Tensor, rounds: int, window: int = AUTO_WINDOW
+) -> Tensor:
+    """Improve a pairing by exact re-assignment within windows of neighbouring pairs.
+
+    Each round orders the pairs so that neighbours are close (by ``x0`` on even rounds, by their
+    current partners on odd ones; fixed random 2-D projections, :func:`_local_order`), cuts the
+    order into windows of ``window`` consecutive pairs (shifted by half a window every other pair of
+    rounds) and solves each window's assignment between its ``x0`` rows and their ``x1`` partners
+    exactly (scipy's ``linear_sum_assignment``). The cost never increases (each window's pairing
+    is one of its feasible assignments); it is :func:`refine_assignment`'s 2-opt generalised to
+    ``window``-opt.
+
+    Arguments:
+        x0, x1: ``(B, *E)``.
+        perm: ``(B,)`` current pairing.
+        rounds: number of rounds; window: pairs per window.
+
+    Returns:
+        The improved ``(B,)`` permutation (on ``perm``'s device).
+    """
+    check_positive(rounds, "rounds", integer=True, allow_zero=True)
+    check_positive(window, "window", integer=True)
+    if rounds == 0 or x0.shape[0] < 2 * window:
+        return perm
+    p = _windows_np(_numpy(x0), _numpy(x1), perm.cpu().numpy().copy(), rounds, window)
+    return torch.from_numpy(p).to(perm.device)
+
+
+def _windows_np(a: np.ndarray, b: np.ndarray, p: np.ndarray, rounds: int, m: int) -> np.ndarray:
+    """:func:`resolve_windows` on NumPy arrays (``p`` is modified in place and returned)."""
+    from scipy.optimize import linear_sum_assignment
+
+    n = a.shape[0]
+    strips = max(1, round(math.sqrt(n / 4)))
+    frames = _frames(a.shape[1], rounds + 16)[16:]  # not those of the first 16 refinement passes
+    for r, frame in enumerate(frames):
+        order = _local_order(a if r % 2 == 0 else b[p], frame, strips)
+        order = np.roll(order, -((r // 2) % 2) * (m // 2))
+        g = n // m
+        idx = order[: g * m].reshape(g, m)
+        partners = p[idx]
+        costs = _sq_dists(a[idx], b[partners])
+        for c in range(g):
+            p[idx[c]] = partners[c][linear_sum_assignment(costs[c])[1]]
+    return p
+
+
 def sinkhorn_pairing(
     x0: Tensor, x1: Tensor, reg: float, generator: torch.Generator | None
 ) -> Tensor:
@@ -257,7 +310,8 @@ def ot_permutation(
             :data:`AUTO_EXACT_MAX` rows exactly; larger ones on stratified chunks of about
             :data:`AUTO_CHUNK` rows (:func:`chunked_assignment`) followed by :data:`AUTO_REFINE` passes
             of :func:`refine_assignment` (``chunk`` and ``refine``, when non-zero, replace these
-            defaults). The explicit solvers use consecutive (random) chunks.
+            defaults) and :data:`AUTO_WINDOWS` rounds of :func:`resolve_windows`. The explicit
+            solvers use consecutive (random) chunks.
         refine: passes of :func:`refine_assignment` after a chunked solve.
 
     Returns:
@@ -278,6 +332,8 @@ def ot_permutation(
     a, b = _numpy(x0), _numpy(x1)
     p = _stratified_np(a, b, chunk, "auto")
     p = _refine_np(a, b, p, refine or AUTO_REFINE, (1, 2, 3, 4))
+    if n >= 2 * AUTO_WINDOW:
+        p = _windows_np(a, b, p, AUTO_WINDOWS, AUTO_WINDOW)
     return torch.from_numpy(p).to(x0.device)
 
 

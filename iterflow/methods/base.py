@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,6 +21,9 @@ from iterflow.core.distributed import DistContext, row_mean
 from iterflow.core.flow import Flow
 from iterflow.core.ode import SolverSpec
 from iterflow.errors import InputError, fail
+
+#: What a stage trains on: tensors whose rows are sampled, or ``draw(generator, batch_size)``.
+StageData = tuple[Tensor, ...] | Callable[[torch.Generator, int], tuple[Tensor, ...]]
 
 
 @dataclass
@@ -111,8 +114,10 @@ class Method(ABC):
 
     def stage_data(
         self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator
-    ) -> tuple[Tensor, ...]:
-        """Tensors whose rows the trainer samples minibatches from (default: the particles)."""
+    ) -> StageData:
+        """Tensors whose rows the trainer samples minibatches from (default: the particles), or a
+        function ``draw(generator, batch_size)`` returning minibatches (it may have a ``close()``
+        that the loop calls at the end of the stage)."""
         return (particles,)
 
     def conditioned_stage_data(
@@ -122,7 +127,7 @@ class Method(ABC):
         index: int,
         generator: torch.Generator,
         cond: Mapping[str, Tensor],
-    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    ) -> tuple[StageData, dict[str, Tensor]]:
         """:meth:`stage_data` of a conditioned run, with the conditioning rows of its tensors.
 
         Arguments:

@@ -8,19 +8,22 @@ coupling and ``s ~ U(0, 1)``; its minimiser is ``v*(x, s) = E[dx_s/ds | x_s = x]
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from iterflow.core.conditioning import bound_rows
+from iterflow.core.coupled_batches import CoupledBatches
 from iterflow.core.couplings import COUPLINGS, OT_SOLVERS, couple
 from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Flow
 from iterflow.core.guidance import LABEL_KEY
 from iterflow.core.paths import INTERPOLANTS, get_interpolant
 from iterflow.errors import check_choice, check_positive
-from iterflow.methods.base import Loss, Method, MethodOptions
+from iterflow.methods.base import Loss, Method, MethodOptions, StageData
 
 
 @dataclass(frozen=True)
@@ -111,9 +114,51 @@ class FlowMatching(Method):
     # tolerance (measured in benchmarks/bench_speed.py), so the trainer's autocast="auto" may use it.
     autocast_safe = True
 
+    _batches: CoupledBatches | None = None
+
+    def stage_data(
+        self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator
+    ) -> StageData:
+        """The particles; with the ``ot`` coupling a source of pairs coupled one step ahead in a
+        background thread (:class:`~iterflow.core.coupled_batches.CoupledBatches`)."""
+        o: FMOptions = self.options  # type: ignore[assignment]
+        if o.coupling != "ot":
+            self._batches = None
+            return (particles,)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+        def pair(x0: Tensor, x1: Tensor) -> Tensor:
+            return couple(
+                x0, x1, "ot", chunk=o.ot_chunk, ot_solver=o.ot_solver, refine=o.ot_refine
+            )[1]
+
+        self._batches = CoupledBatches(particles, pair, seed)
+        return self._batches
+
+    def conditioned_stage_data(
+        self,
+        stage: Flow,
+        particles: Tensor,
+        index: int,
+        generator: torch.Generator,
+        cond: Mapping[str, Tensor],
+    ) -> tuple[StageData, dict[str, Tensor]]:
+        """The particles and their conditioning rows (a conditional run couples each minibatch
+        within its classes as it trains: :func:`flow_matching_loss`)."""
+        self._batches = None
+        return (particles,), dict(cond)
+
+    def start_at(self, step: int) -> None:
+        if self._batches is not None:
+            self._batches.start_at(step)
+
     def loss(
         self, stage: Flow, batch: tuple[Tensor, ...], index: int, generator: torch.Generator
     ) -> Loss:
+        o: FMOptions = self.options  # type: ignore[assignment]
         x0 = batch[0]
-        x1 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return flow_matching_loss(stage.blocks[0], x0, x1, self.options, generator)  # type: ignore[arg-type]
+        if len(batch) == 2 and self._batches is not None:  # pairs coupled ahead
+            x1, o = batch[1], dataclasses.replace(o, coupling="independent")
+        else:
+            x1 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return flow_matching_loss(stage.blocks[0], x0, x1, o, generator)  # type: ignore[arg-type]

@@ -292,7 +292,8 @@ def optimize(
         module: owns every trainable parameter (``requires_grad``) the loss reaches.
         loss_fn: ``loss_fn(batch, generator) -> Loss`` with per-row values of this rank's rows.
         data: tensors whose rows are sampled (uniformly, with replacement; all of equal length), or a
-            function ``draw(generator, batch_size)`` returning a minibatch.
+            function ``draw(generator, batch_size)`` returning a minibatch (its ``close()``, if it
+            has one, is called when the loop ends, also on an error or an interruption).
         config: the optimisation settings.
         generator: every random draw of the loop and of ``loss_fn`` (its state is checkpointed).
         checkpoint: in-stage checkpoints and resumption (``None``: none).
@@ -343,43 +344,48 @@ def optimize(
         _device_type(params[0]), dtype=autocast or torch.bfloat16, enabled=autocast is not None
     )
     log_rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for step in range(start, config.steps):
-        budget.take()
-        lr = config.lr_at(step)
-        for g, s in zip(opt.param_groups, scales):
-            g["lr"] = lr * s
-        batch = draw(generator)
-        with ddp.sharding(ctx), amp:
-            loss = loss_fn(batch, generator)
-        opt.zero_grad(set_to_none=True)
-        loss.value(ctx).backward()
-        _average_gradients(params, ctx)
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        if ema is not None:
-            torch._foreach_lerp_(ema, live, 1 - min(config.ema, (1 + step) / (10 + step)))
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            terms = ddp.all_reduce_mean(_terms(loss, ctx), ctx)
-            if not math.isfinite(terms["loss"]):
-                raise FloatingPointError(
-                    f"loss became {terms['loss']} at stage {stage} step {step + 1}; "
-                    "lower the learning rate (lr) or check the data"
-                )
-            row = {"stage": tag, "step": step + 1, "lr": lr, **terms}
-            log_rows.append(row)
-            acc_n += _accumulate(acc, row)
-            reporter.step(step + 1, terms)
-        if (
-            checkpoint is not None
-            and (step + 1) % config.checkpoint_every == 0
-            and (step + 1 < config.steps)
-        ):
-            checkpoint.append_log(log_rows)
-            log_rows = []
-            state.step = step + 1
-            checkpoint.save(state, seconds + time.perf_counter() - t0)
+    try:
+        t0 = time.perf_counter()
+        for step in range(start, config.steps):
+            budget.take()
+            lr = config.lr_at(step)
+            for g, s in zip(opt.param_groups, scales):
+                g["lr"] = lr * s
+            batch = draw(generator)
+            with ddp.sharding(ctx), amp:
+                loss = loss_fn(batch, generator)
+            opt.zero_grad(set_to_none=True)
+            loss.value(ctx).backward()
+            _average_gradients(params, ctx)
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            if ema is not None:
+                torch._foreach_lerp_(ema, live, 1 - min(config.ema, (1 + step) / (10 + step)))
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                terms = ddp.all_reduce_mean(_terms(loss, ctx), ctx)
+                if not math.isfinite(terms["loss"]):
+                    raise FloatingPointError(
+                        f"loss became {terms['loss']} at stage {stage} step {step + 1}; "
+                        "lower the learning rate (lr) or check the data"
+                    )
+                row = {"stage": tag, "step": step + 1, "lr": lr, **terms}
+                log_rows.append(row)
+                acc_n += _accumulate(acc, row)
+                reporter.step(step + 1, terms)
+            if (
+                checkpoint is not None
+                and (step + 1) % config.checkpoint_every == 0
+                and (step + 1 < config.steps)
+            ):
+                checkpoint.append_log(log_rows)
+                log_rows = []
+                state.step = step + 1
+                checkpoint.save(state, seconds + time.perf_counter() - t0)
+    finally:
+        close = getattr(data, "close", None)  # a batch source with a worker (CoupledBatches)
+        if callable(close):
+            close()
     if checkpoint is not None:
         checkpoint.append_log(log_rows)
     if ema is not None:

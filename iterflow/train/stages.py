@@ -22,6 +22,8 @@ from iterflow.core import distributed as ddp
 from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Block, Flow
 from iterflow.core.guidance import LABEL_KEY
+from iterflow.core.nn.compiled import CompiledVelocity
+from iterflow.errors import fail
 from iterflow.io import RunDir
 from iterflow.methods import Loss, Method
 from iterflow.train.config import TrainConfig, build_velocity, stage_seed
@@ -148,9 +150,11 @@ def optimize_stage(
     else:
         data = method.stage_data(stage, particles, k, gen)
     view = training_view(stage, cfg)
-    names = list(cond)
-    m = len(data)
-    if cond:
+    names, m = list(cond), 0
+    if cond:  # conditioning rows are drawn with the rows of the method's tensors
+        if callable(data):
+            fail("cond", f"needs minibatches of rows; method {method.name!r} draws its own", names)
+        m = len(data)
         data = (*data, *cond.values())
     null = stage.num_classes  # the null label of a label-conditional stage (0: none)
 
@@ -191,10 +195,11 @@ def drop_labels(y: Tensor, p: float, null: int, generator: torch.Generator) -> T
 
 def training_view(stage: Flow, cfg: TrainConfig) -> Flow:
     """The stage as the loss drives it: each velocity network through ``torch.compile`` when
-    ``cfg.compile`` (sharing its parameters with ``stage``, which is what gets saved)."""
+    ``cfg.compile``, its one-pass Jacobian terms included (:class:`CompiledVelocity`; sharing its
+    parameters with ``stage``, which is what gets saved)."""
     if not cfg.compile:
         return stage
-    blocks = [Block(torch.compile(b.velocity)) for b in stage.blocks]  # type: ignore[arg-type]
+    blocks = [Block(CompiledVelocity(b.velocity)) for b in stage.blocks]  # type: ignore[arg-type]
     view = Flow(blocks, stage.event_shape, shift=stage.shift, scale=stage.scale)
     return view.to(device=stage.shift.device, dtype=stage.shift.dtype)
 
