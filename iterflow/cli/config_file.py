@@ -56,16 +56,24 @@ _META = "iterflow.config_file"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Package folder of the shipped presets (``iterflow/presets/NAME.toml``).
+PRESET_FOLDER = "presets"
+#: ``--config`` value that lists the presets.
+LIST_PRESETS = "list"
+
 CONFIG_HELP = (
-    "Read the settings from this TOML file (or a run folder's config.toml); flags given here win, "
-    "-o options merge key by key."
+    "Read the settings from this TOML file (or a run folder's config.toml), or, for train, from a "
+    "shipped preset NAME (`--config list` lists them); flags given here win, -o options merge key "
+    "by key."
 )
 PRINT_HELP = "Print the resolved configuration as TOML (for --config) and exit without training."
 
 
 def config_option() -> Any:
     """The ``--config`` option (eager: it is read before every other flag)."""
-    return typer.Option(None, "--config", help=CONFIG_HELP, is_eager=True, callback=_load)
+    names = ", ".join(presets())
+    text = CONFIG_HELP.replace("preset NAME", f"preset NAME ({names})") if names else CONFIG_HELP
+    return typer.Option(None, "--config", help=text, is_eager=True, callback=_load)
 
 
 def tensorboard_option() -> Any:
@@ -101,13 +109,61 @@ def reads_config(fn: F) -> F:
 # ------------------------------------------------------------------------------------------------
 
 
+def presets() -> dict[str, Path]:
+    """Name -> file of every preset shipped in the package (``iterflow/presets/NAME.toml``)."""
+    from importlib.resources import files
+
+    folder = Path(str(files("iterflow").joinpath(PRESET_FOLDER)))
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+
+
+def is_preset_name(value: str) -> bool:
+    """Whether ``--config value`` reads as a preset name: no path separator, no suffix, and no
+    file or folder of that name exists (an existing file always wins)."""
+    p = Path(value)
+    return not any(c in value for c in "/\\") and not p.suffix and not p.exists()
+
+
+def resolve_preset(name: str) -> Path:
+    """The file of the shipped preset ``name``.
+
+    Raises:
+        InputError: naming ``--config`` with the known presets for an unknown name.
+    """
+    known = presets()
+    if name not in known:
+        listing = ", ".join(known) or "none"
+        fail(
+            "--config",
+            f"must be an existing TOML file, a run folder or a preset name (presets: {listing}; "
+            f"`--config {LIST_PRESETS}` describes them)",
+            name,
+        )
+    return known[name]
+
+
+def preset_listing() -> str:
+    """One line per shipped preset: its name and the first comment line of its file."""
+    lines = []
+    for name, path in presets().items():
+        first = next(
+            (ln.lstrip("# ").strip() for ln in path.read_text("utf-8").splitlines() if ln), ""
+        )
+        about = first.split(":", 1)[1].strip() if ":" in first else first
+        lines.append(f"{name}: {about}")
+    return "\n".join(lines)
+
+
 def read_config(path: Path, command: str) -> tuple[dict[str, Any], Path]:
     """The settings in ``path`` and the file they were read from.
 
     ``path`` is a TOML file, a run folder (its :data:`FILENAME`; for ``train`` also its
-    ``config.json``), or, for ``train``, a ``config.json`` or ``manifest.json`` of a training run.
-    JSON nulls are left out (unset).
+    ``config.json``), or, for ``train``, a ``config.json`` or ``manifest.json`` of a training run,
+    or the name of a shipped preset (:func:`presets`; a name without path separator or suffix
+    that is not an existing file). JSON nulls are left out (unset).
     """
+    if command == "train" and is_preset_name(str(path)):
+        path = resolve_preset(str(path))
     if path.is_dir():
         if (path / FILENAME).is_file():
             path = path / FILENAME
@@ -150,6 +206,9 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) ->
     if value is None or ctx.resilient_parsing:
         return value
     command = ctx.command
+    if command.name == "train" and str(value) == LIST_PRESETS and not Path(value).exists():
+        typer.echo(preset_listing())
+        ctx.exit(0)
     values, source = read_config(Path(value), command.name or "")
     keys = setting_keys(command)
     annotations = _annotations(command)

@@ -10,16 +10,21 @@ Block ``n`` is trained on the particles ``x ~ p_{n-1}`` that blocks ``1..n-1`` p
 the first term being ``KL(p_n || N(0, I))`` up to a constant of ``p_{n-1}`` (instantaneous change of
 variables) and the second the squared W2 distance of the step for the coupling the map defines. The ODE
 is integrated by a fixed-step solver (RK4 by default) over ``substeps`` sub-steps. Then ``p_n`` is the
-push-forward of ``p_{n-1}`` by the block. The step sizes follow a constant or geometric schedule
-``gamma_n = gamma * growth^(n-1)`` (optionally capped), and the chain stops early once a block moves
-the particles less than ``stop_tol`` (``E|x_n - x_{n-1}|^2``).
+push-forward of ``p_{n-1}`` by the block. The step sizes follow a constant, geometric
+(``gamma_n = gamma * growth^(n-1)``) or adaptive schedule (``gamma`` grown from the blocks' measured
+W2 movement; :mod:`iterflow.methods.jko_schedule`), optionally capped, and the chain stops early
+once a block moves the particles less than ``stop_tol`` (``E|x_n - x_{n-1}|^2``).
 
 Per block the run's history records ``gamma``, ``logdet`` (mean log-determinant of the block),
 ``kl_proxy`` (``E[|x_n|^2/2 - L_n]``, the KL to ``N(0, I)`` up to a constant of the data; see
 :func:`iterflow.methods.cnf.kl_proxy_report`), ``solver_gap`` (``E|F_train(x) - F_push(x)|^2``, the
-training solver's end points against the push solver's) and, in low dimension, ``kl_to_normal`` (the
-k-NN estimate :func:`iterflow.metrics.kl_to_standard_normal` of the pushed particles), all on the
-validation particles.
+training solver's end points against the push solver's), ``w2_movement`` and ``w2_movement_se``
+(``sqrt(E|x_n - x_{n-1}|^2)``, an upper bound of ``W2(p_{n-1}, p_n)``, and its standard error) and,
+in low dimension, ``kl_to_normal`` and ``kl_to_normal_se`` (the k-NN estimate
+:func:`iterflow.metrics.kl_to_standard_normal` of the pushed particles and its batch-means standard
+error, :func:`iterflow.methods.jko_schedule.knn_kl_with_error`), all on the validation particles.
+Where the data's density is known, :func:`iterflow.methods.jko_schedule.prefix_kl` gives the
+unbiased per-block KL of held-out points (``benchmarks/bench_jko_convergence.py``).
 
 A fixed-step training solver can be exploited: a field that varies too fast for ``substeps`` RK4
 steps makes the integrated divergence disagree with the log-determinant of the map the steps
@@ -56,8 +61,14 @@ from iterflow.core.ode import FIXED_SOLVERS, SolverSpec
 from iterflow.errors import check_choice, check_positive, fail
 from iterflow.methods.base import Loss, Method, MethodOptions
 from iterflow.methods.cnf import check_solver_option, likelihood_stage_report
+from iterflow.methods.jko_schedule import (
+    GAMMA_SCHEDULES,
+    gamma_sequence,
+    history_movements,
+    knn_kl_with_error,
+    w2_movement,
+)
 
-GAMMA_SCHEDULES = ("constant", "geometric")
 KNN_MAX_DIM = 5  # the k-NN KL estimate is reported up to this dimension
 
 
@@ -67,8 +78,12 @@ class JKOOptions(MethodOptions):
 
     Attributes:
         gamma: step size ``gamma_1`` of the first block.
-        gamma_schedule: ``constant`` or ``geometric`` (``gamma_n = gamma * gamma_growth^(n-1)``).
-        gamma_growth: growth factor of the geometric schedule.
+        gamma_schedule: ``constant``, ``geometric`` (``gamma_n = gamma * gamma_growth^(n-1)``) or
+            ``adaptive`` (``gamma_{n+1} = gamma_n * clip(m_1 / m_n, 1, gamma_growth)`` with ``m_n``
+            the W2 movement of block ``n``: every block asked for the first block's movement, after
+            JKO-iFlow's time reparametrisation; :mod:`iterflow.methods.jko_schedule`).
+        gamma_growth: growth factor of the geometric schedule; largest factor between consecutive
+            blocks of the adaptive one.
         gamma_max: cap of ``gamma_n`` (0: none).
         solver: fixed-step training solver of each block (``rk4`` in the paper).
         substeps: steps of the training solver over one block.
@@ -127,10 +142,13 @@ class JKOOptions(MethodOptions):
         check_positive(self.jacobian, "option 'jacobian'", allow_zero=True)
         check_positive(self.stop_tol, "option 'stop_tol'", allow_zero=True)
 
-    def gamma_at(self, index: int) -> float:
-        """``gamma_n`` of the block with 0-based ``index``."""
-        g = self.gamma * (self.gamma_growth**index if self.gamma_schedule == "geometric" else 1.0)
-        return min(g, self.gamma_max) if self.gamma_max > 0 else g
+    def gamma_at(self, index: int, movements: tuple[float, ...] = ()) -> float:
+        """``gamma_n`` of the block with 0-based ``index``; the ``adaptive`` schedule reads the W2
+        movements of the blocks before it (:func:`~iterflow.methods.jko_schedule.gamma_sequence`)."""
+        seq = gamma_sequence(
+            self.gamma, self.gamma_schedule, self.gamma_growth, self.gamma_max, movements, index + 1
+        )
+        return seq[index]
 
     def train_spec(self) -> SolverSpec:
         return SolverSpec(self.solver, self.substeps)
@@ -217,6 +235,13 @@ class JKOFlow(Method):
         self._logdet_before = (
             0.0  # E[L_{n-1}] on the validation particles, re-read from the history
         )
+        self._movements: tuple[float, ...] = ()  # W2 movements of the finished blocks (history)
+
+    def gamma(self, index: int) -> float:
+        """``gamma_n`` of the block with 0-based ``index`` in this run (its finished blocks' W2
+        movements feed the adaptive schedule)."""
+        o: JKOOptions = self.options  # type: ignore[assignment]
+        return o.gamma_at(index, self._movements[:index])
 
     def loss(
         self, stage: Flow, batch: tuple[Tensor, ...], index: int, generator: torch.Generator
@@ -227,7 +252,7 @@ class JKOFlow(Method):
         return jko_loss(
             stage,
             x,
-            o.gamma_at(index),
+            self.gamma(index),
             o.train_spec(),
             probes,
             kinetic=o.kinetic,
@@ -238,22 +263,22 @@ class JKOFlow(Method):
     def stage_report(
         self, stage: Flow, before: Tensor, after: Tensor, index: int
     ) -> dict[str, float]:
-        from iterflow.metrics import kl_to_standard_normal
-
         o: JKOOptions = self.options  # type: ignore[assignment]
         rep = likelihood_stage_report(o, stage, before, after, index, self._logdet_before)
         self._logdet_before += rep["logdet"]
-        out = {"gamma": o.gamma_at(index), **rep}
+        out = {"gamma": self.gamma(index), **rep, **w2_movement(before, after)}
         if after[0].numel() <= KNN_MAX_DIM and after.shape[0] > 10:
-            out["kl_to_normal"] = kl_to_standard_normal(after.detach().double().cpu())
+            out["kl_to_normal"], out["kl_to_normal_se"] = knn_kl_with_error(after.flatten(1))
         return out
 
     def should_stop(self, history: list[dict[str, Any]]) -> bool:
         """Stop once the last block moved less than ``stop_tol``.
 
         The trainer calls this before every stage after the first (also after a resume), so it is
-        also where the accumulated log-determinant of the finished blocks is re-read.
+        also where the accumulated log-determinant and the W2 movements of the finished blocks (the
+        adaptive schedule's input) are re-read.
         """
         self._logdet_before = sum(float(r.get("logdet", 0.0)) for r in history)
+        self._movements = tuple(history_movements(history))
         o: JKOOptions = self.options  # type: ignore[assignment]
         return o.stop_tol > 0 and float(history[-1]["movement"]) < o.stop_tol
