@@ -29,7 +29,11 @@ What it measures (all on the same network: 3 hidden layers of 256, SiLU, input `
    against the plain torchdiffeq evaluator a user writes (dopri5 on ``(x, logp)``, one backward
    pass per dimension, ``atol = rtol = 1e-5``): points/s, NFE, NLL differences and errors against a
    tight reference; and the optimiser steps/s of the CNF and JKO-flow rose recipes through the
-   one-pass Jacobian terms and through autograd. Threads and load average are recorded.
+   one-pass Jacobian terms (eager, bf16 autocast, ``torch.compile``) and through autograd (the
+   step before the one-pass terms). Threads and load average are recorded.
+6. Quality per second (section ``demo``): ``make demo``'s training, its seconds and test NLL gap to
+   ``log 32``.
+7. A table of issue 14's targets against what the run measured.
 
 The libraries are optional benchmark extras: ``pip install --no-deps torchcfm flow_matching`` next to
 a CPU build of torch (see ``pyproject.toml``).
@@ -534,6 +538,67 @@ def bench_quality(args: argparse.Namespace, device: torch.device) -> list[dict[s
     return rows
 
 
+def bench_demo(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Quality per second: ``make demo``'s training (the defaults: flow matching on the checkerboard)
+    at this run's threads, its training seconds and its test NLL (exact trace, 5,000 test points)
+    against the entropy ``log 32`` of the checkerboard."""
+    from iterflow.evaluation.evaluate import evaluate
+
+    ds = get_dataset("checkerboard")
+    cfg = TrainConfig(seed=args.seed, device=str(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(cfg, Path(tmp) / "run")
+    m = evaluate(res.flow, res.splits.test, entropy=ds.entropy(), n=5000, seed=args.seed)
+    seconds = sum(float(h["seconds_optimize"]) for h in res.history)
+    return {
+        "steps": cfg.steps,
+        "seconds_train": seconds,
+        "nll": m["nll"],
+        "nll_stderr": m["nll_stderr"],
+        "entropy": ds.entropy(),
+        "gap": m["nll"] - ds.entropy(),
+    }
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's targets next to what this run measured (rows only for sections that ran)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(what: str, target: str, value: float | None, ok: bool | None) -> None:
+        rows.append({"target": what, "wanted": target, "measured": value, "met": ok})
+
+    like = result.get("likelihood", {}).get("eval", [])
+    for r in like:
+        if r.get("contender") == "iterflow Flow.log_prob":
+            two_d = "(2-D)" in str(r.get("case", ""))
+            want = 3.0 if two_d else 2.0
+            ratio = float(r["vs_plain"])
+            ok = ratio >= want and abs(float(r.get("nll_minus_plain", 0.0))) <= 1e-3
+            add(f"likelihood {r['case']} vs plain torchdiffeq", f">= {want:g}x", ratio, ok)
+    summary = result.get("summary", {})
+    if summary:
+        v = summary["iterflow_vs_fastest_library_independent"]
+        add("training, defaults vs fastest library", ">= 1.5x", v, v >= 1.5)
+        v = summary["iterflow_fp32_vs_fastest_library_independent"]
+        add("training, fp32 vs fastest library", ">= 1.0x", v, v >= 1.0)
+        v = summary["iterflow_ot_auto_vs_own_independent"]
+        add("training with minibatch OT vs independent pairs", ">= 0.8x", v, v >= 0.8)
+    for r in result.get("ot", []):
+        if r["batch"] == 1024 and r["solver"].startswith("auto (iterflow"):
+            v = float(r["cost_vs_exact"])
+            add("OT pairing cost at batch 1024 vs exact", "<= 1.1x", v, v <= 1.1)
+    for r in result.get("likelihood", {}).get("training", []):
+        if r["path"] in ("one-pass", "one-pass compiled", "one-pass bf16"):
+            v = float(r["vs_autograd"])  # the autograd path: the step before issue 14
+            add(f"{r['method']} training step ({r['path']}) vs before", ">= 2x", v, v >= 2.0)
+    demo = result.get("demo")
+    if demo:
+        ok = demo["gap"] <= 0.15 and demo["seconds_train"] <= 35
+        add("demo: NLL gap to log 32 (within 35 s of training)", "<= 0.15", demo["gap"], ok)
+        add("demo: training seconds", "<= 35", demo["seconds_train"], demo["seconds_train"] <= 35)
+    return rows
+
+
 def likelihood_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Exact NLL against the plain torchdiffeq evaluator; CNF / JKO-flow optimiser steps/s
     (:mod:`speed_likelihood`). Threads and load average are recorded before and after."""
@@ -573,7 +638,10 @@ def main() -> None:
     ap.add_argument("--n-nll", type=int, default=4_096)
     ap.add_argument("--quality", type=int, default=0, help="steps of the quality runs (0: skip)")
     ap.add_argument(
-        "--skip", nargs="*", default=[], choices=["train", "ot", "inference", "likelihood"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["train", "ot", "inference", "likelihood", "demo"],
     )
     ap.add_argument("--like-steps", type=int, default=6000, help="2-D model: the demo's steps")
     ap.add_argument("--like-run", default=None, help="2-D model: load this run folder instead")
@@ -600,7 +668,12 @@ def main() -> None:
         f"bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s; one training step = "
         f"{step_flops() / 1e6:.1f} MFLOP of matrix products"
     )
-    result: dict[str, Any] = {"machine": info, "gemm_peak_flops": peak, "step_flops": step_flops()}
+    result: dict[str, Any] = {
+        "machine": info,
+        "gemm_peak_flops": peak,
+        "step_flops": step_flops(),
+        "load_before": likelihood_load(),
+    }
     if "train" not in args.skip:
         rows = bench_training(args, device)
         for r in rows:
@@ -660,6 +733,18 @@ def main() -> None:
             table(rows, ["coupling", "autocast", "steps_per_s", "nll", "nll_stderr", "w2", "w2@8"])
         )
         result["quality"] = rows
+    if "demo" not in args.skip:
+        result["demo"] = bench_demo(args, device)
+        d = result["demo"]
+        print(
+            f"\n## Quality per second: the demo's training ({d['steps']} steps)\n\n"
+            f"test NLL {d['nll']:.4f} +- {d['nll_stderr']:.4f} (log 32 = {d['entropy']:.4f}, "
+            f"gap {d['gap']:.3f}) after {d['seconds_train']:.1f} s of training"
+        )
+    result["load_after"] = likelihood_load()
+    result["targets"] = targets(result)
+    print(f"\n## Issue 14's targets ({args.threads} thread(s); load {result['load_after']})\n")
+    print(table(result["targets"], ["target", "wanted", "measured", "met"]))
     write_json(args.out, result)
 
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from iterflow.core.flow import Block, Flow, standard_normal_log_prob
 from iterflow.core.integrand import autograd_jacobian_terms, draw_probes
 from iterflow.core.nn import MLPVelocity
+from iterflow.core.nn.compiled import CompiledVelocity
 from iterflow.data import get_dataset
 from iterflow.methods.cnf import CNFOptions, likelihood_loss
 from iterflow.methods.jko import JKOOptions, jko_loss
@@ -215,7 +216,8 @@ def _compare(
 
 def _recipe_step(method: str, x_all: Tensor, seed: int) -> Callable[[str], float]:
     """``step(mode)``: one optimiser step of the method's rose recipe (``mode``: ``one-pass``,
-    ``autograd`` or ``one-pass bf16``); returns the loss."""
+    ``autograd``, ``one-pass bf16`` or ``one-pass compiled``, through ``torch.compile``: its
+    compilation happens in the warm-up step, which is not timed); returns the loss."""
     cfg = TrainConfig.for_method(method, data="rose")
     torch.manual_seed(seed)
     d, blocks = x_all.shape[1], cfg.blocks if method == "cnf" else 1  # JKO: one block at a time
@@ -223,33 +225,36 @@ def _recipe_step(method: str, x_all: Tensor, seed: int) -> Callable[[str], float
         MLPVelocity(d, cfg.hidden, cfg.activation, time_freqs=cfg.time_freqs) for _ in range(blocks)
     ]
     flow = Flow([Block(n) for n in nets], (d,)).to(x_all.device)
+    # the same parameters through torch.compile (the ``compile`` training setting)
+    compiled = Flow([Block(CompiledVelocity(n)) for n in nets], (d,)).to(x_all.device)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr)
     gen = torch.Generator(device=x_all.device).manual_seed(seed)
     options, batch = cfg.options, cfg.batch_size
 
-    def loss(x: Tensor) -> Tensor:
+    def loss(x: Tensor, model: Flow) -> Tensor:
         if method == "cnf":
             o = CNFOptions(**options)
             eps = draw_probes(x, o.divergence, o.probes, o.probe_kind, gen)
             return likelihood_loss(
-                flow, x, o.train_spec(), eps, kinetic=o.kinetic, jacobian=o.jacobian
+                model, x, o.train_spec(), eps, kinetic=o.kinetic, jacobian=o.jacobian
             ).rows.mean()
         j = JKOOptions(**options)
         eps = draw_probes(x, j.divergence, j.probes, j.probe_kind, gen)
         return jko_loss(
-            flow, x, j.gamma_at(0), j.train_spec(), eps, kinetic=j.kinetic, jacobian=j.jacobian
+            model, x, j.gamma_at(0), j.train_spec(), eps, kinetic=j.kinetic, jacobian=j.jacobian
         ).rows.mean()
 
     def step(mode: str) -> float:
         idx = torch.randint(0, x_all.shape[0], (batch,), generator=gen, device=x_all.device)
         opt.zero_grad()
         amp = torch.autocast(x_all.device.type, dtype=torch.bfloat16, enabled="bf16" in mode)
+        model = compiled if "compiled" in mode else flow
         if mode == "autograd":
             with autograd_jacobian_terms(), amp:
-                value = loss(x_all[idx])
+                value = loss(x_all[idx], model)
         else:
             with amp:
-                value = loss(x_all[idx])
+                value = loss(x_all[idx], model)
         value.backward()
         opt.step()
         return float(value.detach())
@@ -266,11 +271,12 @@ def bench_likelihood_training(args: Any, device: torch.device) -> list[dict[str,
         ds, data = get_dataset("checkerboard"), "checkerboard"
     x = ds.splits(20_000, 10, 10, args.seed).train
     x = ((x - x.mean(0)) / x.std(0)).to(device)
-    modes = ("autograd", "one-pass", "one-pass bf16")
+    modes = ("autograd", "one-pass", "one-pass bf16", "one-pass compiled")
     n, rows = args.like_train_steps, []
     for method in ("cnf", "jko"):
         step = _recipe_step(method, x, args.seed)
-        for m in modes:
+        for m in modes:  # warm-up (compilation of the compiled path: two graphs)
+            step(m)
             step(m)
         rates: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.like_rounds):
