@@ -545,7 +545,7 @@ def bench_demo(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     from iterflow.evaluation.evaluate import evaluate
 
     ds = get_dataset("checkerboard")
-    cfg = TrainConfig(seed=args.seed, device=str(device))
+    cfg = TrainConfig.for_method("fm", seed=args.seed, device=str(device))  # as `iterflow train`
     with tempfile.TemporaryDirectory() as tmp:
         res = train(cfg, Path(tmp) / "run")
     m = evaluate(res.flow, res.splits.test, entropy=ds.entropy(), n=5000, seed=args.seed)
