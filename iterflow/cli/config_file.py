@@ -114,7 +114,8 @@ def presets() -> dict[str, Path]:
     from importlib.resources import files
 
     folder = Path(str(files("iterflow").joinpath(PRESET_FOLDER)))
-    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+    found = {p.stem: p for p in folder.glob("*.toml")} if folder.is_dir() else {}
+    return dict(sorted(found.items()))  # by name
 
 
 def is_preset_name(value: str) -> bool:
