@@ -100,3 +100,6 @@ def test_fm_with_ot_resumes_bit_for_bit(tmp_path) -> None:
     resumed = train(cfg, tmp_path / "cut")
     for p, q in zip(whole.flow.parameters(), resumed.flow.parameters()):
         assert torch.equal(p, q)
+    rec = resumed.history[0]  # the stage's seconds count the optimisation before the resumption
+    assert rec["seconds_before_resume"] > 0
+    assert rec["seconds"] >= rec["seconds_optimize"] >= rec["seconds_before_resume"]

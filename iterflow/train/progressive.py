@@ -273,8 +273,9 @@ def train_tensors(
                 **report_stage(method, stage, cur_val, new_val, k, val_cond),
             }
         )
-        record["seconds"] = record["seconds_optimize"] + (
-            time.perf_counter() - t_stage - record["seconds_optimize"]
+        # the stage's seconds: its optimisation before a resumption plus all of this call's work
+        record["seconds"] = float(record.get("seconds_before_resume", 0.0)) + (
+            time.perf_counter() - t_stage
         )
         blocks.extend(stage_blocks)
         meta["networks"].extend(block_network_config(b) for b in stage_blocks)
