@@ -53,8 +53,12 @@ class TrainConfig:
             (``torch.autocast`` to bfloat16; weights, optimiser and EMA stay in ``dtype``), or ``auto``
             (bf16 for ``float32`` runs of methods marked ``autocast_safe`` on CPUs with native bf16
             arithmetic, e.g. AVX512-BF16 or AMX, where it is ~2.5x faster; otherwise none).
-        compile: run the velocity networks through ``torch.compile`` while training (slow to start;
-            it did not pay off on the 2-core CPU this was measured on).
+        compile: run the velocity networks through ``torch.compile`` while training, their
+            one-pass Jacobian terms included (:class:`~iterflow.core.nn.compiled.CompiledVelocity`).
+            Compilation takes seconds (cached on disk for later runs); on the 2-core CPU it was
+            measured on it pays off for CNF training (about 1.5x per step: many small operations,
+            one network), not for flow matching (large matrix products), and for JKO-flow's short
+            blocks compilation outweighed the gain in the runs measured (``bench_speed.py``).
         checkpoint_every: steps between in-stage checkpoints; log_every: steps between log lines.
         options: method-specific options (see each method's ``Options``), e.g. ``{"gamma": 0.5}``.
             Only the keys given are kept (unset options take the method's defaults; the run's
