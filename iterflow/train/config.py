@@ -56,7 +56,7 @@ class TrainConfig:
         compile: run the velocity networks through ``torch.compile`` while training, their
             one-pass Jacobian terms included (:class:`~iterflow.core.nn.compiled.CompiledVelocity`).
             Compilation takes seconds (cached on disk for later runs); on the 2-core CPU it was
-            measured on it pays off for CNF training (about 1.5x per step: many small operations,
+            measured on it pays off for CNF training (about 2.2x per step: many small operations,
             one network), not for flow matching (large matrix products), and for JKO-flow's short
             blocks compilation outweighed the gain in the runs measured (``bench_speed.py``).
         checkpoint_every: steps between in-stage checkpoints; log_every: steps between log lines.
