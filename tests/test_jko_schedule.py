@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_jko import _small_cfg as jko_small_cfg  # the tests folder is on sys.path
 from torch import Tensor, nn
 
 from iterflow.core.flow import Block, Flow
@@ -115,26 +116,8 @@ def _gaussian_file(tmp_path: Path, mean: float, n: int = 2400) -> str:
 
 
 def _small_cfg(data: str, **kw: object) -> TrainConfig:
-    base: dict = dict(
-        method="jko",
-        data=data,
-        blocks=3,
-        steps=40,
-        batch_size=256,
-        lr=1e-2,
-        hidden=(16, 16),
-        activation="tanh",
-        n_train=2000,
-        n_val=300,
-        n_test=100,
-        standardize=False,
-        dtype="float64",
-        ema=0.9,
-        log_every=20,
-        options={"gamma": 0.5, "substeps": 2, "push_steps": 8},
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """tests/test_jko.py's small JKO-flow run, shorter (40 steps per block, 2,000 rows)."""
+    return jko_small_cfg(data, **{"steps": 40, "n_train": 2000, "n_test": 100, **kw})
 
 
 def test_movement_rule_stops_once_a_block_barely_moves(tmp_path: Path) -> None:
