@@ -305,7 +305,7 @@ def run_state(folder: Path, steps: int) -> tuple[float, int]:
     """The run's training seconds so far (the trainer's clock: committed stages plus the running
     stage's optimisation) and its global optimiser steps (``steps`` per stage)."""
     meta = read_meta(RunDir(folder), "out") if (folder / "manifest.json").exists() else None
-    seconds = sum(stage_seconds(r) for r in meta["history"]) if meta else 0.0
+    seconds = sum(float(r["seconds"]) for r in meta["history"]) if meta else 0.0
     done = int(meta["stages_done"]) if meta else 0
     step = 0
     progress = folder / "progress.json"
@@ -315,12 +315,6 @@ def run_state(folder: Path, steps: int) -> tuple[float, int]:
             seconds += float(pm.get("seconds", 0.0))
             step = int(pm["step"])
     return seconds, done * steps + step
-
-
-def stage_seconds(record: dict[str, Any]) -> float:
-    """Training seconds of one committed stage: the trainer's ``seconds`` (its optimisation before
-    a resumption, ``seconds_before_resume``, plus all the work of the call that finished it)."""
-    return float(record["seconds"])
 
 
 def probe(cfg: TrainConfig, data: TrainData, min_seconds: float = 2.0) -> dict[str, float]:

@@ -32,7 +32,7 @@ What it measures (all on the same network: 3 hidden layers of 256, SiLU, input `
    one-pass Jacobian terms (eager, bf16 autocast, ``torch.compile``) and through autograd (the
    step before the one-pass terms). Threads and load average are recorded.
 6. Quality per second (section ``demo``): ``make demo``'s training, its seconds and test NLL gap to
-   ``log 32``.
+   ``log 32``; ``--demo-change JSON`` adds variants of its settings.
 7. A table of issue 14's targets against what the run measured.
 
 The libraries are optional benchmark extras: ``pip install --no-deps torchcfm flow_matching`` next to
@@ -42,6 +42,7 @@ a CPU build of torch (see ``pyproject.toml``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -538,19 +539,24 @@ def bench_quality(args: argparse.Namespace, device: torch.device) -> list[dict[s
     return rows
 
 
-def bench_demo(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Quality per second: ``make demo``'s training (the defaults: flow matching on the checkerboard)
-    at this run's threads, its training seconds and its test NLL (exact trace, 5,000 test points)
-    against the entropy ``log 32`` of the checkerboard."""
+def bench_demo(
+    args: argparse.Namespace, device: torch.device, changes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Quality per second: ``make demo``'s training (the defaults: flow matching on the checkerboard;
+    ``changes``: settings that replace them, as ``TrainConfig`` keyword arguments) at this run's
+    threads, its training seconds and its test NLL (exact trace, 5,000 test points) against the
+    entropy ``log 32`` of the checkerboard."""
     from iterflow.evaluation.evaluate import evaluate
 
     ds = get_dataset("checkerboard")
-    cfg = TrainConfig.for_method("fm", seed=args.seed, device=str(device))  # as `iterflow train`
+    settings = {"seed": args.seed, "device": str(device), **(changes or {})}
+    cfg = TrainConfig.for_method("fm", **settings)  # as `iterflow train`
     with tempfile.TemporaryDirectory() as tmp:
         res = train(cfg, Path(tmp) / "run")
     m = evaluate(res.flow, res.splits.test, entropy=ds.entropy(), n=5000, seed=args.seed)
     seconds = sum(float(h["seconds_optimize"]) for h in res.history)
     return {
+        "changes": changes or {},
         "steps": cfg.steps,
         "seconds_train": seconds,
         "nll": m["nll"],
@@ -652,6 +658,13 @@ def main() -> None:
     ap.add_argument("--like-rounds", type=int, default=3, help="interleaved likelihood rounds")
     ap.add_argument("--like-train-steps", type=int, default=5, help="CNF/JKO steps per round")
     ap.add_argument("--img2d-dir", default=None, help="folder of the rose (CNF/JKO recipes)")
+    ap.add_argument(
+        "--demo-change",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="demo variant: TrainConfig settings, e.g. '{\"lr\": 0.004}' (repeatable)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -735,11 +748,15 @@ def main() -> None:
         result["quality"] = rows
     if "demo" not in args.skip:
         result["demo"] = bench_demo(args, device)
-        d = result["demo"]
+        result["demo_variants"] = [
+            bench_demo(args, device, json.loads(c)) for c in args.demo_change
+        ]
+        print("\n## Quality per second: the demo's training\n")
         print(
-            f"\n## Quality per second: the demo's training ({d['steps']} steps)\n\n"
-            f"test NLL {d['nll']:.4f} +- {d['nll_stderr']:.4f} (log 32 = {d['entropy']:.4f}, "
-            f"gap {d['gap']:.3f}) after {d['seconds_train']:.1f} s of training"
+            table(
+                [result["demo"], *result["demo_variants"]],
+                ["changes", "steps", "seconds_train", "nll", "nll_stderr", "gap"],
+            )
         )
     result["load_after"] = likelihood_load()
     result["targets"] = targets(result)

@@ -107,14 +107,11 @@ def test_marks_table_and_pick_lines(bench: ModuleType) -> None:
     assert "**JKO-flow** (2.7000)" in picks[2]
 
 
-def test_filled_steps_and_stage_seconds(bench: ModuleType) -> None:
+def test_filled_steps(bench: ModuleType) -> None:
     assert bench.filled_steps(100.0, 0.01, 1.0, 5, safety=1.0) == 1900
     steps = bench.filled_steps(3600.0, 0.05, 3.0, 6)
     assert 6 * (steps * 0.05 + 3.0) <= 0.95 * 3600.0 < 6 * ((steps + 1) * 0.05 + 3.0)
     assert bench.filled_steps(1.0, 1.0, 10.0, 3) == 1  # at least one step
-    # the trainer's seconds already count the optimisation before a resumption
-    rec = {"seconds_optimize": 50.0, "seconds_before_resume": 30.0, "seconds": 55.0}
-    assert bench.stage_seconds(rec) == pytest.approx(55.0)
 
 
 def test_tabular_ranking_and_gaussian(bench: ModuleType) -> None:

@@ -23,13 +23,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from iterflow.core.seeds import derived_seed
+
 #: ``pair(x0, x1) -> x1 re-ordered``: the coupling of one minibatch.
 Pairing = Callable[[Tensor, Tensor], Tensor]
 
 
 def step_seed(seed: int, step: int) -> int:
-    """The seed of step ``step``'s draws (a 63-bit mix of the two integers)."""
-    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+    """The seed of step ``step``'s draws (:func:`iterflow.core.seeds.derived_seed`)."""
+    return derived_seed(seed, step, "pairs")
 
 
 def background_cores() -> int:

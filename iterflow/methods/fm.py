@@ -134,13 +134,14 @@ class FlowMatching(Method):
     progressive = False
     max_blocks = 1
     # the demo's 6,000 steps on the checkerboard: test NLL gap to log 32 0.191 at lr 8e-3 against
-    # 0.241 at the library's 4e-3 (means of two seeds; issue 14)
+    # 0.233 at the library's 4e-3 (benchmarks/bench_speed.py --demo-change; issue 14)
     recommended = {"lr": 8e-3}
     # A first-order regression loss: bf16 autocast of the network keeps its results within
     # tolerance (measured in benchmarks/bench_speed.py), so the trainer's autocast="auto" may use it.
     autocast_safe = True
 
     _batches: CoupledBatches | None = None
+    _paired: FMOptions
 
     def stage_data(
         self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator
@@ -159,6 +160,7 @@ class FlowMatching(Method):
             )[1]
 
         self._batches = CoupledBatches(particles, pair, seed)
+        self._paired = dataclasses.replace(o, coupling="independent")  # the loss of such pairs
         return self._batches
 
     def conditioned_stage_data(
@@ -184,7 +186,7 @@ class FlowMatching(Method):
         o: FMOptions = self.options  # type: ignore[assignment]
         x0 = batch[0]
         if len(batch) == 2 and self._batches is not None:  # pairs coupled ahead
-            x1, o = batch[1], dataclasses.replace(o, coupling="independent")
+            x1, o = batch[1], self._paired
         else:
             x1 = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return flow_matching_loss(stage.blocks[0], x0, x1, o, generator)  # type: ignore[arg-type]

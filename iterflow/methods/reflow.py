@@ -23,7 +23,6 @@ every ``regenerate_every`` steps (online: more distinct pairs, more simulation).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from iterflow.core.rectified import (
     save_pairs,
     simulate_pairs,
 )
+from iterflow.core.seeds import derived_seed
 from iterflow.core.store import load_trained_flow
 from iterflow.errors import check_finite, check_positive, fail
 from iterflow.methods.base import Loss, Method, MethodOptions
@@ -102,11 +102,6 @@ class PairedOptions(MethodOptions):
             "pair_steps": str(self.pair_steps),
             "pair_guidance": str(self.pair_guidance),
         }
-
-
-def _seed_from(*parts: Any) -> int:
-    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(h[:7], "little")
 
 
 def _network_config(net: torch.nn.Module) -> dict[str, Any] | None:
@@ -177,7 +172,7 @@ class PairedMethod(Method):
                 "",
             )
         # the noise of the pairs: reproducible per run and source, independent of the step stream
-        self._seed = _seed_from(generator.initial_seed(), opts.source, "pairs")
+        self._seed = derived_seed(generator.initial_seed(), opts.source, "pairs")
         like = particles
         if opts.warm_start or opts.regenerate_every > 0 or not self._pairs_file_ready():
             self._source = self._load_source(like)
@@ -269,7 +264,7 @@ class PairedMethod(Method):
             fail(
                 "option 'source'", "must name the source run folder to simulate pairs", opts.source
             )
-        gen = torch.Generator(device=like.device).manual_seed(_seed_from(self._seed, round_))
+        gen = torch.Generator(device=like.device).manual_seed(derived_seed(self._seed, round_))
         labels = self._pair_labels(like)
         if labels is not None and self._source.num_classes < int(labels.max()) + 1:
             fail(
@@ -295,7 +290,7 @@ class PairedMethod(Method):
         if self._pool is not None and self._pool.labels is not None:
             return self._pool.labels
         opts: PairedOptions = self.options  # type: ignore[assignment]
-        gen = torch.Generator().manual_seed(_seed_from(self._seed, "labels"))
+        gen = torch.Generator().manual_seed(derived_seed(self._seed, "labels"))
         rows = torch.randint(0, self._row_labels.shape[0], (opts.n_pairs,), generator=gen)
         return self._row_labels[rows.to(self._row_labels.device)].to(like.device, torch.long)
 
@@ -327,7 +322,7 @@ class PairedMethod(Method):
     ) -> dict[str, float]:
         """Straightness and transport cost of the trained block (model units, ``eval``'s budget)."""
         with self.pool_labels(EVAL_POINTS if stage.dim <= EVAL_LARGE_DIM else EVAL_LARGE[0]):
-            res = quick_straightness(stage, _seed_from(self._seed, "report"))
+            res = quick_straightness(stage, derived_seed(self._seed, "report"))
         return {"straightness": res.straightness, "transport_cost": res.transport_cost}
 
     def pool_labels(self, n: int) -> AbstractContextManager[None]:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from iterflow.core.coerce import coerce, coerce_fields, field_types, to_json_value
 from iterflow.core.nn import NETWORKS, build_network
+from iterflow.core.seeds import derived_seed
 from iterflow.core.store import DTYPES
 from iterflow.errors import check_positive, fail
 from iterflow.methods import METHODS, Method, typed_options
@@ -266,8 +267,7 @@ def config_hash(cfg: TrainConfig) -> str:
 
 def stage_seed(seed: int, index: int, salt: int = 0) -> int:
     """Independent, reproducible seed per (run seed, stage, purpose)."""
-    h = hashlib.sha256(f"{seed}/{index}/{salt}".encode()).digest()
-    return int.from_bytes(h[:7], "little")
+    return derived_seed(seed, index, salt)
 
 
 def standardization(x: Tensor, mode: str = "auto") -> tuple[Tensor, Tensor]:
