@@ -6,6 +6,7 @@ default keeps the old uniform draw bit for bit."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -29,7 +30,10 @@ def draws(sampler: TimeSampler, n: int, seed: int) -> np.ndarray:
 
 
 def reference_cdf(sampler: TimeSampler) -> object:
-    """The sampler's CDF from scipy."""
+    """The sampler's CDF from scipy (with ``mix``: ``m s + (1 - m) F(s)``)."""
+    if sampler.mix > 0.0:
+        base = reference_cdf(dataclasses.replace(sampler, mix=0.0))
+        return lambda s: sampler.mix * s + (1.0 - sampler.mix) * base(s)  # type: ignore[operator]
     if sampler.kind == "uniform":
         return stats.uniform().cdf
     if sampler.kind == "power":
@@ -45,10 +49,14 @@ CASES = [
     TimeSampler("logit-normal"),
     TimeSampler("logit-normal", loc=-0.8, scale=1.6),
     TimeSampler("logit-normal", loc=1.1, scale=0.5),
+    TimeSampler("power", power=3.0, mix=0.2),
+    TimeSampler("power", power=0.6, mix=0.5),
+    TimeSampler("logit-normal", loc=-0.8, scale=1.6, mix=0.3),
 ]
+IDS = [f"{c.kind}-{c.loc}-{c.scale}-{c.power}-{c.mix}" for c in CASES]
 
 
-@pytest.mark.parametrize("sampler", CASES, ids=lambda c: f"{c.kind}-{c.loc}-{c.scale}-{c.power}")
+@pytest.mark.parametrize("sampler", CASES, ids=IDS)
 def test_draws_follow_the_density(sampler: TimeSampler) -> None:
     s = draws(sampler, 20_000, seed=3)
     assert ((s > 0) & (s < 1)).all()
@@ -59,7 +67,7 @@ def test_draws_follow_the_density(sampler: TimeSampler) -> None:
     assert stats.kstest(draws(other, 20_000, seed=3), reference_cdf(sampler)).pvalue < 1e-3
 
 
-@pytest.mark.parametrize("sampler", CASES, ids=lambda c: f"{c.kind}-{c.loc}-{c.scale}-{c.power}")
+@pytest.mark.parametrize("sampler", CASES, ids=IDS)
 def test_density_is_normalised_and_matches_scipy(sampler: TimeSampler) -> None:
     def p(s: float) -> float:
         return float(sampler.density(torch.tensor(s, dtype=torch.float64)))
@@ -74,6 +82,7 @@ def test_density_is_normalised_and_matches_scipy(sampler: TimeSampler) -> None:
         want = stats.norm.pdf(special.logit(grid), sampler.loc, sampler.scale) / (grid * (1 - grid))
     else:
         want = np.ones_like(grid)
+    want = sampler.mix + (1.0 - sampler.mix) * want
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
@@ -99,16 +108,22 @@ def loss_at_time(a: np.ndarray, b: np.ndarray, m: np.ndarray, cov0: np.ndarray, 
 
 
 @pytest.mark.parametrize("dim", [1, 3, 6])
-@pytest.mark.parametrize("power", [2.0, 4.0, 0.7])
-def test_importance_weighted_loss_has_the_uniform_expectation(dim: int, power: float) -> None:
-    """Weighted: ``E = int_0^1 L(s) ds`` (the uniform-time loss); unweighted: ``int p(s) L(s) ds``."""
+@pytest.mark.parametrize(("power", "mix"), [(2.0, 0.0), (4.0, 0.0), (0.7, 0.0), (3.0, 0.2)])
+def test_importance_weighted_loss_has_the_uniform_expectation(
+    dim: int, power: float, mix: float
+) -> None:
+    """Weighted: ``E = int_0^1 L(s) ds`` (the uniform-time loss); unweighted: ``int p(s) L(s) ds``
+    with ``p = mix + (1 - mix) Beta(1/k, 1)``."""
     rng = np.random.default_rng(dim * 10 + int(power * 10))
     a = rng.normal(size=(dim, dim)) / math.sqrt(dim)
     b = rng.normal(size=dim) * 0.5
     m = rng.normal(size=dim)
     root = rng.normal(size=(dim, dim)) / math.sqrt(dim)
     cov0 = root @ root.T + 0.2 * np.eye(dim)
-    density = stats.beta(1.0 / power, 1.0).pdf
+
+    def density(s: float) -> float:
+        return mix + (1.0 - mix) * float(stats.beta(1.0 / power, 1.0).pdf(s))
+
     uniform = integrate.quad(lambda s: loss_at_time(a, b, m, cov0, s), 0.0, 1.0)[0]
     leaning = integrate.quad(lambda s: density(s) * loss_at_time(a, b, m, cov0, s), 0.0, 1.0)[0]
 
@@ -119,7 +134,9 @@ def test_importance_weighted_loss_has_the_uniform_expectation(dim: int, power: f
     x1 = torch.randn(n, dim, generator=g, dtype=torch.float64)
     field = LinearField(torch.tensor(a), torch.tensor(b))
     for weighting, want in (("importance", uniform), ("none", leaning)):
-        opts = FMOptions(time_sampling="power", time_power=power, time_weighting=weighting)
+        opts = FMOptions(
+            time_sampling="power", time_power=power, time_weighting=weighting, time_mix=mix
+        )
         rows = flow_matching_loss(field, x0, x1, opts, torch.Generator().manual_seed(7)).rows
         est, err = float(rows.mean()), float(rows.std()) / math.sqrt(n)
         assert abs(est - want) < 4.5 * err, (weighting, est, want, err)
@@ -147,3 +164,26 @@ def test_options_are_validated_and_coerced() -> None:
         FMOptions(time_sampling="logit-normal", time_loc=math.inf)
     with pytest.raises(InputError, match="time_weighting"):  # 1 / p(s) is not square-integrable
         FMOptions(time_sampling="logit-normal", time_weighting="importance")
+    # with a uniform floor 1 / p <= 1 / mix is bounded
+    FMOptions(time_sampling="logit-normal", time_weighting="importance", time_mix=0.1)
+    for bad in (-0.1, 1.0, math.nan):
+        with pytest.raises(InputError, match=r"time_mix.*\[0, 1\)|time_mix"):
+            FMOptions(time_sampling="power", time_mix=bad)
+
+
+def test_mixed_weights_are_bounded_by_the_uniform_floor() -> None:
+    sampler = TimeSampler("power", power=3.0, weighting="importance", mix=0.25)
+    _, w = sampler.sample(50_000, torch.Generator().manual_seed(2), CPU, torch.float64)
+    assert w is not None and float(w.max()) <= 1.0 / 0.25 + 1e-12
+
+
+def test_the_mlp_time_density_is_not_recommended_for_other_networks() -> None:
+    """Flow matching's recommended time density is tuned for the built-in MLP: ``iterflow train``
+    and ``fit`` with the MLP use it, a user's module or the U-Net gets uniform times."""
+    mlp = TrainConfig.for_method("fm")
+    assert mlp.options["time_sampling"] == "power" and mlp.options["time_mix"] > 0
+    for network in ("custom", "unet"):
+        other = TrainConfig.for_method("fm", network=network)
+        assert "time_sampling" not in other.options, network
+    given = TrainConfig.for_method("fm", network="custom", options={"time_sampling": "power"})
+    assert given.options == {"time_sampling": "power"}  # the user's choice stays

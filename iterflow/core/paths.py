@@ -103,6 +103,11 @@ class TimeSampler:
       ``p(s) = s^(1/k - 1) / k``; ``k > 1`` leans toward the data end ``s = 0``, where the velocity
       of a density with sharp edges changes fastest.
 
+    ``mix = m > 0`` draws each row's time from ``uniform`` with probability ``m`` and from ``kind``
+    otherwise: ``p_m(s) = m + (1 - m) p(s)``. A floor under the density keeps some training at every
+    time (a power density alone starves the noise end, where a small network then spreads too wide),
+    and it bounds the importance weights by ``1 / m``.
+
     Every such density with full support on ``(0, 1)`` keeps the pointwise minimiser of the
     flow-matching loss, ``v*(x, s) = E[dx_s/ds | x_s = x]``; it only moves the network's capacity and
     the gradient noise between times. With ``weighting = "importance"`` each row is weighted by
@@ -114,6 +119,7 @@ class TimeSampler:
         kind: one of :data:`TIME_SAMPLINGS`.
         loc, scale: the logit-normal's mean and standard deviation (of ``logit(s)``).
         power: the exponent ``k`` of ``power``.
+        mix: the fraction ``m`` in ``[0, 1)`` of uniform times mixed in.
         weighting: one of :data:`TIME_WEIGHTINGS`.
 
     Example:
@@ -128,6 +134,7 @@ class TimeSampler:
     scale: float = 1.0
     power: float = 1.0
     weighting: str = "none"
+    mix: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice(self.kind, TIME_SAMPLINGS, "time_sampling")
@@ -135,12 +142,15 @@ class TimeSampler:
         check_finite(self.loc, "time_loc")
         check_positive(self.scale, "time_scale")
         check_positive(self.power, "time_power")
-        if self.weighting == "importance" and self.kind == "logit-normal":
+        check_finite(self.mix, "time_mix")
+        if not 0.0 <= self.mix < 1.0:
+            fail("time_mix", "must be in [0, 1)", self.mix)
+        if self.weighting == "importance" and self.kind == "logit-normal" and self.mix == 0.0:
             # 1 / p(s) grows faster than any power of 1 / s at the ends: the weighted loss would
             # have infinite variance
             fail(
                 "time_weighting",
-                "'importance' needs time_sampling 'uniform' or 'power'",
+                "'importance' needs time_sampling 'uniform' or 'power', or time_mix > 0",
                 "logit-normal",
             )
 
@@ -156,6 +166,10 @@ class TimeSampler:
             s = torch.rand(n, generator=generator, device=device, dtype=dtype)
             if self.kind == "power":
                 s = s.pow(self.power)
+        if self.mix > 0.0 and self.kind != "uniform":
+            u = torch.rand(n, generator=generator, device=device, dtype=dtype)
+            pick = torch.rand(n, generator=generator, device=device, dtype=dtype) < self.mix
+            s = torch.where(pick, u, s)
         # keep s inside (0, 1) where float rounding would reach an end of a density that vanishes or
         # diverges there
         eps = torch.finfo(dtype).eps
@@ -170,6 +184,8 @@ class TimeSampler:
             return torch.ones_like(s)
         if self.kind == "power":
             k = self.power
-            return s.pow(1.0 / k - 1.0) / k
-        u = (torch.logit(s) - self.loc) / self.scale
-        return torch.exp(-0.5 * u * u) / (self.scale * math.sqrt(2 * math.pi) * s * (1 - s))
+            p = s.pow(1.0 / k - 1.0) / k
+        else:
+            u = (torch.logit(s) - self.loc) / self.scale
+            p = torch.exp(-0.5 * u * u) / (self.scale * math.sqrt(2 * math.pi) * s * (1 - s))
+        return p if self.mix == 0.0 else self.mix + (1.0 - self.mix) * p

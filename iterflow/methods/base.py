@@ -91,6 +91,9 @@ class Method(ABC):
     #: (``iterflow train``, :meth:`TrainConfig.for_method <iterflow.train.TrainConfig.for_method>`,
     #: :class:`~iterflow.FlowDensity`). Empty: the plain ``TrainConfig`` defaults (flow matching's).
     recommended: ClassVar[dict[str, Any]] = {}
+    #: Names of ``recommended["options"]`` tuned for the capacity of the built-in MLP; they are left
+    #: out with another network (a user's velocity module, the U-Net), like the non-option fields.
+    mlp_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self, options: MethodOptions, *, event_shape: tuple[int, ...], num_blocks: int

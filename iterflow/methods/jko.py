@@ -70,6 +70,8 @@ from iterflow.methods.jko_schedule import (
 )
 
 KNN_MAX_DIM = 5  # the k-NN KL estimate is reported up to this dimension
+#: How the Jacobian weight changes from block to block (:class:`JKOOptions`).
+JACOBIAN_SCHEDULES = ("constant", "gamma")
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,11 @@ class JKOOptions(MethodOptions):
             space (module docstring).
         jacobian: weight of ``int |eps^T dv/dx|^2 ds`` (0: off); keeps each block's field smooth
             enough for ``substeps`` steps of the training solver (see the module docstring).
+        jacobian_schedule: ``constant``, or ``gamma``: block ``n`` uses ``jacobian * gamma_1 /
+            gamma_n``, i.e. the Jacobian term joins the proximal term ``W2 / (2 gamma_n)`` and
+            loosens with it as a growing ``gamma`` schedule takes longer steps. On a long chain the
+            constant weight, not the W2 term, ends up bounding each block's step (late blocks
+            move ~1e-5 while their Jacobian cost matches their KL gain; issue 15's rose runs).
         stop_tol: stop adding blocks once a block's movement ``E|x_n - x_{n-1}|^2`` is below this
             (0: train every block).
         push_solver, push_steps: solver carrying the particles to the next block (and of the report).
@@ -119,6 +126,7 @@ class JKOOptions(MethodOptions):
     kinetic: float = 0.0
     straightness: float = 0.0
     jacobian: float = 0.0
+    jacobian_schedule: str = "constant"
     stop_tol: float = 0.0
 
     def __post_init__(self) -> None:
@@ -140,6 +148,7 @@ class JKOOptions(MethodOptions):
         check_positive(self.kinetic, "option 'kinetic'", allow_zero=True)
         check_positive(self.straightness, "option 'straightness'", allow_zero=True)
         check_positive(self.jacobian, "option 'jacobian'", allow_zero=True)
+        check_choice(self.jacobian_schedule, JACOBIAN_SCHEDULES, "option 'jacobian_schedule'")
         check_positive(self.stop_tol, "option 'stop_tol'", allow_zero=True)
 
     def gamma_at(self, index: int, movements: tuple[float, ...] = ()) -> float:
@@ -152,6 +161,12 @@ class JKOOptions(MethodOptions):
 
     def train_spec(self) -> SolverSpec:
         return SolverSpec(self.solver, self.substeps)
+
+    def jacobian_at(self, gamma_n: float) -> float:
+        """The Jacobian weight of a block with step size ``gamma_n``."""
+        if self.jacobian_schedule == "gamma":
+            return self.jacobian * self.gamma / gamma_n
+        return self.jacobian
 
 
 def jko_loss(
@@ -249,14 +264,15 @@ class JKOFlow(Method):
         o: JKOOptions = self.options  # type: ignore[assignment]
         x = batch[0]
         probes = draw_probes(x, o.divergence, o.probes, o.probe_kind, generator)
+        gamma_n = self.gamma(index)
         return jko_loss(
             stage,
             x,
-            self.gamma(index),
+            gamma_n,
             o.train_spec(),
             probes,
             kinetic=o.kinetic,
-            jacobian=o.jacobian,
+            jacobian=o.jacobian_at(gamma_n),
             straightness=o.straightness,
         )
 
@@ -266,7 +282,9 @@ class JKOFlow(Method):
         o: JKOOptions = self.options  # type: ignore[assignment]
         rep = likelihood_stage_report(o, stage, before, after, index, self._logdet_before)
         self._logdet_before += rep["logdet"]
-        out = {"gamma": self.gamma(index), **rep, **w2_movement(before, after)}
+        gamma_n = self.gamma(index)
+        out = {"gamma": gamma_n, "jacobian_weight": o.jacobian_at(gamma_n), **rep}
+        out.update(w2_movement(before, after))
         if after[0].numel() <= KNN_MAX_DIM and after.shape[0] > 10:
             out["kl_to_normal"], out["kl_to_normal_se"] = knn_kl_with_error(after.flatten(1))
         return out

@@ -173,7 +173,8 @@ class TrainConfig:
         Jacobian weight 0.02);
         ``None`` counts as unset; ``options`` are merged key by key, the given ones winning. The
         recommendations are tuned for vector data and the MLP: with another ``network`` (the image
-        U-Net) only their method options are used. This is what ``iterflow train`` builds;
+        U-Net, a user's module) only their method options are used, less those in the method's
+        ``mlp_options``. This is what ``iterflow train`` builds;
         ``TrainConfig(...)`` itself has one set of defaults for all methods.
 
         Example:
@@ -181,10 +182,12 @@ class TrainConfig:
             >>> cfg.blocks, cfg.steps, cfg.time_freqs, cfg.options["gamma"], cfg.options["jacobian"]
             (5, 100, 0, 0.5, 0.02)
         """
-        rec = dict(METHODS.get(method, "method").recommended)
+        cls_method = METHODS.get(method, "method")
+        rec = dict(cls_method.recommended)
         given = {k: v for k, v in given.items() if v is not None}
         if given.get("network", "mlp") != "mlp":  # tuned for vectors and the MLP: keep the options
-            rec = {"options": rec.get("options", {})}
+            kept = rec.get("options", {}).items()
+            rec = {"options": {k: v for k, v in kept if k not in cls_method.mlp_options}}
         options = {**rec.pop("options", {}), **given.pop("options", {})}
         return cls(method=method, **{**rec, **given, "options": options})
 
