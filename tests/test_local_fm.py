@@ -119,6 +119,8 @@ def test_schedule_constant_geometric_capped_and_explicit() -> None:
         ({"interpolant": "cubic"}, "interpolant"),
         ({"hs": "0.1,0"}, "hs"),
         ({"final_coupling": "nearest"}, "final_coupling"),
+        ({"time_sampling": "beta"}, "time_sampling"),
+        ({"time_sampling": "power", "time_mix": "1.5"}, "time_mix"),
     ],
 )
 def test_bad_options_name_the_option(raw: dict[str, str], argument: str) -> None:
@@ -151,12 +153,21 @@ def test_targets_are_one_ou_step_with_fresh_noise() -> None:
 # ------------------------------------------------------------------------ trained blocks ----
 
 
-@pytest.mark.parametrize("interpolant", ["straight", "trig"])
+@pytest.mark.parametrize(
+    ("interpolant", "times"),
+    [
+        ("straight", {}),
+        ("trig", {}),
+        # a time density leaning to the data end keeps the block's minimiser (the same OU step)
+        ("straight", {"time_sampling": "power", "time_power": 3.0, "time_mix": 0.2}),
+    ],
+)
 def test_block_pushes_gaussian_to_its_ou_step(
-    gaussian_file: str, tmp_path: Path, interpolant: str
+    gaussian_file: str, tmp_path: Path, interpolant: str, times: dict[str, object]
 ) -> None:
     h = 0.5  # a block that took a step 20% shorter or longer fails the tolerances
-    cfg = _config(gaussian_file, options={"h": h, "interpolant": interpolant, "final_block": False})
+    options = {"h": h, "interpolant": interpolant, "final_block": False, **times}
+    cfg = _config(gaussian_file, options=options)
     res = train(cfg, tmp_path / "run")
     val = res.splits.val
     want_m, want_s = _ou_moments(*_moments(val.to(DT)), h)

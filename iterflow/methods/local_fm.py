@@ -66,6 +66,10 @@ class LocalFMOptions(MethodOptions):
         final_coupling: coupling of that last block: ``independent``, ``ot`` or ``sinkhorn``.
         report_n: validation particles (and fresh normal samples) used for the per-block distances
             to ``N(0, I)``.
+        time_sampling, time_loc, time_scale, time_power, time_mix: the density of every block's
+            training times, as flow matching's options of these names
+            (:class:`iterflow.core.paths.TimeSampler`; default uniform). Any such density keeps each
+            block's minimiser; ``power`` leans to the block's data end.
     """
 
     interpolant: str = "straight"
@@ -76,6 +80,23 @@ class LocalFMOptions(MethodOptions):
     final_block: bool = True
     final_coupling: str = "independent"
     report_n: int = 2000
+    time_sampling: str = "uniform"
+    time_loc: float = 0.0
+    time_scale: float = 1.0
+    time_power: float = 1.0
+    time_mix: float = 0.0
+
+    def fm_options(self, coupling: str = "independent") -> FMOptions:
+        """The flow-matching options of a block (its interpolant, coupling and time density)."""
+        return FMOptions(
+            interpolant=self.interpolant,
+            coupling=coupling,
+            time_sampling=self.time_sampling,
+            time_loc=self.time_loc,
+            time_scale=self.time_scale,
+            time_power=self.time_power,
+            time_mix=self.time_mix,
+        )
 
     def __post_init__(self) -> None:
         INTERPOLANTS.get(self.interpolant, "interpolant")
@@ -87,6 +108,7 @@ class LocalFMOptions(MethodOptions):
         for v in self.hs:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
                 fail("hs", "must list finite OU steps > 0", self.hs)
+        self.fm_options()  # validates the time options
 
     def step(self, n: int) -> float:
         """OU step ``h_n`` of block ``n`` (0-based) from the schedule."""
@@ -191,8 +213,8 @@ class LocalFlowMatching(Method):
                 f"{' (the last is the final block)' if options.final_block else ''}",
                 options.hs,
             )
-        self._ou = FMOptions(interpolant=options.interpolant)
-        self._final = FMOptions(interpolant=options.interpolant, coupling=options.final_coupling)
+        self._ou = options.fm_options()
+        self._final = options.fm_options(options.final_coupling)
 
     def is_final(self, index: int) -> bool:
         """Whether block ``index`` (0-based) is the final block, carrying particles to N(0, I)."""
