@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from iterflow.core.flow import Block, Flow
 from iterflow.core.ode import SolverSpec
+from iterflow.errors import InputError
 from iterflow.methods.jko import JKOOptions
 from iterflow.methods.jko_schedule import gamma_sequence, knn_kl_with_error, prefix_kl, w2_movement
 from iterflow.train import RunDir, TrainConfig, train
@@ -137,13 +138,17 @@ def test_movement_rule_stops_once_a_block_barely_moves(tmp_path: Path) -> None:
 
 def test_adaptive_schedule_survives_a_resume(tmp_path: Path) -> None:
     opts = {"gamma": 0.3, "substeps": 1, "push_steps": 8, "gamma_schedule": "adaptive",
-            "gamma_growth": 2.0}  # fmt: skip
+            "gamma_growth": 2.0, "jacobian": 0.1, "jacobian_schedule": "gamma"}  # fmt: skip
     cfg = _small_cfg(_gaussian_file(tmp_path, 2.0), steps=20, checkpoint_every=5, options=opts)
     ref = train(cfg, tmp_path / "a")
     gammas = [r["gamma"] for r in ref.history]
     moves = [r["w2_movement"] for r in ref.history]
     assert gammas == pytest.approx(gamma_sequence(0.3, "adaptive", 2.0, 0.0, moves[:-1]))
     assert gammas[-1] > gammas[0]  # the movement fell, so gamma grew
+    # jacobian_schedule=gamma: each block's Jacobian weight is jacobian * gamma_1 / gamma_n
+    assert [r["jacobian_weight"] for r in ref.history] == pytest.approx(
+        [0.1 * 0.3 / g for g in gammas]
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "b", stop_after_steps=47)  # inside block 3, after step 7
     assert RunDir(tmp_path / "b").progress_meta.exists()
@@ -151,3 +156,13 @@ def test_adaptive_schedule_survives_a_resume(tmp_path: Path) -> None:
     assert [r["gamma"] for r in res.history] == pytest.approx(gammas)
     for pa, pb in zip(ref.flow.state_dict().values(), res.flow.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0)
+
+
+def test_jacobian_schedule_weights_and_validation() -> None:
+    const = JKOOptions(gamma=0.5, jacobian=0.2)
+    scaled = JKOOptions(gamma=0.5, jacobian=0.2, jacobian_schedule="gamma")
+    for g in (0.5, 1.0, 4.0):
+        assert const.jacobian_at(g) == 0.2
+        assert scaled.jacobian_at(g) == pytest.approx(0.2 * 0.5 / g)
+    with pytest.raises(InputError, match="jacobian_schedule"):
+        JKOOptions(jacobian_schedule="cosine")
