@@ -200,3 +200,32 @@ def test_tabular_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
     assert len(out["ranking"]) == 3 and out["n_test"] == 300
     assert out["tol_check"]["abs_diff"] < 0.005
     assert "Paired comparisons" in (tmp_path / "tab.md").read_text()
+
+
+def test_bench_presets_trains_then_records_and_refuses_another_config(tmp_path: Path) -> None:
+    """bench_presets.py trains a preset through the CLI (here rose-jko, made tiny and moved to the
+    built-in checkerboard by --set), records the run's metrics; a second call records the finished
+    run without training it again; a folder holding another config is refused."""
+    import subprocess
+
+    script = str(BENCH / "bench_presets.py")
+    tiny = "--data checkerboard --steps 10 --blocks 2 --batch-size 64 --hidden 16,16 --n-train 400"
+    tiny += " --n-val 64 --n-test 64"
+    out = tmp_path / "presets.json"
+    argv = [sys.executable, script, "--preset", "rose-jko", "--set", tiny, "--threads", "1"]
+    argv += ["--eval-n", "64", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+    (row,) = json.loads(out.read_text())["runs"].values()
+    assert (
+        row["preset"] == "rose-jko" and row["blocks"] == 2 and not row["recorded_from_existing_run"]
+    )
+    assert math.isfinite(row["nll"]) and row["nll_stderr"] > 0 and row["train_seconds"] > 0
+    assert "--config rose-jko" in row["command"] and row["threads"] == 1
+    again = subprocess.run(argv, check=True, capture_output=True, text=True)
+    (row2,) = json.loads(out.read_text())["runs"].values()
+    assert row2["recorded_from_existing_run"] and row2["nll"] == row["nll"], again.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    other = [a if a != tiny else tiny.replace("--steps 10", "--steps 11") for a in argv]
+    (tmp_path / "runs" / run.name.replace("steps10", "steps11")).symlink_to(run)
+    bad = subprocess.run(other, capture_output=True, text=True)
+    assert bad.returncode != 0 and "holds another config" in bad.stderr
