@@ -7,7 +7,8 @@ A run folder that already holds a finished run of the same preset (its ``config.
 preset's, ``out`` aside, and a ``metrics.json``) is recorded as it is, not trained again: the CLI
 resumes a finished run by only re-writing its report. Extra ``iterflow train`` flags (``--set``)
 make a variant; they are recorded next to the figures, and they change the config, so they train a
-new run.
+new run (in ``--runs``/``NAME-FLAGS``, e.g. ``rose-jko-long-blocks14``). ``--record-only`` never
+trains.
 
 Outputs: ``benchmarks/results/presets.json`` (merged with the runs recorded before, by key
 ``NAME`` or ``NAME + flags``) and a Markdown table on stdout.
@@ -61,7 +62,9 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in ("out", "img2d_dir", "report", "eval_n")}
 
 
-def run_preset(name: str, flags: list[str], run: Path, eval_n: int, threads: int) -> dict[str, Any]:
+def run_preset(
+    name: str, flags: list[str], run: Path, eval_n: int, threads: int, record_only: bool = False
+) -> dict[str, Any]:
     """Train (or resume, or record) ``name`` into ``run``; its metrics and how they were made."""
     want = comparable(preset_config(name, flags))
     recorded = False
@@ -73,6 +76,8 @@ def run_preset(name: str, flags: list[str], run: Path, eval_n: int, threads: int
     load_before = os.getloadavg()
     cmd = ["iterflow", "train", "--config", name, *flags, "--out", str(run)]
     cmd += ["--eval-n", str(eval_n), "--quiet"]
+    if not recorded and record_only:
+        raise SystemExit(f"error: --record-only: {run} holds no finished run of preset {name!r}")
     if not recorded:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         subprocess.run([sys.executable, "-m", "iterflow.cli", *cmd[1:]], check=True, env=env)
@@ -103,6 +108,9 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/presets", help="folder of the run folders")
     ap.add_argument("--img2d-dir", default=os.environ.get("ITERFLOW_IMG2D_DIR"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "presets.json"))
+    ap.add_argument(
+        "--record-only", action="store_true", help="never train: record finished runs only"
+    )
     args = ap.parse_args()
     if args.img2d_dir:
         os.environ["ITERFLOW_IMG2D_DIR"] = str(Path(args.img2d_dir).resolve())
@@ -111,7 +119,7 @@ def main() -> None:
     rows = []
     for name in args.preset:
         run = Path(args.runs) / (name + (f"-{suffix}" if suffix else ""))
-        rows.append(run_preset(name, flags, run, args.eval_n, args.threads))
+        rows.append(run_preset(name, flags, run, args.eval_n, args.threads, args.record_only))
     out = Path(args.out)
     store = json.loads(out.read_text()) if out.is_file() else {}
     store.setdefault("runs", {})
