@@ -205,8 +205,9 @@ def test_method_recommendations_fill_only_what_is_not_given(tmp_path: Path) -> N
     cfg = TrainConfig.for_method("jko", steps=7, options={"gamma": "0.3"})
     assert cfg.steps == 7 and cfg.blocks == rec["blocks"] and cfg.hidden == rec["hidden"]
     assert cfg.options == {**rec["options"], "gamma": 0.3}  # typed once, at the boundary
-    # flow matching's are the plain defaults but for its learning rate
-    assert TrainConfig.for_method("fm") == TrainConfig(lr=METHODS["fm"].recommended["lr"])
+    # flow matching's are the plain defaults but for its learning rate and time density
+    fm_rec = METHODS["fm"].recommended
+    assert TrainConfig.for_method("fm") == TrainConfig(lr=fm_rec["lr"], options=fm_rec["options"])
     unet = TrainConfig.for_method("jko", network="unet")  # tuned for the MLP: only the options
     assert unet.blocks == TrainConfig().blocks and unet.options == rec["options"]
 

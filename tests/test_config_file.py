@@ -162,7 +162,10 @@ def test_train_print_config_train_again_reproduces_the_run(
     assert main(["train", "--config", str(a), "--out", str(b)]) == 0
     (fa, ca, ma), (fb, cb, mb) = load_run(a), load_run(b)
     assert ca == cb and config_hash(ca) == config_hash(cb) == ma["config_hash"] == mb["config_hash"]
-    assert ca.options == {"interpolant": "trig"} and ca.seed == 3
+    from iterflow.methods import METHODS
+
+    fm_options = METHODS["fm"].recommended["options"]  # flow matching's recommended time density
+    assert ca.options == {**fm_options, "interpolant": "trig"} and ca.seed == 3
     for p, q in zip(fa.parameters(), fb.parameters()):
         assert torch.equal(p, q)
     # the run's own folder: the same command again resumes it (nothing to train)
