@@ -228,9 +228,8 @@ def _config(
             given.setdefault("dtype", _RUN_DTYPES.get(like.dtype, "float32"))
             if like.device.type != "cpu":
                 given.setdefault("device", str(like.device))
-        if (
-            custom
-        ):  # the recommendations tuned for the built-in MLP do not apply to the user's module
+        # the recommendations tuned for the built-in MLP do not apply to the user's module
+        if custom:
             given.setdefault("network", "custom")
         cfg = TrainConfig.for_method(method, **given)
     else:
