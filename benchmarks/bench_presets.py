@@ -35,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+NOT_RECIPE = ("out", "img2d_dir", "report", "eval_n", "tensorboard")  # where and how, not what
 KEPT = ("nll", "nll_stderr", "entropy", "nll_gap", "train_seconds", "w2", "precision", "recall")
 
 
 def preset_config(name: str, flags: list[str]) -> dict[str, Any]:
-    """The TrainConfig (as JSON) that ``iterflow train --config NAME FLAGS`` would run."""
+    """The recipe (TrainConfig as JSON, :func:`comparable`) ``iterflow train --config NAME FLAGS``
+    would run."""
     out = subprocess.run(
         [sys.executable, "-m", "iterflow.cli", "train", "--config", name, *flags, "--print-config"],
         capture_output=True,
@@ -51,22 +53,19 @@ def preset_config(name: str, flags: list[str]) -> dict[str, Any]:
     except ImportError:  # Python 3.10
         import tomli as tomllib
 
-    cfg = tomllib.loads(out)
-    for key in ("out", "report", "eval_n", "tensorboard"):
-        cfg.pop(key, None)
-    return cfg
+    return comparable(tomllib.loads(out))
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """A config without the fields that do not change the trained model's recipe."""
-    return {k: v for k, v in cfg.items() if k not in ("out", "img2d_dir", "report", "eval_n")}
+    return {k: v for k, v in cfg.items() if k not in NOT_RECIPE}
 
 
 def run_preset(
     name: str, flags: list[str], run: Path, eval_n: int, threads: int, record_only: bool = False
 ) -> dict[str, Any]:
     """Train (or resume, or record) ``name`` into ``run``; its metrics and how they were made."""
-    want = comparable(preset_config(name, flags))
+    want = preset_config(name, flags)
     recorded = False
     if (run / "metrics.json").is_file() and (run / "config.json").is_file():
         have = comparable(json.loads((run / "config.json").read_text()))

@@ -106,9 +106,9 @@ class JKOOptions(MethodOptions):
             enough for ``substeps`` steps of the training solver (see the module docstring).
         jacobian_schedule: ``constant``, or ``gamma``: block ``n`` uses ``jacobian * gamma_1 /
             gamma_n``, i.e. the Jacobian term joins the proximal term ``W2 / (2 gamma_n)`` and
-            loosens with it as a growing ``gamma`` schedule takes longer steps. Measured on the
-            rose (issue 15, with ``gamma_schedule=adaptive``): the chain stalled after 11 blocks,
-            earlier and higher than with the constant weight, so the recipes keep ``constant``.
+            loosens with it as a growing ``gamma`` schedule takes longer steps. Tried on the
+            rose (issue 15, with ``gamma_schedule=adaptive``, a run stopped early): the chain
+            stalled earlier than with the constant weight, so the recipes keep ``constant``.
         stop_tol: stop adding blocks once a block's movement ``E|x_n - x_{n-1}|^2`` is below this
             (0: train every block).
         push_solver, push_steps: solver carrying the particles to the next block (and of the report).
