@@ -118,7 +118,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r.get('cpu_s', 0):.1f} | {r.get('steps', '')} |"
         )
     lines += ["", "Paired comparisons (per-row difference of the worse minus the better, per "
-              "dimension, ± its standard error over the 10,000 test rows):", "",
+              "dimension, ± its standard error over the test rows):", "",
               "| better | worse | difference per dim | ± paired se | z | resolved (> 2 se) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for p in result["ranking"]:

@@ -121,6 +121,8 @@ def test_schedule_constant_geometric_capped_and_explicit() -> None:
         ({"final_coupling": "nearest"}, "final_coupling"),
         ({"time_sampling": "beta"}, "time_sampling"),
         ({"time_sampling": "power", "time_mix": "1.5"}, "time_mix"),
+        ({"time_weighting": "snr"}, "time_weighting"),
+        ({"time_sampling": "logit-normal", "time_weighting": "importance"}, "time_weighting"),
     ],
 )
 def test_bad_options_name_the_option(raw: dict[str, str], argument: str) -> None:
@@ -160,6 +162,8 @@ def test_targets_are_one_ou_step_with_fresh_noise() -> None:
         ("trig", {}),
         # a time density leaning to the data end keeps the block's minimiser (the same OU step)
         ("straight", {"time_sampling": "power", "time_power": 3.0, "time_mix": 0.2}),
+        # ... and so does importance weighting (the expected loss is the uniform-time one)
+        ("straight", {"time_sampling": "power", "time_power": 2.0, "time_weighting": "importance"}),
     ],
 )
 def test_block_pushes_gaussian_to_its_ou_step(

@@ -28,7 +28,47 @@ from iterflow.methods.base import Loss, Method, MethodOptions, StageData
 
 
 @dataclass(frozen=True)
-class FMOptions(MethodOptions):
+class TimeOptions(MethodOptions):
+    """The density of the training times, shared by flow matching and local flow matching (whose
+    blocks are flow-matching blocks).
+
+    Attributes:
+        time_sampling: ``uniform``, ``logit-normal`` (``sigmoid(time_loc + time_scale z)``) or
+            ``power`` (``u^time_power``, leaning to the data end for ``time_power > 1``); see
+            :class:`iterflow.core.paths.TimeSampler`.
+        time_loc, time_scale: the logit-normal's mean and standard deviation of ``logit(s)``.
+        time_power: the exponent of ``power``.
+        time_mix: fraction of uniform times mixed into a non-uniform density (0: none).
+        time_weighting: ``none`` (each density has the same minimiser as uniform times), or
+            ``importance`` (rows weighted by ``1 / p(s)``: the expected loss is the uniform one).
+    """
+
+    time_sampling: str = "uniform"
+    time_loc: float = 0.0
+    time_scale: float = 1.0
+    time_power: float = 1.0
+    time_weighting: str = "none"
+    time_mix: float = 0.0
+
+    def time_fields(self) -> dict[str, object]:
+        """The time options by name (to hand them on to another :class:`TimeOptions`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(TimeOptions)
+                if f.name.startswith("time_")}  # fmt: skip
+
+    def time_sampler(self) -> TimeSampler:
+        """The density of the training times these options describe (validates them)."""
+        return TimeSampler(
+            self.time_sampling,
+            self.time_loc,
+            self.time_scale,
+            self.time_power,
+            self.time_weighting,
+            self.time_mix,
+        )
+
+
+@dataclass(frozen=True)
+class FMOptions(TimeOptions):
     """Options of flow matching.
 
     Attributes:
@@ -44,14 +84,7 @@ class FMOptions(MethodOptions):
             toward the whole-batch optimum; see :func:`iterflow.couplings.refine_assignment`;
             0 with ``auto``: its default of 4).
         sigma: standard deviation of Gaussian noise added around the path (0: none).
-        time_sampling: density of the training times (:class:`iterflow.core.paths.TimeSampler`):
-            ``uniform``, ``logit-normal`` (``sigmoid(time_loc + time_scale z)``) or ``power``
-            (``u^time_power``, leaning to the data end for ``time_power > 1``).
-        time_loc, time_scale: the logit-normal's mean and standard deviation of ``logit(s)``.
-        time_power: the exponent of ``power``.
-        time_mix: fraction of uniform times mixed into a non-uniform density (0: none).
-        time_weighting: ``none`` (each density has the same minimiser as uniform times), or
-            ``importance`` (rows weighted by ``1 / p(s)``: the expected loss is the uniform one).
+        time_*: the density of the training times (:class:`TimeOptions`).
     """
 
     interpolant: str = "straight"
@@ -60,12 +93,6 @@ class FMOptions(MethodOptions):
     ot_solver: str = "auto"
     ot_refine: int = 0
     sigma: float = 0.0
-    time_sampling: str = "uniform"
-    time_loc: float = 0.0
-    time_scale: float = 1.0
-    time_power: float = 1.0
-    time_weighting: str = "none"
-    time_mix: float = 0.0
 
     def __post_init__(self) -> None:
         INTERPOLANTS.get(self.interpolant, "interpolant")
@@ -75,17 +102,6 @@ class FMOptions(MethodOptions):
         check_positive(self.ot_refine, "ot_refine", integer=True, allow_zero=True)
         check_positive(self.sigma, "sigma", allow_zero=True)
         self.time_sampler()  # validates the time options
-
-    def time_sampler(self) -> TimeSampler:
-        """The density of the training times these options describe."""
-        return TimeSampler(
-            self.time_sampling,
-            self.time_loc,
-            self.time_scale,
-            self.time_power,
-            self.time_weighting,
-            self.time_mix,
-        )
 
 
 def flow_matching_loss(

@@ -36,8 +36,8 @@ from iterflow.core.couplings import COUPLINGS
 from iterflow.core.flow import Flow
 from iterflow.core.paths import INTERPOLANTS
 from iterflow.errors import check_positive, fail
-from iterflow.methods.base import Loss, Method, MethodOptions
-from iterflow.methods.fm import FMOptions, flow_matching_loss
+from iterflow.methods.base import Loss, Method
+from iterflow.methods.fm import FMOptions, TimeOptions, flow_matching_loss
 
 KL_MAX_DIM = 10  # the nearest-neighbour KL estimate is reported up to this dimension
 MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # kernel widths in units of sqrt(2 d) (normal_bandwidths)
@@ -45,7 +45,7 @@ REPORT_SEED = 7919  # seeds the reference N(0, I) draws of the per-block figures
 
 
 @dataclass(frozen=True)
-class LocalFMOptions(MethodOptions):
+class LocalFMOptions(TimeOptions):
     """Options of local flow matching.
 
     Attributes:
@@ -66,10 +66,9 @@ class LocalFMOptions(MethodOptions):
         final_coupling: coupling of that last block: ``independent``, ``ot`` or ``sinkhorn``.
         report_n: validation particles (and fresh normal samples) used for the per-block distances
             to ``N(0, I)``.
-        time_sampling, time_loc, time_scale, time_power, time_mix: the density of every block's
-            training times, as flow matching's options of these names
-            (:class:`iterflow.core.paths.TimeSampler`; default uniform). Any such density keeps each
-            block's minimiser; ``power`` leans to the block's data end.
+        time_*: the density of every block's training times (:class:`~iterflow.methods.fm.TimeOptions`,
+            as flow matching's; default uniform). Any such density keeps each block's minimiser;
+            ``power`` leans to the block's data end.
     """
 
     interpolant: str = "straight"
@@ -80,23 +79,10 @@ class LocalFMOptions(MethodOptions):
     final_block: bool = True
     final_coupling: str = "independent"
     report_n: int = 2000
-    time_sampling: str = "uniform"
-    time_loc: float = 0.0
-    time_scale: float = 1.0
-    time_power: float = 1.0
-    time_mix: float = 0.0
 
     def fm_options(self, coupling: str = "independent") -> FMOptions:
         """The flow-matching options of a block (its interpolant, coupling and time density)."""
-        return FMOptions(
-            interpolant=self.interpolant,
-            coupling=coupling,
-            time_sampling=self.time_sampling,
-            time_loc=self.time_loc,
-            time_scale=self.time_scale,
-            time_power=self.time_power,
-            time_mix=self.time_mix,
-        )
+        return FMOptions(interpolant=self.interpolant, coupling=coupling, **self.time_fields())
 
     def __post_init__(self) -> None:
         INTERPOLANTS.get(self.interpolant, "interpolant")
