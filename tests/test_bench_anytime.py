@@ -184,6 +184,18 @@ def test_fig2_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
     assert (tmp_path / "fig2.png").stat().st_size > 0
 
 
+def test_tabular_tail_figures(bench: ModuleType) -> None:
+    import bench_tabular
+
+    rng = np.random.default_rng(5)
+    rows = rng.normal(40.0, 3.0, 999)
+    rows = np.append(rows, 1e7)  # one row the model all but excludes
+    t = bench_tabular.tail_figures(rows, dim=32, far=5.0)
+    assert t["rows_far"] == 1 and t["max_per_dim"] == pytest.approx(1e7 / 32)
+    assert t["median_per_dim"] == pytest.approx(np.median(rows) / 32)
+    assert rows.mean() / 32 > 100 * t["median_per_dim"]  # the mean is the one row's, the median not
+
+
 def test_tabular_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
     import bench_tabular
 
@@ -200,6 +212,11 @@ def test_tabular_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
     assert len(out["ranking"]) == 3 and out["n_test"] == 300
     assert out["tol_check"]["abs_diff"] < 0.005
     assert "Paired comparisons" in (tmp_path / "tab.md").read_text()
+    per_row = np.load(tmp_path / "tab_rows.npz")
+    for name, model in out["models"].items():  # the report's figures are those of the saved rows
+        assert per_row[name].shape == (300,)
+        assert model["nll"] == pytest.approx(per_row[name].mean())
+        assert model["median_per_dim"] == pytest.approx(np.median(per_row[name]) / 32)
 
 
 def test_bench_presets_trains_then_records_and_refuses_another_config(tmp_path: Path) -> None:

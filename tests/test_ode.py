@@ -79,11 +79,49 @@ def test_tuple_state_and_saved_grid() -> None:
         assert torch.allclose(ell, torch.full_like(ell, 2.0), atol=1e-9)
 
 
+@pytest.mark.parametrize("dim", [1, 3, 8])
+def test_row_error_norm_holds_every_row_to_the_tolerance(dim: int) -> None:
+    # dy/dt = -k_i (1 + cos(6 t)) y row by row, one fast row among many slow ones; with the
+    # divergence-like accumulator d(l)/dt = -dim * rate: y = y0 exp(-k_i g(t)), l = -dim k_i g(t)
+    # with g(t) = t + sin(6 t) / 6.
+    gen = torch.Generator().manual_seed(dim)
+    rows = 2000
+    k = torch.full((rows,), 0.5, dtype=torch.float64)
+    k[int(torch.randint(rows, (1,), generator=gen))] = 40.0
+    y0 = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+
+    def f(t: torch.Tensor, s: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        rate = k * (1 + torch.cos(6 * t))
+        return -rate[:, None] * s[0], -dim * rate
+
+    g = 1.0 + math.sin(6.0) / 6
+    want_y, want_l = y0 * torch.exp(-k * g)[:, None], -dim * k * g
+    tol = 1e-6
+    err = {}
+    for norm in ("batch", "rows"):
+        spec = SolverSpec("dopri5", atol=tol, rtol=tol, error_norm=norm)
+        y, ell = integrate(f, (y0, torch.zeros(rows, dtype=torch.float64)), 0.0, 1.0, spec)
+        err[norm] = max(scaled_error(y, want_y, tol), scaled_error(ell, want_l, tol))
+    assert err["rows"] < 20  # the fast row is held to the tolerance (local errors add up)
+    assert err["batch"] > 5 * err["rows"]  # the batch RMS lets that row drift (the test can fail)
+    # a lone tensor state: the same control
+    spec = SolverSpec("dopri5", atol=tol, rtol=tol, error_norm="rows")
+    y = integrate(lambda t, y: -(k * (1 + torch.cos(6 * t)))[:, None] * y, y0, 0.0, 1.0, spec)
+    assert scaled_error(y, want_y, tol) < 20
+
+
+def scaled_error(got: torch.Tensor, want: torch.Tensor, tol: float) -> float:
+    """The largest error in units of the solver's tolerance ``atol + rtol |y|``."""
+    return float(((got - want).abs() / (tol + tol * want.abs())).max())
+
+
 def test_unknown_solver_is_rejected() -> None:
     with pytest.raises(InputError, match="solver"):
         SolverSpec("rk5")
     with pytest.raises(InputError, match="steps"):
         SolverSpec("rk4", steps=0)
+    with pytest.raises(InputError, match="error_norm"):
+        SolverSpec("dopri5", error_norm="max")
     assert "dopri5" in solver_names() and "euler" in solver_names()
 
 
