@@ -39,10 +39,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,7 @@ from bench_anytime import (  # noqa: E402
     apply_overrides,
     checkpoint_flow,
     mean_se,
+    nll_rows,
     paired_difference,
     preset_config,
     run_method,
@@ -182,6 +185,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--overrides", action="append", default=[], metavar="METHOD:KEY=VALUE")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tabular_fmnist32"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument(
+        "--reevaluate",
+        default=None,
+        metavar="JSON",
+        help="re-evaluate the models of a finished run of this script (its JSON; its run folders "
+        "in --workdir) without training: the per-row NLLs and the report, training figures kept",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from iterflow.data.images import fashion_mnist
@@ -202,7 +212,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: dict[str, np.ndarray] = {"gaussian": gaussian_rows(train_np, test_np)}
     models: dict[str, dict[str, Any]] = {}
     runs: dict[str, Any] = {}
-    for method in [m for m in args.methods.split(",") if m]:
+    if args.reevaluate:
+        if args.workdir is None:
+            raise SystemExit("--reevaluate needs --workdir: the folder holding the runs")
+        before = json.loads(Path(args.reevaluate).read_text())
+        for method, run in before["runs"].items():
+            cfg = TrainConfig.from_json(run["config"])
+            print(f"[{DATA_NAME}] {method}: re-evaluating {work / method}", flush=True)
+            t0 = time.perf_counter()
+            flow = checkpoint_flow(work / method, cfg, (DIM,))
+            rows[method], nfe = nll_rows(flow, test, args.tol, args.seed)
+            models[method] = {**before["models"][method], "nfe": nfe,
+                              "eval_s": time.perf_counter() - t0}  # fmt: skip
+            runs[method] = run
+    for method in [m for m in args.methods.split(",") if m and not args.reevaluate]:
         if method in presets:
             cfg = preset_config(presets[method], method)
         else:
@@ -230,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "n_train": len(train), "n_test": len(test), "dim": DIM, "models": models,
         "ranking": ranking(rows, DIM), "runs": runs, "load": os.getloadavg(),
     }  # fmt: skip
+    if args.reevaluate:  # the training figures are the finished run's; the evaluation is this one's
+        result.update({k: before[k] for k in ("budget", "clock", "threads", "load")},
+                      eval_threads=args.threads, reevaluated_load=os.getloadavg())  # fmt: skip
     learned = [m for m in runs if math.isfinite(models[m]["nll"])]
     if learned and args.tol_check_n > 0:
         best = (

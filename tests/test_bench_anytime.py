@@ -205,7 +205,7 @@ def test_tabular_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
         pytest.skip("no Fashion-MNIST files")
     bench_tabular.main(["--budget", "1.5", "--threads", "1", "--methods", "fm,jko",
                         "--n-train", "2000", "--n-test", "300", "--tol-check-n", "50",
-                        "--out", str(tmp_path / "tab"),
+                        "--out", str(tmp_path / "tab"), "--workdir", str(tmp_path / "work"),
                         *overrides(("fm", "jko"), ("n_val=100",))])  # fmt: skip
     out = json.loads((tmp_path / "tab.json").read_text())
     assert set(out["models"]) == {"gaussian", "fm", "jko"}
@@ -217,6 +217,15 @@ def test_tabular_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
         assert per_row[name].shape == (300,)
         assert model["nll"] == pytest.approx(per_row[name].mean())
         assert model["median_per_dim"] == pytest.approx(np.median(per_row[name]) / 32)
+    # re-evaluating the finished run's models (no training) reproduces its figures
+    bench_tabular.main(["--threads", "1", "--n-train", "2000", "--n-test", "300",
+                        "--tol-check-n", "0", "--workdir", str(tmp_path / "work"),
+                        "--reevaluate", str(tmp_path / "tab.json"),
+                        "--out", str(tmp_path / "again")])  # fmt: skip
+    again = json.loads((tmp_path / "again.json").read_text())
+    for name in ("fm", "jko"):
+        assert again["models"][name]["nll"] == pytest.approx(out["models"][name]["nll"], abs=1e-9)
+        assert again["models"][name]["train_s"] == out["models"][name]["train_s"]
 
 
 def test_bench_presets_trains_then_records_and_refuses_another_config(tmp_path: Path) -> None:
