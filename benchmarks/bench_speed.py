@@ -601,6 +601,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             ratio = float(r["vs_plain"])
             ok = ratio >= want and abs(float(r.get("nll_minus_plain", 0.0))) <= 1e-3
             add(f"likelihood {r['case']} vs plain torchdiffeq", f">= {want:g}x", ratio, ok)
+            if "gemm_bound_vs_plain" in r:  # the roofline: reachable at this NFE only if above
+                bound = float(r["gemm_bound_vs_plain"])
+                add(f"  (at its NFE, the fp32 GEMM peak allows {bound:.2f}x)", f">= {want:g}x",
+                    bound, bound >= want)  # fmt: skip
     summary = result.get("summary", {})
     if summary:
         v = summary["iterflow_vs_fastest_library_independent"]

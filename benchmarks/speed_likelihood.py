@@ -18,7 +18,11 @@ all with the exact trace, in interleaved rounds (medians):
   Jacobian terms of :mod:`iterflow.core.nn.mlp_jacobian`).
 
 Reported: points/s, NFE, the mean NLL, its difference to the plain evaluator (mean and largest per
-point) and each contender's error against a reference (``Flow.log_prob`` at ``atol = rtol = 1e-9``).
+point) and each contender's error against a reference (``Flow.log_prob`` at ``atol = rtol = 1e-9``),
+and the roofline: the points/s an evaluator with the contender's NFE would reach if every matrix
+product ran at this machine's float32 GEMM peak (:func:`eval_flops_per_point`), against the plain
+evaluator's measured rate. A speed-up above it needs fewer evaluations or cheaper arithmetic, not a
+leaner loop.
 
 Likelihood training (``likelihood`` section too): one optimiser step (loss, backward, Adam) of the
 CNF and JKO-flow rose recipes (``CNF.recommended`` / ``JKOFlow.recommended``: network, batch,
@@ -29,6 +33,7 @@ one-pass step under bf16 autocast (for information; the trainer uses it only for
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -187,10 +192,13 @@ def _compare(
             times[k].append(dt)
     base = outs["plain torchdiffeq (one backward per dimension)"][0]
     base_rate = len(x) / statistics.median(times["plain torchdiffeq (one backward per dimension)"])
+    peak = gemm_peak_fp32(device)
+    flops = eval_flops_per_point(net, x.shape[1])
     rows = []
     for k in contenders:
         nll, nfe = outs[k]
         rate = len(x) / statistics.median(times[k])
+        bound = peak / (nfe * flops)  # points/s if every matrix product ran at the GEMM peak
         rows.append(
             {
                 "case": name,
@@ -204,9 +212,40 @@ def _compare(
                 "max_abs_diff_vs_plain": float((nll - base).abs().max()),
                 "mean_abs_err_vs_ref": float((nll - ref).abs().mean()),
                 "max_abs_err_vs_ref": float((nll - ref).abs().max()),
+                "gemm_bound_points_per_s": bound,
+                "gemm_bound_vs_plain": bound / base_rate,
             }
         )
     return rows
+
+
+def eval_flops_per_point(net: nn.Module, dim: int) -> float:
+    """Matrix-multiply FLOPs of one velocity evaluation with the exact divergence, per point: the
+    forward pass (``2 sum in*out`` over the network's ``nn.Linear`` layers) and one Jacobian column
+    per dimension, each pushed through every layer but the input ones (``inp``, ``inp_t`` of
+    :class:`~iterflow.core.nn.MLPVelocity`: a column of the first layer costs nothing). Reverse-mode
+    columns (one backward per dimension) cost the same products.
+
+    Example:
+        >>> net = MLPVelocity(2, (4, 4), time_freqs=0)  # Linear 2->4, 1->4 (time), 4->4, 4->2
+        >>> eval_flops_per_point(net, 2)  # 2 * (8 + 4 + 16 + 8) + 2 * 2 * (16 + 8)
+        168.0
+    """
+    linears = {n: m for n, m in net.named_modules() if isinstance(m, nn.Linear)}
+    total = sum(m.in_features * m.out_features for m in linears.values())
+    first = sum(m.in_features * m.out_features for n, m in linears.items() if n in ("inp", "inp_t"))
+    return 2.0 * total + dim * 2.0 * (total - first)
+
+
+def gemm_peak_fp32(device: torch.device, reps: int = 5) -> float:
+    """Best float32 FLOP/s of a large square matrix product on ``device`` (2048 rows on a CPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    best = math.inf
+    for _ in range(reps):
+        dt, _ = _timed(lambda: a @ b, device)
+        best = min(best, dt)
+    return 2.0 * n**3 / best
 
 
 # ------------------------------------------------------------------------------------------------
