@@ -118,7 +118,7 @@ def row_rms_max(y: State) -> Tensor:
     """
     parts = y if isinstance(y, tuple) else (y,)
     rows = parts[0].shape[0] if parts[0].dim() > 0 else 1
-    sq: Tensor | float = 0.0
+    sq = parts[0].new_zeros(rows)
     extra: list[Tensor] = []
     n = 0
     for p in parts:
@@ -127,7 +127,7 @@ def row_rms_max(y: State) -> Tensor:
             n += p[0].numel()
         else:
             extra.append(p.pow(2).mean().sqrt())
-    out = (sq / max(n, 1)).sqrt().max() if n else parts[0].new_zeros(())
+    out = (sq / max(n, 1)).sqrt().max()
     return torch.stack([out, *extra]).max() if extra else out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +51,7 @@ class TimeOptions(MethodOptions):
     time_weighting: str = "none"
     time_mix: float = 0.0
 
-    def time_fields(self) -> dict[str, object]:
+    def time_fields(self) -> dict[str, Any]:
         """The time options by name (to hand them on to another :class:`TimeOptions`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(TimeOptions)
                 if f.name.startswith("time_")}  # fmt: skip
