@@ -641,6 +641,7 @@ def likelihood_section(args: argparse.Namespace, device: torch.device) -> dict[s
         "max_abs_diff_vs_plain",
         "mean_abs_err_vs_ref",
         "max_abs_err_vs_ref",
+        "gemm_bound_vs_plain",
     ]
     print(table(rows, cols))
     train_rows = bench_likelihood_training(args, device)
