@@ -365,7 +365,9 @@ class Flow(nn.Module):
                 :data:`~iterflow.core.integrand.EXACT_DIVERGENCE_MAX_DIM` = 16 entries per sample).
             probes, probe_kind: Hutchinson probes (``"rademacher"`` or ``"gaussian"``).
             generator: randomness of the probes.
-            solver, steps, atol, rtol: integration.
+            solver, steps, atol, rtol: integration. For per-point scores pass
+                ``solver=SolverSpec("dopri5", atol=..., rtol=..., error_norm="rows")``: every row is
+                then held to the tolerance, not only the batch's RMS error (a little more NFE).
 
         Returns:
             ``(B,)`` log densities in nats. When grad mode is on the result is differentiable
