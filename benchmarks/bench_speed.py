@@ -63,6 +63,7 @@ from common import machine, table, write_json  # noqa: E402
 from speed_likelihood import (  # noqa: E402
     bench_likelihood_eval,
     bench_likelihood_training,
+    gemm_peak,
 )
 from speed_likelihood import load as likelihood_load  # noqa: E402
 
@@ -93,22 +94,6 @@ def step_flops(batch: int = BATCH, dim: int = 2, hidden: tuple[int, ...] = HIDDE
     layers = list(zip(sizes[:-1], sizes[1:]))
     fwd = sum(a * b for a, b in layers)
     return 2.0 * batch * (2 * fwd + sum(a * b for a, b in layers[1:]))
-
-
-def gemm_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
-    """Best FLOP/s of square matrix products (2048 rows on a CPU, 8192 on a GPU)."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    best = 0.0
-    for _ in range(reps + 1):
-        _sync(device)
-        t = time.perf_counter()
-        torch.matmul(a, b, out=c)
-        _sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
 
 
 def _sync(device: torch.device) -> None:
