@@ -51,6 +51,9 @@ class TimeOptions(MethodOptions):
     time_weighting: str = "none"
     time_mix: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.time_sampler()  # validates the time options
+
     def time_fields(self) -> dict[str, Any]:
         """The time options by name (to hand them on to another :class:`TimeOptions`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(TimeOptions)
@@ -102,7 +105,7 @@ class FMOptions(TimeOptions):
         check_positive(self.ot_chunk, "ot_chunk", integer=True, allow_zero=True)
         check_positive(self.ot_refine, "ot_refine", integer=True, allow_zero=True)
         check_positive(self.sigma, "sigma", allow_zero=True)
-        self.time_sampler()  # validates the time options
+        super().__post_init__()
 
 
 def flow_matching_loss(

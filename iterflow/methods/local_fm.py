@@ -94,7 +94,7 @@ class LocalFMOptions(TimeOptions):
         for v in self.hs:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf):
                 fail("hs", "must list finite OU steps > 0", self.hs)
-        self.fm_options()  # validates the time options
+        super().__post_init__()
 
     def step(self, n: int) -> float:
         """OU step ``h_n`` of block ``n`` (0-based) from the schedule."""
