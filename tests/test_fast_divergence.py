@@ -36,22 +36,27 @@ from iterflow.methods.jko import jko_loss
 
 DT = torch.float64
 TOL = 1e-10
-# (dim, hidden, activation, time_freqs, num_classes): widths, depths, activations, time features
-# and class conditioning varied together
+# (dim, hidden, activation, time_freqs, num_classes, x_freqs): widths, depths, activations, time
+# features, class conditioning and Fourier features of x varied together
 NETS = [
-    (1, (7,), "silu", 0, 0),
-    (2, (16, 16, 16), "silu", 4, 0),
-    (2, (9, 5), "gelu", 0, 3),
-    (3, (8, 11), "tanh", 2, 0),
-    (5, (12, 12, 12), "softplus", 0, 2),
-    (10, (16, 8), "relu", 1, 0),
-    (32, (24, 24), "gelu", 3, 4),
+    (1, (7,), "silu", 0, 0, 0),
+    (2, (16, 16, 16), "silu", 4, 0, 8),
+    (2, (9, 5), "gelu", 0, 3, 4),
+    (3, (8, 11), "tanh", 2, 0, 5),
+    (5, (12, 12, 12), "softplus", 0, 2, 0),
+    (10, (16, 8), "relu", 1, 0, 6),
+    (32, (24, 24), "gelu", 3, 4, 0),
 ]
+IDS = "d{0}-{2}-tf{3}-c{4}-xf{5}".format
 
 
-def make_net(dim: int, hidden: tuple[int, ...], act: str, freqs: int, classes: int) -> MLPVelocity:
+def make_net(
+    dim: int, hidden: tuple[int, ...], act: str, freqs: int, classes: int, x_freqs: int = 0
+) -> MLPVelocity:
     torch.manual_seed(dim * 100 + len(hidden))
-    net = MLPVelocity(dim, hidden, act, time_freqs=freqs, num_classes=classes).to(DT)
+    net = MLPVelocity(
+        dim, hidden, act, time_freqs=freqs, num_classes=classes, x_freqs=x_freqs, x_scale=0.7
+    ).to(DT)
     if classes:  # the null row starts at zero: make every label matter
         nn.init.normal_(net.inp_y.weight)  # type: ignore[union-attr]
     return net
@@ -75,7 +80,7 @@ def jacobians(net: MLPVelocity, x: Tensor, t: Tensor, y: Tensor | None) -> Tenso
     return vmap(jacrev(row))(x, ts, ys)
 
 
-@pytest.mark.parametrize("spec", NETS, ids=lambda s: f"d{s[0]}-{s[2]}-tf{s[3]}-c{s[4]}")
+@pytest.mark.parametrize("spec", NETS, ids=lambda s: IDS(*s))
 @pytest.mark.parametrize("per_row_time", [False, True])
 def test_exact_terms_match_the_jacobian(spec: tuple, per_row_time: bool) -> None:
     net = make_net(*spec)
@@ -98,7 +103,7 @@ def test_exact_terms_match_the_jacobian(spec: tuple, per_row_time: bool) -> None
     assert not frob2.any()
 
 
-@pytest.mark.parametrize("spec", NETS, ids=lambda s: f"d{s[0]}-{s[2]}-tf{s[3]}-c{s[4]}")
+@pytest.mark.parametrize("spec", NETS, ids=lambda s: IDS(*s))
 def test_hutchinson_terms_match_the_jacobian(spec: tuple) -> None:
     net = make_net(*spec)
     x, y = inputs(spec[0], spec[4])
@@ -242,7 +247,7 @@ def test_cnf_and_jko_gradients_through_both_paths(
     x, _ = inputs(d, 0, n=8, seed=5)
     eps = None if divergence == "exact" else make_probes((8, d), 2, dtype=DT)
     jac_weight = 0.2 if divergence == "exact" else 0.0  # Hutchinson norms: two estimators
-    spec = (*spec[:4], 0)  # unconditional: the losses bind no labels
+    spec = (*spec[:4], 0, *spec[5:])  # unconditional: the losses bind no labels
     cnf = Flow([Block(make_net(*spec)), Block(make_net(*spec))], (d,)).to(DT)
     jko = Flow([Block(make_net(*spec))], (d,)).to(DT)
 

@@ -85,9 +85,9 @@ def test_row_error_norm_holds_every_row_to_the_tolerance(dim: int) -> None:
     # divergence-like accumulator d(l)/dt = -dim * rate: y = y0 exp(-k_i g(t)), l = -dim k_i g(t)
     # with g(t) = t + sin(6 t) / 6.
     gen = torch.Generator().manual_seed(dim)
-    rows = 2000
+    rows = 8000
     k = torch.full((rows,), 0.5, dtype=torch.float64)
-    k[int(torch.randint(rows, (1,), generator=gen))] = 40.0
+    k[int(torch.randint(rows, (1,), generator=gen))] = 10.0
     y0 = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
 
     def f(t: torch.Tensor, s: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:

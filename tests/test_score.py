@@ -75,9 +75,11 @@ def test_exact_scores_match_the_gaussian_closed_form() -> None:
     auto = score_rows(flow, x.numpy(), **TIGHT)
     assert auto.divergence == "exact"
     torch.testing.assert_close(auto.values, r.values, atol=1e-12, rtol=0)
-    # the test NLL of `iterflow eval` runs the same loop
+    # the test NLL of `iterflow eval` runs the same loop (with the batch-wide error control)
     nll, _ = nll_per_sample(flow, x, spec=SolverSpec("dopri5", 16, 1e-9, 1e-9), divergence="exact")
-    torch.testing.assert_close(-nll, r.values, atol=1e-12, rtol=0)
+    batch = score_rows(flow, x, divergence="exact", error_norm="batch", **TIGHT)
+    torch.testing.assert_close(-nll, batch.values, atol=1e-12, rtol=0)
+    torch.testing.assert_close(-nll, r.values, atol=1e-7, rtol=0)
     summary = r.summary()
     assert summary["n"] == 64 and summary["median_stderr"] is None
     assert summary["min"] <= summary["mean"] <= summary["max"]
@@ -200,6 +202,51 @@ def test_bad_rows_are_named_before_anything_is_integrated(bad: str, needles: lis
         assert needle in str(info.value), (needle, str(info.value))
 
 
+class Radial(nn.Module):
+    """``v(x, s) = -k(x / |x|) (1 + cos 6s) x`` with a rate ``k`` that depends on the direction only
+    (0-homogeneous, so ``x . grad k = 0``): every ray is kept, ``x(1) = x exp(-k g)`` with
+    ``g = 1 + sin(6) / 6`` and ``div v = -d k (1 + cos 6s)``. ``k`` is 80 times larger around
+    one direction ``e``: the rows near it are the hard ones."""
+
+    def __init__(self, e: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("e", e)
+
+    def rate(self, x: Tensor) -> Tensor:
+        cos = (x @ self.e) / x.norm(dim=1)
+        return 0.5 + 40.0 * torch.exp(-50.0 * (1.0 - cos))
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        return -(self.rate(x) * (1 + torch.cos(6 * s)))[:, None] * x
+
+
+@pytest.mark.parametrize("dim", [2, 3, 8])
+def test_scores_hold_every_row_to_the_tolerance_by_default(dim: int) -> None:
+    gen = torch.Generator().manual_seed(dim)
+    e = torch.randn(dim, generator=gen, dtype=DT)
+    e = e / e.norm()
+    x = torch.randn(3000, dim, generator=gen, dtype=DT)
+    x[17] = 1.3 * e  # the hardest row
+    field = Radial(e)
+    flow = Flow([Block(field)], (dim,)).to(DT)
+    g = 1.0 + math.sin(6.0) / 6
+    k = field.rate(x)
+    z = x * torch.exp(-k * g)[:, None]
+    want = -0.5 * z.pow(2).sum(1) - 0.5 * dim * math.log(2 * math.pi) - dim * k * g
+    tol = 1e-6
+    default = score_rows(flow, x, divergence="exact", atol=tol, rtol=tol)
+    rows = score_rows(flow, x, divergence="exact", atol=tol, rtol=tol, error_norm="rows")
+    batch = score_rows(flow, x, divergence="exact", atol=tol, rtol=tol, error_norm="batch")
+    assert torch.equal(default.values, rows.values) and default.nfe == rows.nfe
+    for r in (rows, batch):  # both meet the closed form to within a few tolerance units
+        err = (r.values - want).abs() / (tol + tol * want.abs())
+        assert float(err.max()) < 5, (r.nfe, float(err.max()))
+    assert rows.nfe != batch.nfe  # the control reached the solver (different step sequences)
+    with pytest.raises(InputError) as info:
+        score_rows(flow, x[:4], error_norm="max")
+    assert info.value.argument == "error_norm"
+
+
 @pytest.mark.parametrize(
     "kwargs, argument",
     [
@@ -251,6 +298,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def flow_of(run: Path) -> Flow:
+    from iterflow.train import load_run
+
+    return load_run(run)[0]
+
+
 @pytest.fixture
 def rows() -> np.ndarray:
     return np.random.default_rng(0).normal(scale=2.0, size=(37, 2))
@@ -269,6 +322,13 @@ def test_cli_writes_npy_and_csv(
     out = tmp_path / "scores.npy"
     assert main(["score", str(tiny_run), "--data", str(data), "--out", str(out), *FAST]) == 0
     got = np.load(out)
+    # dopri5 with either error control (default rows) meets a tight reference
+    tight = score_rows(flow_of(tiny_run), rows, divergence="exact", **TIGHT).values.numpy()
+    for norm in ("rows", "batch"):
+        adaptive = tmp_path / f"adaptive_{norm}.npy"
+        args = ["--data", str(data), "--out", str(adaptive), "--error-norm", norm, "--quiet"]
+        assert main(["score", str(tiny_run), *args]) == 0
+        assert np.allclose(np.load(adaptive), tight, atol=1e-3, rtol=0)
     flow = load_run(tiny_run)[0]
     ref = score_rows(flow, rows, divergence="exact", solver="rk4", steps=4).values.numpy()
     assert got.shape == (37,) and np.allclose(got, ref, atol=1e-10, rtol=0)
@@ -337,6 +397,9 @@ def test_cli_bad_input_exits_2_naming_the_flag_and_the_row(
         for needle in needles:
             assert needle in err, (needle, err)
 
+    data = tmp_path / "rows.npy"
+    np.save(data, rows)
+    bad(["--data", str(data), "--error-norm", "max"], "--error-norm", "rows", "max")
     nan = tmp_path / "nan.npy"
     with_nan = rows.copy()
     with_nan[2, 1] = np.nan

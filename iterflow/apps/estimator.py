@@ -55,7 +55,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         solver, steps_per_block: the integration of :meth:`score_samples` and :meth:`sample`. The
             default fixed-step ``rk4`` makes each row's result independent of the other rows of
-            the call (an adaptive solver such as ``dopri5`` picks its steps for the whole batch).
+            the call (an adaptive solver such as ``dopri5`` picks its steps for the whole batch;
+            :meth:`score_samples` holds every row to its tolerance, ``error_norm="rows"``).
         divergence: the trace in :meth:`score_samples`: ``"auto"`` (exact up to
             :data:`~iterflow.core.integrand.EXACT_DIVERGENCE_MAX_DIM` features, one Hutchinson probe
             above: unbiased but noisy row by row), ``"exact"`` (exact per-row scores at any width,
@@ -159,7 +160,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         """
         check_is_fitted(self)
         x = self._tensor(self._validate(X, reset=False))
-        spec = SolverSpec(self.solver, self.steps_per_block)
+        spec = SolverSpec(self.solver, self.steps_per_block, error_norm="rows")
         check_choice(self.divergence, DIVERGENCES, "divergence")
         lp, _ = log_density_rows(self.flow_, x, spec=spec, divergence=self.divergence)
         return lp.cpu().numpy().astype(np.float64)

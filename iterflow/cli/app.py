@@ -70,6 +70,14 @@ def train(
     time_freqs: int | None = typer.Option(
         None, help=f"Fourier frequencies of the time embedding.{_PER_METHOD}"
     ),
+    x_freqs: int = typer.Option(
+        _D.x_freqs,
+        help="Random Fourier features of x in each block's MLP (0: none); they help the network "
+        "resolve thin structures (e.g. the img2d tree).",
+    ),
+    x_scale: float = typer.Option(
+        _D.x_scale, help="Standard deviation of their frequencies (cycles per standardised unit)."
+    ),
     zero_init: bool = typer.Option(
         _D.zero_init, help="Start each block's output layer at zero (the identity map)."
     ),
@@ -156,6 +164,8 @@ def train(
         hidden=None if hidden is None else parse_hidden(hidden),
         activation=activation,
         time_freqs=time_freqs,
+        x_freqs=x_freqs,
+        x_scale=x_scale,
         zero_init=zero_init,
         warm_start=warm_start,
         n_train=n_train,

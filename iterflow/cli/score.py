@@ -66,6 +66,11 @@ def score(
     steps: int = typer.Option(16, help="Fixed steps per block (fixed-step solvers)."),
     atol: float = typer.Option(1e-5, help="Absolute tolerance of adaptive solvers."),
     rtol: float = typer.Option(1e-5, help="Relative tolerance of adaptive solvers."),
+    error_norm: str = typer.Option(
+        "rows",
+        help="Error control of adaptive solvers: rows (every row meets the tolerance) or batch "
+        "(the RMS over a chunk: cheaper, a hard row can miss it).",
+    ),
     seed: int = typer.Option(0, help="Seed of the Hutchinson probes."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -108,6 +113,7 @@ def score(
             steps=steps,
             atol=atol,
             rtol=rtol,
+            error_norm=error_norm,
             generator=torch.Generator(device=flow.shift.device).manual_seed(seed),
             progress=advance,
         )

@@ -104,31 +104,31 @@ class SolverSpec:
 
 
 def row_rms_max(y: State) -> Tensor:
-    """The largest per-row RMS of a state (rows: the leading dimension of every tensor; a tuple's
-    tensors are joined row by row, e.g. a row's ``x`` entries and its log-density).
+    """The largest RMS of a state, taken row by row and tensor by tensor (rows: the leading
+    dimension; each tensor of a tuple on its own, e.g. a row's ``x`` entries and, apart, its
+    log-density): torchdiffeq's default mixed norm (the largest RMS over the tensors of a tuple)
+    applied to every row instead of to the whole batch.
 
     As an adaptive solver's error norm (``SolverSpec(error_norm="rows")``, passed to torchdiffeq as
-    ``options={"norm": ...}``) it accepts a step only when every row's scaled error is below one.
-    Tensors without a leading row dimension matching the first tensor's count as one row each.
+    ``options={"norm": ...}``) it accepts a step only when every row's scaled error is below one
+    in every tensor, so a row's log-density is held to the tolerance on its own, not diluted by
+    its ``d`` entries of ``x``. Tensors without a leading row dimension matching the first
+    tensor's count as one row each.
 
     Example:
-        >>> y = (torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.tensor([0.0, 1.0]))
-        >>> round(float(row_rms_max(y)), 4)  # row 0: sqrt((9 + 16 + 0) / 3)
-        2.8868
+        >>> y = (torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.tensor([0.0, 6.0]))
+        >>> float(row_rms_max(y))  # row 1's log-density; row 0's x: sqrt((9 + 16) / 2) = 3.54
+        6.0
     """
     parts = y if isinstance(y, tuple) else (y,)
     rows = parts[0].shape[0] if parts[0].dim() > 0 else 1
-    sq = parts[0].new_zeros(rows)
-    extra: list[Tensor] = []
-    n = 0
+    norms = []
     for p in parts:
         if p.dim() > 0 and p.shape[0] == rows:
-            sq = sq + p.reshape(rows, -1).pow(2).sum(1)
-            n += p[0].numel()
+            norms.append(p.reshape(rows, -1).pow(2).mean(1).sqrt().max())
         else:
-            extra.append(p.pow(2).mean().sqrt())
-    out = (sq / max(n, 1)).sqrt().max()
-    return torch.stack([out, *extra]).max() if extra else out
+            norms.append(p.pow(2).mean().sqrt())
+    return torch.stack(norms).max() if len(norms) > 1 else norms[0]
 
 
 def _axpy(y: State, terms: list[tuple[float, State]]) -> State:

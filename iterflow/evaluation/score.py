@@ -251,6 +251,7 @@ def score_rows(
     steps: int = 16,
     atol: float = 1e-5,
     rtol: float = 1e-5,
+    error_norm: str = "rows",
     generator: torch.Generator | None = None,
     progress: Progress | None = None,
 ) -> ScoreResult:
@@ -275,8 +276,15 @@ def score_rows(
             ``"gaussian"``.
         bits_per_dim: report ``-log p / (d ln 2)`` instead of ``log p`` in nats.
         chunk: largest batch handed to the solver (rows; rows times probes with Hutchinson).
-        solver, steps, atol, rtol: integration of the likelihood ODE (an adaptive solver picks its
-            steps for a whole chunk, so a row's value can move within the tolerance with its chunk).
+        solver, steps, atol, rtol: integration of the likelihood ODE.
+        error_norm: an adaptive solver's error control (:class:`~iterflow.core.ode.SolverSpec`).
+            ``rows`` (default for scores): a step is accepted only when every row of the chunk
+            meets the tolerance, so each score is as accurate as asked whatever rows share its
+            chunk; ``batch``: torchdiffeq's RMS over the chunk (the mean NLL of ``iterflow eval``),
+            cheaper, but one hard row among thousands can be off by far more than the tolerance.
+            Measured by ``benchmarks/bench_speed.py`` (results/speed_likelihood_t2.md): 12-43 %
+            more NFE, the largest per-row error 5-17 times smaller. Ignored when ``solver`` is a
+            :class:`~iterflow.core.ode.SolverSpec`.
         generator: randomness of the probes (default: a generator seeded with 0 on the flow's
             device, so results are reproducible).
         progress: called with ``(rows_done, n)`` after each chunk (a progress bar).
@@ -287,7 +295,11 @@ def score_rows(
     Raises:
         InputError: naming ``x`` (with the row), ``divergence``, ``probes``, ``chunk``, ``solver``...
     """
-    spec = solver if isinstance(solver, SolverSpec) else SolverSpec(solver, steps, atol, rtol)
+    spec = (
+        solver
+        if isinstance(solver, SolverSpec)
+        else SolverSpec(solver, steps, atol, rtol, error_norm=error_norm)
+    )
     kind = resolve_divergence(divergence, flow.dim)
     check_choice(probe_kind, PROBE_KINDS, "probe_kind")
     check_positive(chunk, "chunk", integer=True)

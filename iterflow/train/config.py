@@ -41,6 +41,9 @@ class TrainConfig:
         ema: decay of the weights' exponential moving average (0 disables it).
         network: ``mlp`` (more network kinds may be registered in :data:`iterflow.nn.NETWORKS`).
         hidden, activation, time_freqs, zero_init: MLP architecture (per block).
+        x_freqs, x_scale: random Fourier features of ``x`` in the MLP's first layer (their number,
+            0 for none, and the standard deviation of their frequencies in cycles per standardised
+            unit; :class:`~iterflow.core.nn.mlp.FourierInput`).
         warm_start: initialise block ``n`` from block ``n - 1`` (progressive methods).
         n_train, n_val, n_test: sizes of the splits (caps for file-backed data sets).
         standardize: affine normalisation recorded from the training data: ``dim`` (per-dimension mean
@@ -104,6 +107,8 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256, 256, 256)
     activation: str = "silu"
     time_freqs: int = 4
+    x_freqs: int = 0
+    x_scale: float = 1.0
     zero_init: bool = False
     warm_start: bool = True
     n_train: int = 200_000
@@ -135,6 +140,8 @@ class TrainConfig:
             object.__setattr__(self, name, value)
         for name in ("blocks", "n_train", "n_val", "n_test"):
             check_positive(getattr(self, name), name, integer=True)
+        check_positive(self.x_freqs, "x_freqs", integer=True, allow_zero=True)
+        check_positive(self.x_scale, "x_scale")
         self.optim_config()  # the loop's settings are validated where they are defined
         if self.dtype not in DTYPES:
             fail("dtype", f"must be one of {sorted(DTYPES)}", self.dtype)
@@ -331,7 +338,14 @@ def network_config(
             "time_freqs": cfg.time_freqs,
             "zero_init": cfg.zero_init,
             **classes,
+            **({"x_freqs": cfg.x_freqs, "x_scale": cfg.x_scale} if cfg.x_freqs > 0 else {}),
         }
+    if cfg.x_freqs > 0:
+        fail(
+            "x_freqs",
+            "is an option of the mlp network only (set 0 for other networks)",
+            cfg.x_freqs,
+        )
     return {"kind": cfg.network, "event_shape": list(event_shape), **cfg.net_options, **classes}
 
 

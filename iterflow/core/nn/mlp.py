@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iterflow.core.nn.mlp_jacobian import velocity_and_jacobian_terms
@@ -46,6 +47,45 @@ class FourierTime(nn.Module):
         return torch.cat([t, ang.sin(), ang.cos()], dim=1)
 
 
+class FourierInput(nn.Module):
+    """Random Fourier features of the input, ``[sin(x F), cos(x F)]`` with a fixed matrix
+    ``F = 2 pi * scale * N(0, 1)^{d x n}`` (Tancik et al., "Fourier features let networks learn
+    high frequency functions in low dimensional domains", NeurIPS 2020).
+
+    A ReLU or SiLU MLP on raw coordinates learns high frequencies slowly (its spectral bias); these
+    features hand the first layer oscillations of about ``scale`` cycles per unit of the
+    (standardised) data, which is what thin structures such as the branches of the img2d tree
+    need. ``F`` is drawn once from the global generator at construction (seeded per block by the
+    trainer) and kept as a buffer, so it is saved and loaded with the weights.
+
+    Example:
+        >>> f = FourierInput(2, 3, scale=1.0)
+        >>> f(torch.zeros(4, 2)).shape, f.out_features
+        (torch.Size([4, 6]), 6)
+    """
+
+    freqs: Tensor
+
+    def __init__(self, dim: int, n_freq: int, scale: float = 1.0) -> None:
+        super().__init__()
+        check_positive(n_freq, "x_freqs", integer=True)
+        check_positive(scale, "x_scale")
+        self.register_buffer("freqs", 2 * math.pi * scale * torch.randn(dim, n_freq))
+        self.out_features = 2 * n_freq
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, d) -> (B, 2n)
+        ang = x @ self.freqs.to(x.dtype)  # type: ignore[operator]
+        return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+    def tangents(self, x: Tensor, u: Tensor) -> Tensor:
+        """Directional derivatives of the features at ``x`` ``(B, d)`` along ``u`` ``(m, B or 1,
+        d)``: ``[cos(x F) * (u F), -sin(x F) * (u F)]``, ``(m, B, 2n)``."""
+        freqs: Tensor = self.freqs.to(x.dtype)  # type: ignore[operator]
+        ang = x @ freqs  # (B, n)
+        du = u @ freqs  # (m, B or 1, n)
+        return torch.cat([ang.cos() * du, -ang.sin() * du], dim=-1)
+
+
 class MLPVelocity(nn.Module):
     """Time-conditioned MLP velocity field for vectors ``x`` of shape ``(B, dim)``.
 
@@ -65,6 +105,9 @@ class MLPVelocity(nn.Module):
         time_freqs: number of Fourier frequencies of the time embedding (0: raw ``t`` only).
         zero_init: initialise the output layer to zero (the block starts as the identity map).
         num_classes: number of classes of the label conditioning (0: unconditional).
+        x_freqs: number of random Fourier features of ``x`` added to the first layer
+            (:class:`FourierInput`; 0: the raw coordinates only).
+        x_scale: standard deviation of their frequencies, in cycles per unit of ``x``.
 
     Example:
         >>> v = MLPVelocity(2, hidden=(32, 32))
@@ -84,9 +127,13 @@ class MLPVelocity(nn.Module):
         time_freqs: int = 0,
         zero_init: bool = False,
         num_classes: int = 0,
+        x_freqs: int = 0,
+        x_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_positive(dim, "dim", integer=True)
+        check_positive(x_freqs, "x_freqs", integer=True, allow_zero=True)
+        check_positive(x_scale, "x_scale")
         check_positive(num_classes, "num_classes", integer=True, allow_zero=True)
         if len(hidden) == 0:
             fail("hidden", "must list at least one hidden width", hidden)
@@ -124,6 +171,13 @@ class MLPVelocity(nn.Module):
         if zero_init:
             nn.init.zeros_(out.weight)
             nn.init.zeros_(out.bias)
+        # drawn last, so that networks without them initialise exactly as before
+        self.x_freqs, self.x_scale = int(x_freqs), float(x_scale)
+        self.fourier: FourierInput | None = None
+        self.inp_f: nn.Linear | None = None
+        if self.x_freqs > 0:
+            self.fourier = FourierInput(dim, self.x_freqs, self.x_scale)
+            self.inp_f = nn.Linear(self.fourier.out_features, hidden[0], bias=False)
 
     @contextmanager
     def condition(self, labels: Tensor | None) -> Iterator[None]:
@@ -187,6 +241,8 @@ class MLPVelocity(nn.Module):
         tc = time_column(t, x)  # (B, 1) or (1, 1)
         tf = self.time(tc) if self.time is not None else tc
         h = self.inp(x) + self.inp_t(tf)  # (B, H); the time term broadcasts
+        if self.fourier is not None and self.inp_f is not None:
+            h = h + self.inp_f(self.fourier(x))
         if self.inp_y is not None:
             y = self._label if y is None else y
             if y is None:
@@ -202,9 +258,18 @@ class MLPVelocity(nn.Module):
             self._check_labels(y, x.shape[0])  # raises: unconditional network
         return h
 
+    def input_tangents(self, x: Tensor, u: Tensor) -> Tensor:
+        """Directional derivatives of :meth:`first_layer` at ``x`` ``(B, d)`` along ``u`` ``(m, B
+        or 1, d)``: ``W_0 u`` plus the Fourier features' term, ``(m, B or 1, hidden[0])`` (time
+        and class terms do not depend on ``x``)."""
+        t0 = F.linear(u, self.inp.weight)
+        if self.fourier is not None and self.inp_f is not None:
+            t0 = t0 + F.linear(self.fourier.tangents(x, u), self.inp_f.weight)
+        return t0
+
     def config(self) -> dict:
         """JSON-serialisable constructor arguments (saved with checkpoints; ``num_classes`` only when
-        conditional, so unconditional configs read as before)."""
+        conditional and the Fourier features only when used, so other configs read as before)."""
         cfg = {
             "kind": "mlp",
             "dim": self.dim,
@@ -215,4 +280,6 @@ class MLPVelocity(nn.Module):
         }
         if self.num_classes > 0:
             cfg["num_classes"] = self.num_classes
+        if self.x_freqs > 0:
+            cfg["x_freqs"], cfg["x_scale"] = self.x_freqs, self.x_scale
         return cfg

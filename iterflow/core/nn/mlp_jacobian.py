@@ -1,16 +1,20 @@
 """Velocity and Jacobian terms of :class:`~iterflow.core.nn.MLPVelocity` in one forward pass.
 
 For ``v(x) = W_L a_{L-1}``, ``a_k = act(h_k)``, ``h_{k+1} = W_{k+1} a_k + b_{k+1}`` and
-``h_0 = W_0 x + (time, class terms)``, the directional derivatives ``J u = dv/dx u`` of ``m``
-tangents ``u`` travel through the layers with the values (forward-mode differentiation written out):
+``h_0 = W_0 x + W_f phi(x) + (time, class terms)`` (``phi``: the optional random Fourier features
+of ``x``, :class:`~iterflow.core.nn.mlp.FourierInput`), the directional derivatives
+``J u = dv/dx u`` of ``m`` tangents ``u`` travel through the layers with the values (forward-mode
+differentiation written out):
 
 .. math::
-    T_0 = W_0 u, \\qquad T_{k+1} = W_{k+1} (\\mathrm{act}'(h_k) \\odot T_k), \\qquad J u = T_L .
+    T_0 = W_0 u + W_f \\phi'(x) u, \\quad T_{k+1} = W_{k+1} (\\mathrm{act}'(h_k) \\odot T_k),
+    \\quad J u = T_L .
 
 The exact terms take the ``d`` basis vectors (``T_0 = W_0 e_i``, the columns of ``W_0``, shared by
-every row): ``tr J = sum_i (J e_i)_i`` and ``||J||_F^2 = sum_i |J e_i|^2``; only the diagonal of the
-last layer is formed for the trace. Hutchinson's estimates take ``K`` probes ``eps_k``:
-``mean_k eps_k^T J eps_k`` and ``mean_k |J eps_k|^2`` (the forward product; the autograd path of
+every row, plus the features' per-row term): ``tr J = sum_i (J e_i)_i`` and
+``||J||_F^2 = sum_i |J e_i|^2``; only the diagonal of the last layer is formed for the trace.
+Hutchinson's estimates take ``K`` probes ``eps_k``: ``mean_k eps_k^T J eps_k`` and
+``mean_k |J eps_k|^2`` (the forward product; the autograd path of
 :func:`iterflow.core.ode.jacobian_terms` uses the backward one, ``|eps_k^T J|^2``, equal in
 expectation). The class embedding and the time features add a per-row constant to ``h_0`` and do
 not enter the Jacobian.
@@ -38,14 +42,16 @@ from torch import Tensor, nn
 
 class LayeredMLP(Protocol):
     """What this module reads of an MLP velocity (:class:`~iterflow.core.nn.MLPVelocity`): the
-    first layer's ``x`` part ``inp``, the pre-activation ``first_layer(x, t, y)``, the
-    ``act, Linear, ..., act, Linear`` chain ``body`` and the hidden widths."""
+    pre-activation ``first_layer(x, t, y)``, its derivatives ``input_tangents(x, u)`` along
+    tangents ``u`` ``(m, B or 1, d)``, the ``act, Linear, ..., act, Linear`` chain ``body`` and the
+    hidden widths."""
 
-    inp: nn.Linear
     body: nn.Sequential
     hidden: tuple[int, ...]
 
     def first_layer(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor: ...
+
+    def input_tangents(self, x: Tensor, u: Tensor) -> Tensor: ...
 
 
 #: ``(h, a) -> act'(h)``: an activation's derivative at its input ``h`` (``a = act(h)``), twice
@@ -147,15 +153,18 @@ def velocity_and_jacobian_terms(
         slopes.append(fn(h, a))  # (B, H): act'(h)
         h = F.linear(a, lin.weight, lin.bias)
     v = h  # (B, d)
-    w0, w_out = net.inp.weight, linears[-1].weight  # (H_0, d), (d, H_L)
+    w_out = linears[-1].weight  # (d, H_L)
     b, d = x.shape
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
     chunk = max(1, TANGENT_BYTES // (b * max(net.hidden) * x.element_size()))
     divs: list[Tensor] = []
     frobs: list[Tensor] = []
     if probes is None:
         for i in range(0, d, chunk):
             cols = slice(i, min(i + chunk, d))
-            t0 = w0.t()[cols].unsqueeze(1).contiguous()  # (m, 1, H_0): W_0 e_i, shared by rows
+            # (m, 1 or B, H_0): the first layer's derivative along e_i (W_0 e_i, shared by the rows,
+            # plus a per-row term with Fourier features of x)
+            t0 = net.input_tangents(x, eye[cols].unsqueeze(1))
             tl = slopes[-1] * _push(t0, slopes[:-1], linears[:-1])  # (m, B, H_L)
             if frobenius:
                 ju = F.linear(tl, w_out)  # (m, B, d): J e_i
@@ -167,7 +176,7 @@ def velocity_and_jacobian_terms(
     else:
         for i in range(0, probes.shape[0], chunk):
             eps = probes[i : i + chunk]  # (m, B, d)
-            ju = _push(F.linear(eps, w0), slopes, linears)  # (m, B, d): J eps
+            ju = _push(net.input_tangents(x, eps), slopes, linears)  # (m, B, d): J eps
             divs.append((ju * eps).sum((0, 2)))
             if frobenius:
                 frobs.append(ju.pow(2).sum((0, 2)))
