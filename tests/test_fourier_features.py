@@ -124,3 +124,17 @@ def test_cli_trains_and_resumes_with_features(
     assert train("--x-freqs", "8", "--x-scale", "-1") == 2
     err = capsys.readouterr().err
     assert "--x-scale" in err and "Traceback" not in err
+
+
+def test_phases_keep_their_precision_under_autocast() -> None:
+    torch.manual_seed(0)
+    f = FourierInput(2, 64, scale=1.5)
+    x = 2 * torch.randn(256, 2)
+    want = f(x.double()).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = f(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)  # bfloat16 phases: ~0.1 off
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net = MLPVelocity(2, (16,), x_freqs=8)
+        assert torch.isfinite(net(x, torch.tensor(0.5))).all()

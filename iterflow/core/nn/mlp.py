@@ -73,16 +73,21 @@ class FourierInput(nn.Module):
         self.register_buffer("freqs", 2 * math.pi * scale * torch.randn(dim, n_freq))
         self.out_features = 2 * n_freq
 
+    def angles(self, x: Tensor) -> Tensor:
+        """``x F`` ``(B, n)`` in ``x``'s precision, also under autocast: phases of tens of radians
+        would lose a tenth of a radian in bfloat16 (the features, in [-1, 1], may be rounded)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return x @ self.freqs.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:  # (B, d) -> (B, 2n)
-        ang = x @ self.freqs.to(x.dtype)  # type: ignore[operator]
+        ang = self.angles(x)
         return torch.cat([ang.sin(), ang.cos()], dim=1)
 
     def tangents(self, x: Tensor, u: Tensor) -> Tensor:
         """Directional derivatives of the features at ``x`` ``(B, d)`` along ``u`` ``(m, B or 1,
         d)``: ``[cos(x F) * (u F), -sin(x F) * (u F)]``, ``(m, B, 2n)``."""
-        freqs: Tensor = self.freqs.to(x.dtype)  # type: ignore[operator]
-        ang = x @ freqs  # (B, n)
-        du = u @ freqs  # (m, B or 1, n)
+        ang = self.angles(x)  # (B, n)
+        du = u @ self.freqs.to(u.dtype)  # (m, B or 1, n)
         return torch.cat([ang.cos() * du, -ang.sin() * du], dim=-1)
 
 
