@@ -18,12 +18,16 @@ Usage::
 
     python benchmarks/bench_fig2_tree.py --budget 600 --threads 2
     OMP_NUM_THREADS=1 python benchmarks/bench_fig2_tree.py --budget 30 --threads 1   # quick look
+    # train one method again, the others taken from a former run (its --workdir and its JSON):
+    python benchmarks/bench_fig2_tree.py ... --workdir W --reuse fig2_tree.json --rerun jko
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -111,10 +115,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out-png", default=str(ROOT / "docs" / "images" / "fig2_tree.png"))
     ap.add_argument("--out-json", default=str(ROOT / "benchmarks" / "results" / "fig2_tree.json"))
     ap.add_argument("--workdir", default=None)
+    ap.add_argument(
+        "--reuse",
+        default=None,
+        metavar="JSON",
+        help="a former run's results (its run folders in the same --workdir): the "
+        "methods it holds are taken from it, not trained, except those in --rerun",
+    )
+    ap.add_argument(
+        "--rerun",
+        default="",
+        help="comma-separated methods to train again with --reuse (their former run folders in "
+        "--workdir are deleted)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     presets = dict(item.split("=", 1) for item in args.config)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_fig2_"))
+    former = json.loads(Path(args.reuse).read_text())["methods"] if args.reuse else {}
+    rerun = {m for m in args.rerun.split(",") if m}
     panels: list[tuple[str, np.ndarray]] = []
     rows: dict[str, Any] = {}
     data_pts: np.ndarray | None = None
@@ -129,8 +148,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         fill = args.fill == "steps" or (args.fill == "auto" and method not in presets)
         print(f"[{args.data}] {method}: budget {args.budget:g} s", flush=True)
         folder = work / f"{args.data}-{method}"
-        res = run_method(cfg, train_data, test, folder, args.budget, [args.budget], args.tol,
-                         fill, check_tol=False, clock=args.clock)  # fmt: skip
+        if method in former and method not in rerun:  # trained before: its record and folder
+            res = former[method]
+        else:
+            if method in rerun and folder.exists():  # its former run folder is replaced
+                shutil.rmtree(folder)
+            res = run_method(cfg, train_data, test, folder, args.budget, [args.budget], args.tol,
+                             fill, check_tol=False, clock=args.clock)  # fmt: skip
         last = res["checkpoints"][-1]
         flow = checkpoint_flow(folder, res_config(res), tuple(test.shape[1:]))
         pts = samples(flow, args.n_samples, args.seed, args.sample_tol)

@@ -174,7 +174,7 @@ def test_fig2_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
     bench_fig2_tree.main(["--budget", "1.5", "--threads", "1", "--methods", "cnf,jko", "--clock", "cpu",
                           "--n-test", "100", "--n-samples", "500", "--img2d-dir", str(IMG2D),
                           "--out-png", str(tmp_path / "fig2.png"),
-                          "--out-json", str(tmp_path / "fig2.json"),
+                          "--out-json", str(tmp_path / "fig2.json"), "--workdir", str(tmp_path / "w"),
                           *overrides(("cnf", "jko"))])  # fmt: skip
     out = json.loads((tmp_path / "fig2.json").read_text())
     assert set(out["methods"]) == {"cnf", "jko"} and out["clock"] == "cpu"
@@ -182,6 +182,17 @@ def test_fig2_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
         c = r["checkpoints"][-1]
         assert c["clock"] == "cpu" and c["train_s"] == c["cpu_s"] and c["trainer_s"] > 0
     assert (tmp_path / "fig2.png").stat().st_size > 0
+    # one method trained again, the other taken from the former run (its record and run folder)
+    bench_fig2_tree.main(["--budget", "1.5", "--threads", "1", "--methods", "cnf,jko", "--clock", "cpu",
+                          "--n-test", "100", "--n-samples", "500", "--img2d-dir", str(IMG2D),
+                          "--out-png", str(tmp_path / "again.png"),
+                          "--out-json", str(tmp_path / "again.json"), "--workdir", str(tmp_path / "w"),
+                          "--reuse", str(tmp_path / "fig2.json"), "--rerun", "jko",
+                          *overrides(("cnf", "jko")), "--overrides", "jko:hidden=8"])  # fmt: skip
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["methods"]["cnf"] == out["methods"]["cnf"]
+    assert again["methods"]["jko"]["config"]["hidden"] == [8]
+    assert (tmp_path / "again.png").stat().st_size > 0
 
 
 def test_tabular_tail_figures(bench: ModuleType) -> None:
