@@ -283,8 +283,8 @@ def score_rows(
             chunk; ``batch``: torchdiffeq's RMS over the chunk (the mean NLL of ``iterflow eval``),
             cheaper, but one hard row among thousands can be off by far more than the tolerance.
             Measured by ``benchmarks/bench_speed.py`` (results/speed_likelihood_t2.md, 2-64-D
-            at 1e-5): 23-73 % more NFE, the largest per-row error 6-18 times smaller. Ignored when ``solver`` is a
-            :class:`~iterflow.core.ode.SolverSpec`.
+            at 1e-5): 23-73 % more NFE, the largest per-row error 6-18 times smaller. Ignored
+            when ``solver`` is a :class:`~iterflow.core.ode.SolverSpec`.
         generator: randomness of the probes (default: a generator seeded with 0 on the flow's
             device, so results are reproducible).
         progress: called with ``(rows_done, n)`` after each chunk (a progress bar).
