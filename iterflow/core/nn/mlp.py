@@ -7,7 +7,7 @@ tensor (one time per sample, as in flow-matching training).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,12 +83,23 @@ class FourierInput(nn.Module):
         ang = self.angles(x)
         return torch.cat([ang.sin(), ang.cos()], dim=1)
 
-    def tangents(self, x: Tensor, u: Tensor) -> Tensor:
-        """Directional derivatives of the features at ``x`` ``(B, d)`` along ``u`` ``(m, B or 1,
-        d)``: ``[cos(x F) * (u F), -sin(x F) * (u F)]``, ``(m, B, 2n)``."""
+    def tangent_map(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """``u -> `` the directional derivatives of the features at ``x`` ``(B, d)`` along ``u``
+        ``(m, B or 1, d)``: ``[cos(x F) * (u F), -sin(x F) * (u F)]``, ``(m, B, 2n)``. The phases
+        are computed once, for all the tangents the map is applied to."""
         ang = self.angles(x)  # (B, n)
-        du = u @ self.freqs.to(u.dtype)  # (m, B or 1, n)
-        return torch.cat([ang.cos() * du, -ang.sin() * du], dim=-1)
+        cos, msin = ang.cos(), -ang.sin()
+        freqs: Tensor = self.freqs.to(x.dtype)
+
+        def tangents(u: Tensor) -> Tensor:
+            du = u @ freqs  # (m, B or 1, n)
+            return torch.cat([cos * du, msin * du], dim=-1)
+
+        return tangents
+
+    def tangents(self, x: Tensor, u: Tensor) -> Tensor:
+        """:meth:`tangent_map` at ``x`` applied to ``u``."""
+        return self.tangent_map(x)(u)
 
 
 class MLPVelocity(nn.Module):
@@ -263,14 +274,16 @@ class MLPVelocity(nn.Module):
             self._check_labels(y, x.shape[0])  # raises: unconditional network
         return h
 
-    def input_tangents(self, x: Tensor, u: Tensor) -> Tensor:
-        """Directional derivatives of :meth:`first_layer` at ``x`` ``(B, d)`` along ``u`` ``(m, B
-        or 1, d)``: ``W_0 u`` plus the Fourier features' term, ``(m, B or 1, hidden[0])`` (time
-        and class terms do not depend on ``x``)."""
-        t0 = F.linear(u, self.inp.weight)
-        if self.fourier is not None and self.inp_f is not None:
-            t0 = t0 + F.linear(self.fourier.tangents(x, u), self.inp_f.weight)
-        return t0
+    def input_tangent_map(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """``u -> `` the directional derivatives of :meth:`first_layer` at ``x`` ``(B, d)`` along
+        ``u`` ``(m, B or 1, d)``: ``W_0 u`` plus the Fourier features' term, ``(m, B or 1,
+        hidden[0])`` (time and class terms do not depend on ``x``); what depends on ``x`` alone is
+        computed once, for every chunk of tangents."""
+        w0 = self.inp.weight
+        if self.fourier is None or self.inp_f is None:
+            return lambda u: F.linear(u, w0)
+        features, w_f = self.fourier.tangent_map(x), self.inp_f.weight
+        return lambda u: F.linear(u, w0) + F.linear(features(u), w_f)
 
     def config(self) -> dict:
         """JSON-serialisable constructor arguments (saved with checkpoints; ``num_classes`` only when

@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 class LayeredMLP(Protocol):
     """What this module reads of an MLP velocity (:class:`~iterflow.core.nn.MLPVelocity`): the
-    pre-activation ``first_layer(x, t, y)``, its derivatives ``input_tangents(x, u)`` along
-    tangents ``u`` ``(m, B or 1, d)``, the ``act, Linear, ..., act, Linear`` chain ``body`` and the
+    pre-activation ``first_layer(x, t, y)``, the map ``input_tangent_map(x)`` of tangents ``u``
+    ``(m, B or 1, d)`` to its derivatives, the ``act, Linear, ..., act, Linear`` chain ``body`` and the
     hidden widths."""
 
     body: nn.Sequential
@@ -51,7 +51,7 @@ class LayeredMLP(Protocol):
 
     def first_layer(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor: ...
 
-    def input_tangents(self, x: Tensor, u: Tensor) -> Tensor: ...
+    def input_tangent_map(self, x: Tensor) -> Callable[[Tensor], Tensor]: ...
 
 
 #: ``(h, a) -> act'(h)``: an activation's derivative at its input ``h`` (``a = act(h)``), twice
@@ -155,16 +155,17 @@ def velocity_and_jacobian_terms(
     v = h  # (B, d)
     w_out = linears[-1].weight  # (d, H_L)
     b, d = x.shape
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    first = net.input_tangent_map(x)  # u -> T_0 (phases of Fourier features computed once)
     chunk = max(1, TANGENT_BYTES // (b * max(net.hidden) * x.element_size()))
     divs: list[Tensor] = []
     frobs: list[Tensor] = []
     if probes is None:
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
         for i in range(0, d, chunk):
             cols = slice(i, min(i + chunk, d))
             # (m, 1 or B, H_0): the first layer's derivative along e_i (W_0 e_i, shared by the rows,
             # plus a per-row term with Fourier features of x)
-            t0 = net.input_tangents(x, eye[cols].unsqueeze(1))
+            t0 = first(eye[cols].unsqueeze(1))
             tl = slopes[-1] * _push(t0, slopes[:-1], linears[:-1])  # (m, B, H_L)
             if frobenius:
                 ju = F.linear(tl, w_out)  # (m, B, d): J e_i
@@ -176,7 +177,7 @@ def velocity_and_jacobian_terms(
     else:
         for i in range(0, probes.shape[0], chunk):
             eps = probes[i : i + chunk]  # (m, B, d)
-            ju = _push(net.input_tangents(x, eps), slopes, linears)  # (m, B, d): J eps
+            ju = _push(first(eps), slopes, linears)  # (m, B, d): J eps
             divs.append((ju * eps).sum((0, 2)))
             if frobenius:
                 frobs.append(ju.pow(2).sum((0, 2)))
