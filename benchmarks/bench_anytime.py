@@ -697,14 +697,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def apply_overrides(cfg: TrainConfig, method: str, overrides: Sequence[str]) -> TrainConfig:
-    """``METHOD:KEY=VALUE`` overrides of TrainConfig fields (values coerced by the config)."""
+    """``METHOD:KEY=VALUE`` overrides of TrainConfig fields (values coerced by the config);
+    ``METHOD:options.NAME=VALUE`` sets one of the method's options, keeping the others."""
     given: dict[str, Any] = {}
+    options = dict(cfg.options)
     for item in overrides:
         target, _, kv = item.partition(":")
         if target != method:
             continue
         key, _, value = kv.partition("=")
-        given[key] = parse_value(key, value)
+        if key.startswith("options."):
+            options[key.removeprefix("options.")] = parse_value(key, value)
+            given["options"] = options
+        else:
+            given[key] = parse_value(key, value)
     return dataclasses.replace(cfg, **given) if given else cfg
 
 

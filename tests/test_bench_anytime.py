@@ -114,6 +114,18 @@ def test_filled_steps(bench: ModuleType) -> None:
     assert bench.filled_steps(1.0, 1.0, 10.0, 3) == 1  # at least one step
 
 
+def test_overrides_set_fields_and_single_options(bench: ModuleType) -> None:
+    from iterflow.train import TrainConfig
+
+    cfg = TrainConfig.for_method("fm")
+    out = bench.apply_overrides(cfg, "fm", ["fm:options.sigma=0.05", "fm:steps=10",
+                                            "cnf:steps=3", "fm:hidden=32,32"])  # fmt: skip
+    assert out.steps == 10 and out.hidden == (32, 32)
+    assert out.options == {**cfg.options, "sigma": 0.05}  # the method's other options kept
+    assert cfg.options.get("sigma") is None  # the given config is not changed
+    assert bench.apply_overrides(cfg, "jko", ["fm:steps=10"]) == cfg
+
+
 def test_tabular_ranking_and_gaussian(bench: ModuleType) -> None:
     import bench_tabular
     from scipy.stats import multivariate_normal
@@ -266,3 +278,20 @@ def test_bench_presets_trains_then_records_and_refuses_another_config(tmp_path: 
     (tmp_path / "runs" / run.name.replace("steps10", "steps11")).symlink_to(run)
     bad = subprocess.run(other, capture_output=True, text=True)
     assert bad.returncode != 0 and "holds another config" in bad.stderr
+
+
+def test_fourier_2d_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
+    import bench_fourier_2d
+
+    bench_fourier_2d.main(["--data", "moons", "--threads", "1", "--n-test", "200",
+                           "--variant", '{"steps": 30, "batch_size": 128}',
+                           "--variant", '{"steps": 20, "batch_size": 128, "x_freqs": 8}',
+                           "--out", str(tmp_path / "f2d")])  # fmt: skip
+    out = json.loads((tmp_path / "f2d.json").read_text())
+    first, second = out["rows"]
+    assert (first["steps"], second["steps"]) == (30, 20)
+    assert "minus_first" not in first and math.isfinite(second["minus_first_se"])
+    # the paired difference is that of the two means (the same test rows)
+    assert second["minus_first"] == pytest.approx(second["nll"] - first["nll"], abs=1e-9)
+    assert "x_freqs" in (tmp_path / "f2d.md").read_text()
+
