@@ -42,7 +42,7 @@ DATA = ("checkerboard", "8gaussians", "moons", "circles", "2spirals", "pinwheel"
         "swissroll", "gmm-2d", "rose", "tree")  # fmt: skip
 #: Flow matching's recommended settings, then 64 features of x at 1 cycle per standardised unit
 #: with 3,500 steps (the preset ``checkerboard-fourier``).
-VARIANTS = ('{}', '{"x_freqs": 64, "x_scale": 1.0, "steps": 3500}')
+VARIANTS = ("{}", '{"x_freqs": 64, "x_scale": 1.0, "steps": 3500}')
 
 
 def test_nll_rows(flow: Any, test: torch.Tensor) -> np.ndarray:
@@ -102,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--data", default=",".join(DATA))
-    ap.add_argument("--variant", action="append", default=None,
-                    help="TrainConfig settings as JSON (repeatable; the first is the reference)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="TrainConfig settings as JSON (repeatable; the first is the reference)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-test", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)

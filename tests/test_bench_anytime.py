@@ -294,4 +294,3 @@ def test_fourier_2d_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
     # the paired difference is that of the two means (the same test rows)
     assert second["minus_first"] == pytest.approx(second["nll"] - first["nll"], abs=1e-9)
     assert "x_freqs" in (tmp_path / "f2d.md").read_text()
-
