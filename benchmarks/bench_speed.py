@@ -31,9 +31,10 @@ What it measures (all on the same network: 3 hidden layers of 256, SiLU, input `
    tight reference; and the optimiser steps/s of the CNF and JKO-flow rose recipes through the
    one-pass Jacobian terms (eager, bf16 autocast, ``torch.compile``) and through autograd (the
    step before the one-pass terms). Threads and load average are recorded.
-6. Quality per second (section ``demo``): ``make demo``'s training, its seconds and test NLL gap to
-   ``log 32`` (median seconds of ``--demo-repeats`` interleaved runs); ``--demo-change JSON`` adds
-   variants of its settings.
+6. Quality per second (section ``demo``): ``make demo``'s training (the preset ``DEMO_PRESET``)
+   and flow matching's recommended settings (``iterflow train`` without a config), their seconds
+   and test NLL gap to ``log 32`` (median seconds of ``--demo-repeats`` interleaved runs);
+   ``--demo-change JSON`` adds variants of the recommended settings.
 7. A table of issue 14's targets against what the run measured.
 
 The libraries are optional benchmark extras: ``pip install --no-deps torchcfm flow_matching`` next to
@@ -43,6 +44,7 @@ a CPU build of torch (see ``pyproject.toml``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -525,13 +527,33 @@ def bench_quality(args: argparse.Namespace, device: torch.device) -> list[dict[s
     return rows
 
 
+#: The preset ``make demo`` trains (the Makefile's ``DEMO_CONFIG``; a test keeps the two equal).
+DEMO_PRESET = "checkerboard-fourier"
+
+
+def demo_configs(
+    args: argparse.Namespace, device: torch.device, changes: list[dict[str, Any]]
+) -> list[tuple[Any, TrainConfig]]:
+    """``make demo``'s configuration (``iterflow train --config DEMO_PRESET``, resolved by the CLI),
+    then flow matching's recommended settings (``iterflow train`` without a config: ``{}``), then
+    each of ``changes`` applied to those settings (``TrainConfig`` keyword arguments)."""
+    from bench_anytime import preset_config
+
+    demo = preset_config(DEMO_PRESET, "fm")
+    demo = dataclasses.replace(demo, seed=args.seed, device=str(device))
+    out: list[tuple[Any, TrainConfig]] = [(f"make demo (--config {DEMO_PRESET})", demo)]
+    for v in [{}, *changes]:
+        cfg = TrainConfig.for_method("fm", **{"seed": args.seed, "device": str(device), **v})
+        out.append((v, cfg))
+    return out
+
+
 def bench_demo(
-    args: argparse.Namespace, device: torch.device, variants: list[dict[str, Any]]
+    args: argparse.Namespace, device: torch.device, variants: list[tuple[Any, TrainConfig]]
 ) -> list[dict[str, Any]]:
-    """Quality per second: ``make demo``'s training (the defaults: flow matching on the checkerboard;
-    each variant's settings replace them, as ``TrainConfig`` keyword arguments; ``{}`` is the demo)
-    at this run's threads: its training seconds and its test NLL (exact trace, 5,000 test points)
-    against the entropy ``log 32`` of the checkerboard.
+    """Quality per second: ``make demo``'s training and variants of it (``demo_configs``) at this
+    run's threads: the training seconds and the test NLL (exact trace, 5,000 test points) against
+    the entropy ``log 32`` of the checkerboard.
 
     The variants are trained ``--demo-repeats`` times in interleaved rounds; a seeded run trains the
     same model every time (the NLL is evaluated once, from the last round), so the repeats only
@@ -539,10 +561,9 @@ def bench_demo(
     from iterflow.evaluation.evaluate import evaluate
 
     ds = get_dataset("checkerboard")
-    cfgs = [
-        TrainConfig.for_method("fm", **{"seed": args.seed, "device": str(device), **v})
-        for v in variants
-    ]  # as `iterflow train`
+    cfgs = [cfg for _, cfg in variants]
+    if any(cfg.data != "checkerboard" for cfg in cfgs):
+        raise ValueError("the demo's variants must train on the checkerboard")
     seconds: list[list[float]] = [[] for _ in cfgs]
     flows: list[Any] = [None] * len(cfgs)
     for _ in range(args.demo_repeats):
@@ -552,7 +573,7 @@ def bench_demo(
             seconds[i].append(sum(float(h["seconds_optimize"]) for h in res.history))
             flows[i] = (res.flow, res.splits.test)
     rows = []
-    for v, cfg, secs, (flow, test) in zip(variants, cfgs, seconds, flows):
+    for (v, _), cfg, secs, (flow, test) in zip(variants, cfgs, seconds, flows):
         m = evaluate(flow, test, entropy=ds.entropy(), n=5000, seed=args.seed)
         rows.append(
             {
@@ -760,7 +781,8 @@ def main() -> None:
         )
         result["quality"] = rows
     if "demo" not in args.skip:
-        rows = bench_demo(args, device, [{}, *(json.loads(c) for c in args.demo_change)])
+        changes = [json.loads(c) for c in args.demo_change]
+        rows = bench_demo(args, device, demo_configs(args, device, changes))
         result["demo"], result["demo_variants"] = rows[0], rows[1:]
         print(
             f"\n## Quality per second: the demo's training (median of {args.demo_repeats} "

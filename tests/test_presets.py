@@ -127,3 +127,35 @@ def test_the_rose_preset_runs_on_the_rose(tmp_path: Path, monkeypatch: pytest.Mo
     out = tmp_path / "rose"
     assert main(["train", "--config", "rose-jko", "--out", str(out), *TINY, "--no-report"]) == 0
     assert json.loads((out / "meta.json").read_text())["stages_done"] == 2
+
+
+def test_make_demo_trains_the_preset_the_speed_benchmark_measures(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The Makefile's demo recipe is a shipped flow-matching preset on the checkerboard, and it is
+    the one ``benchmarks/bench_speed.py`` times as ``make demo`` (issue 14's demo target)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    make = (root / "Makefile").read_text()
+    name = re.search(r"^DEMO_CONFIG \?= (\S+)$", make, re.M).group(1)
+    assert "--config $(DEMO_CONFIG)" in make.split("\ndemo:")[1].split("\n\n")[0]
+    bench = (root / "benchmarks" / "bench_speed.py").read_text()
+    assert f'DEMO_PRESET = "{name}"' in bench
+    cfg = train_config(printed(capsys, "train", "--config", name))
+    assert (cfg.method, cfg.data) == ("fm", "checkerboard")
+    # the benchmark's rows: make demo's config, then the recommended settings, then the changes
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(root / "benchmarks"))
+    import bench_speed
+
+    rows = bench_speed.demo_configs(
+        argparse.Namespace(seed=3), torch.device("cpu"), [{"lr": 0.004}]
+    )
+    (_, demo), (first, recommended), (change, changed) = rows
+    assert (demo.steps, demo.x_freqs, demo.seed) == (cfg.steps, cfg.x_freqs, 3)
+    assert first == {} and recommended.x_freqs == 0 and recommended.data == "checkerboard"
+    assert change == {"lr": 0.004} and changed.lr == 0.004 and changed.steps == recommended.steps
