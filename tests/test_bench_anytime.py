@@ -232,6 +232,8 @@ def test_tabular_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
                         *overrides(("fm", "jko"), ("n_val=100",))])  # fmt: skip
     out = json.loads((tmp_path / "tab.json").read_text())
     assert set(out["models"]) == {"gaussian", "fm", "jko"}
+    assert out["runs"]["fm"]["config"]["options"]["sigma"] == 0.05  # FM_TABLE_OPTIONS
+    assert "sigma" not in out["runs"]["jko"]["config"]["options"]
     assert len(out["ranking"]) == 3 and out["n_test"] == 300
     assert out["tol_check"]["abs_diff"] < 0.005
     assert "Paired comparisons" in (tmp_path / "tab.md").read_text()
