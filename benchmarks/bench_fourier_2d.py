@@ -29,9 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_anytime import mean_se, paired_difference  # noqa: E402
+from bench_anytime import mean_se, nll_rows, paired_difference  # noqa: E402
 from common import machine, table, write_json  # noqa: E402
 
 from iterflow.train import TrainConfig, train  # noqa: E402
@@ -43,13 +42,6 @@ DATA = ("checkerboard", "8gaussians", "moons", "circles", "2spirals", "pinwheel"
 #: Flow matching's recommended settings, then 64 features of x at 1 cycle per standardised unit
 #: with 3,500 steps (the preset ``checkerboard-fourier``).
 VARIANTS = ("{}", '{"x_freqs": 64, "x_scale": 1.0, "steps": 3500}')
-
-
-def test_nll_rows(flow: Any, test: torch.Tensor) -> np.ndarray:
-    """Per-row test NLL (nats): exact trace, dopri5 at 1e-5 over the batch, float64."""
-    with torch.no_grad():
-        lp = flow.to(torch.float64).log_prob(test.to(torch.float64), solver="dopri5")
-    return (-lp).numpy()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if test is None:
                 test = res.splits.test[: args.n_test]
             secs = sum(float(h["seconds_optimize"]) for h in res.history)
-            rows = test_nll_rows(res.flow, test)
+            rows, _ = nll_rows(res.flow, test, tol=1e-5, seed=args.seed)
             nll, se = mean_se(rows)
             row = {"data": name, "variant": json.dumps(v), "steps": cfg.steps,
                    "seconds_train": secs, "nll": nll, "nll_se": se}  # fmt: skip
