@@ -29,11 +29,11 @@ def test_features_and_their_tangents(dim: int) -> None:
     ang = x @ f.freqs
     torch.testing.assert_close(f(x), torch.cat([ang.sin(), ang.cos()], 1))
     u = torch.randn(3, 7, dim, dtype=DT)  # (m, B, d) tangents
-    got = f.tangents(x, u)
+    got = f.tangent_map(x)(u)
     for k in range(3):
         _, want = jvp(f, (x,), (u[k],))
         torch.testing.assert_close(got[k], want, atol=1e-12, rtol=0)
-    shared = f.tangents(x, u[:, :1])  # one tangent per probe, shared by the rows
+    shared = f.tangent_map(x)(u[:, :1])  # one tangent per probe, shared by the rows
     for k in range(3):
         _, want = jvp(f, (x,), (u[k, :1].expand(7, dim),))
         torch.testing.assert_close(shared[k], want, atol=1e-12, rtol=0)

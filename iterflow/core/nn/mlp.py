@@ -97,10 +97,6 @@ class FourierInput(nn.Module):
 
         return tangents
 
-    def tangents(self, x: Tensor, u: Tensor) -> Tensor:
-        """:meth:`tangent_map` at ``x`` applied to ``u``."""
-        return self.tangent_map(x)(u)
-
 
 class MLPVelocity(nn.Module):
     """Time-conditioned MLP velocity field for vectors ``x`` of shape ``(B, dim)``.
