@@ -54,6 +54,14 @@ method to pick at each mark, with the paired standard error of its difference to
 ``docs/images/anytime_<data>.png`` (the curves on a log time axis, the entropy floor and the published
 figures of the img2d README).
 
+Runs in parts. Each (data set, method) run also writes a part, ``results/anytime_parts/
+<data><tag>-<method>.json`` with ``_rows.npz`` (the per-row test NLLs at the checkpoints that stand
+for the marks), and the report is rebuilt from every part of ``<data><tag>`` whose settings (budget,
+clock, threads, tolerance, test rows, seed) match this run's: so the four hour-long methods of a data
+set can run in separate processes, side by side or in separate sessions, and be reported together
+(``--combine-only`` rebuilds the report from the parts without training). ``--tag`` names the report
+(``anytime_<data><tag>``), so that a longer run does not replace a shorter one's report.
+
 Usage (the full benchmark, on a quiet machine; about 4 hours per data set)::
 
     python benchmarks/bench_anytime.py --data rose,tree --budget 3600 --threads 2
@@ -665,20 +673,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--img", default=str(ROOT / "docs" / "images"))
     ap.add_argument("--workdir", default=None, help="keep the run folders here")
+    ap.add_argument("--tag", default="", help="report name suffix: anytime_<data><tag>")
+    ap.add_argument("--combine-only", action="store_true",
+                    help="rebuild the reports from the matching parts; train nothing")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     presets = dict(item.split("=", 1) for item in args.config)
     methods = [m for m in args.methods.split(",") if m]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_anytime_"))
     times = checkpoint_times(args.budget, args.first, args.per_decade)
+    parts = Path(args.results) / "anytime_parts"
     for data in [d for d in args.data.split(",") if d]:
-        result: dict[str, Any] = {"data": data, "budget": args.budget, "threads": args.threads,
-                                  "clock": args.clock,
-                                  "tol": args.tol, "n_test": args.n_test, "times": times,
-                                  "machine": machine(), "methods": {},
-                                  "published": PUBLISHED.get(data, [])}  # fmt: skip
-        entropy = None
-        rows: dict[str, list[np.ndarray]] = {}
+        settings = {"data": data, "budget": args.budget, "clock": args.clock,
+                    "threads": args.threads, "tol": args.tol, "n_test": args.n_test,
+                    "seed": args.seed}  # fmt: skip
+        extra = {"machine": machine(), "published": PUBLISHED.get(data, [])}
+        if args.combine_only:
+            cfg = method_config(methods[0], data, None, args.img2d_dir, args.seed)
+            extra["entropy"] = dataset_tensors(cfg, args.n_test)[2]
+            combine(parts, settings, args.tag, extra, Path(args.results), Path(args.img))
+            continue
         for method in methods:
             cfg = method_config(method, data, presets.get(method), args.img2d_dir, args.seed)
             cfg = apply_overrides(cfg, method, args.overrides)
@@ -689,11 +703,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             check = args.tol_check == "all" or method in args.tol_check.split(",")
             run = run_method(cfg, train_data, test, folder, args.budget, times, args.tol, fill,
                              check, args.clock)  # fmt: skip
-            rows[method] = [c.pop("rows") for c in run["checkpoints"]]
-            result["methods"][method] = run
-            result["entropy"] = entropy  # written after every method: a crash keeps the others
-            curves = curves_of(result["methods"], rows)
-            write_results(data, result, curves, Path(args.results), Path(args.img))
+            rows = [c.pop("rows") for c in run["checkpoints"]]
+            run["times"] = times
+            # written after every method (a crash keeps the others), then the report from all
+            # the matching parts, this session's and earlier ones'
+            save_part(parts, f"{data}{args.tag}-{method}", settings, run, rows, args.budget)
+            extra["entropy"] = entropy
+            combine(parts, settings, args.tag, extra, Path(args.results), Path(args.img))
 
 
 def apply_overrides(cfg: TrainConfig, method: str, overrides: Sequence[str]) -> TrainConfig:
@@ -727,17 +743,94 @@ def parse_value(key: str, text: str) -> Any:
 
 
 def write_results(
-    data: str, result: dict[str, Any], curves: dict[str, dict[str, Any]], res: Path, img: Path
+    data: str,
+    result: dict[str, Any],
+    curves: dict[str, dict[str, Any]],
+    res: Path,
+    img: Path,
+    tag: str = "",
 ) -> None:
-    """Write ``anytime_<data>.json`` / ``.md`` under ``res`` and the PNG under ``img``."""
-    plot(curves, data, result["entropy"], img / f"anytime_{data}.png", result["budget"],
+    """Write ``anytime_<data><tag>.json`` / ``.md`` under ``res`` and the PNG under ``img``."""
+    plot(curves, data, result["entropy"], img / f"anytime_{data}{tag}.png", result["budget"],
          f"{data}: test NLL against training time ({result['threads']} thread(s))",
          CLOCK_NAMES[result.get("clock", "train")])  # fmt: skip
     md = markdown(data, result, curves)
     result["marks_table"] = marks_table(curves, result["budget"])
-    write_json(str(res / f"anytime_{data}.json"), result)
-    (res / f"anytime_{data}.md").write_text(md)
+    write_json(str(res / f"anytime_{data}{tag}.json"), result)
+    (res / f"anytime_{data}{tag}.md").write_text(md)
     print(md)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parts: one (data set, method) run each, combined into one report
+# ------------------------------------------------------------------------------------------------
+
+#: Settings that must agree for parts to share a report.
+PART_KEYS = ("data", "budget", "clock", "threads", "tol", "n_test", "seed")
+
+
+def save_part(parts: Path, name: str, settings: dict[str, Any], run: dict[str, Any],
+              rows: list[np.ndarray], budget: float) -> None:
+    """Write part ``name`` (``<data><tag>-<method>``): ``settings`` and the method's ``run``
+    record as JSON, and the per-row NLLs of the checkpoints that stand for the marks
+    (:func:`index_at`; what :func:`pick_lines` needs) and of the last one as ``_rows.npz``
+    (float32)."""
+    times = [c["train_s"] for c in run["checkpoints"]]
+    keep = sorted({i for m in MARKS if (i := index_at(times, m, budget)) is not None}
+                  | ({len(times) - 1} if times else set()))  # fmt: skip
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp = parts / f".{name}_rows.tmp.npz"
+    np.savez_compressed(tmp, index=np.asarray(keep, dtype=np.int64),
+                        rows=np.stack([rows[i] for i in keep]).astype(np.float32)
+                        if keep else np.zeros((0, 0), np.float32))  # fmt: skip
+    os.replace(tmp, parts / f"{name}_rows.npz")
+    part = {**settings, "written": time.strftime("%Y-%m-%d %H:%M:%S"), "run": run}
+    tmp_json = parts / f".{name}.tmp.json"
+    write_json(str(tmp_json), part)
+    os.replace(tmp_json, parts / f"{name}.json")
+
+
+def load_parts(
+    parts: Path, data: str, tag: str, settings: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[np.ndarray | None]], list[str]]:
+    """The parts of ``<data><tag>`` whose :data:`PART_KEYS` equal ``settings``': their run
+    records and per-checkpoint rows (``None`` where not stored), in :data:`METHOD_ORDER`; and
+    one line per part left out (with the setting that differs)."""
+    runs: dict[str, dict[str, Any]] = {}
+    rows: dict[str, list[np.ndarray | None]] = {}
+    skipped: list[str] = []
+    for method in METHOD_ORDER:
+        path = parts / f"{data}{tag}-{method}.json"
+        if not path.is_file():
+            continue
+        part = load_json(path, "part")
+        bad = [k for k in PART_KEYS if part.get(k) != settings.get(k)]
+        if bad:
+            skipped.append(f"{path.name}: " + ", ".join(
+                f"{k} {part.get(k)!r} (this run {settings.get(k)!r})" for k in bad))  # fmt: skip
+            continue
+        with np.load(parts / f"{data}{tag}-{method}_rows.npz", allow_pickle=False) as z:
+            index, stored = z["index"].tolist(), z["rows"].astype(np.float64)
+        per: list[np.ndarray | None] = [None] * len(part["run"]["checkpoints"])
+        for k, i in enumerate(index):
+            per[i] = stored[k]
+        runs[method], rows[method] = part["run"], per
+    return runs, rows, skipped
+
+
+def combine(parts: Path, settings: dict[str, Any], tag: str, extra: dict[str, Any],
+            res: Path, img: Path) -> dict[str, Any] | None:
+    """Rebuild the report of ``settings['data']`` and ``tag`` from the matching parts."""
+    data = settings["data"]
+    runs, rows, skipped = load_parts(parts, data, tag, settings)
+    for line in skipped:
+        print(f"  part left out (other settings): {line}", flush=True)
+    if not runs:
+        print(f"[{data}] no part of anytime_{data}{tag} matches these settings", flush=True)
+        return None
+    result = {**settings, **extra, "methods": runs, "parts": sorted(runs)}
+    write_results(data, result, curves_of(runs, rows), res, img, tag)
+    return result
 
 
 if __name__ == "__main__":

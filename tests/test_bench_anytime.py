@@ -163,13 +163,26 @@ needs_img2d = pytest.mark.skipif(not (IMG2D / "img_rose.png").is_file(), reason=
 @needs_img2d
 def test_anytime_end_to_end(bench: ModuleType, tmp_path: Path) -> None:
     methods = ("local-fm", "fm")  # the Fig. 2 run below covers cnf and jko
-    bench.main(["--data", "rose", "--methods", ",".join(methods), "--budget", "2",
-                "--threads", "1", "--first", "1",
-                "--per-decade", "2", "--n-test", "200", "--tol-check", "all", "--img2d-dir", str(IMG2D),
-                "--results", str(tmp_path / "res"), "--img", str(tmp_path / "img"),
-                "--workdir", str(tmp_path / "runs"), *overrides(methods)])  # fmt: skip
+    common = ["--data", "rose", "--threads", "1", "--first", "1", "--per-decade", "2",
+              "--n-test", "200", "--tol-check", "all", "--img2d-dir", str(IMG2D),
+              "--results", str(tmp_path / "res"), "--img", str(tmp_path / "img"),
+              "--workdir", str(tmp_path / "runs"), *overrides(methods)]  # fmt: skip
+    # two separate processes' worth of runs, one method each: the report combines their parts
+    for m in methods:
+        bench.main([*common, "--methods", m, "--budget", "2"])
     out = json.loads((tmp_path / "res" / "anytime_rose.json").read_text())
-    assert set(out["methods"]) == set(methods)
+    assert set(out["methods"]) == set(methods) and out["parts"] == sorted(methods)
+    parts = tmp_path / "res" / "anytime_parts"
+    with np.load(parts / "rose-fm_rows.npz") as z:
+        assert z["rows"].shape == (len(z["index"]), 200) and np.isfinite(z["rows"]).all()
+    # a part with other settings is left out of a report, never mixed in
+    (tmp_path / "res" / "anytime_rose.json").unlink()
+    bench.main([*common, "--methods", "fm", "--budget", "3", "--combine-only"])
+    assert not (tmp_path / "res" / "anytime_rose.json").exists()
+    bench.main([*common, "--methods", "fm", "--budget", "2", "--combine-only"])
+    assert set(json.loads((tmp_path / "res" / "anytime_rose.json").read_text())["methods"]) == set(
+        methods
+    )
     for r in out["methods"].values():
         times = [c["train_s"] for c in r["checkpoints"]]
         assert times and times == sorted(times) and all(np.isfinite(c["nll"]) for c in
