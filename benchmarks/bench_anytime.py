@@ -769,8 +769,14 @@ def write_results(
 PART_KEYS = ("data", "budget", "clock", "threads", "tol", "n_test", "seed")
 
 
-def save_part(parts: Path, name: str, settings: dict[str, Any], run: dict[str, Any],
-              rows: list[np.ndarray], budget: float) -> None:
+def save_part(
+    parts: Path,
+    name: str,
+    settings: dict[str, Any],
+    run: dict[str, Any],
+    rows: list[np.ndarray],
+    budget: float,
+) -> None:
     """Write part ``name`` (``<data><tag>-<method>``): ``settings`` and the method's ``run``
     record as JSON, and the per-row NLLs of the checkpoints that stand for the marks
     (:func:`index_at`; what :func:`pick_lines` needs) and of the last one as ``_rows.npz``
@@ -818,8 +824,9 @@ def load_parts(
     return runs, rows, skipped
 
 
-def combine(parts: Path, settings: dict[str, Any], tag: str, extra: dict[str, Any],
-            res: Path, img: Path) -> dict[str, Any] | None:
+def combine(
+    parts: Path, settings: dict[str, Any], tag: str, extra: dict[str, Any], res: Path, img: Path
+) -> dict[str, Any] | None:
     """Rebuild the report of ``settings['data']`` and ``tag`` from the matching parts."""
     data = settings["data"]
     runs, rows, skipped = load_parts(parts, data, tag, settings)
