@@ -314,6 +314,8 @@ def run_state(folder: Path, steps: int) -> tuple[float, int]:
     stage's optimisation) and its global optimiser steps (``steps`` per stage)."""
     meta = read_meta(RunDir(folder), "out") if (folder / "manifest.json").exists() else None
     seconds = sum(float(r["seconds"]) for r in meta["history"]) if meta else 0.0
+    if meta and meta.get("rejected") is not None:  # a stage trained, then dropped (JKO val_stop)
+        seconds += float(meta["rejected"]["seconds"])
     done = int(meta["stages_done"]) if meta else 0
     step = 0
     progress = folder / "progress.json"

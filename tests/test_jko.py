@@ -263,6 +263,92 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_chain(tmp_path: Path) 
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0)
 
 
+def test_kl_proxy_change_is_the_paired_change_of_the_proxy(tmp_path: Path) -> None:
+    """``kl_proxy_change`` of block ``n`` is ``kl_proxy_n - kl_proxy_{n-1}`` (``E|x_0|^2/2`` before
+    the first), and its standard error is that of the per-particle change, far below the proxy's
+    own spread over the particles."""
+    res = train(_small_cfg(_gaussian_file(tmp_path), blocks=3), tmp_path / "run")
+    val = res.splits.val.to(DT)
+    proxies = [float(0.5 * val.pow(2).sum(1).mean())] + [r["kl_proxy"] for r in res.history]
+    for n, r in enumerate(res.history):
+        assert r["kl_proxy_change"] == pytest.approx(proxies[n + 1] - proxies[n], abs=1e-10)
+        assert 0 < r["kl_proxy_change_se"] < float(0.5 * val.pow(2).sum(1).std()) / math.sqrt(300)
+
+
+@pytest.mark.parametrize(
+    ("options", "record", "expected"),
+    [
+        ({}, {"stage": 3, "kl_proxy_change": 1.0, "kl_proxy_change_se": 0.1}, False),  # off
+        ({"val_stop": True}, {"stage": 3, "kl_proxy_change": 0.01, "kl_proxy_change_se": 0.1}, True),
+        ({"val_stop": True}, {"stage": 3, "kl_proxy_change": -0.2, "kl_proxy_change_se": 0.1}, False),
+        ({"val_stop": True, "val_stop_z": 2}, {"stage": 3, "kl_proxy_change": 0.15,
+                                               "kl_proxy_change_se": 0.1}, False),  # fmt: skip
+        ({"val_stop": True, "val_stop_z": 2}, {"stage": 3, "kl_proxy_change": 0.25,
+                                               "kl_proxy_change_se": 0.1}, True),  # fmt: skip
+        ({"val_stop": True}, {"stage": 3, "kl_proxy_change": math.nan,
+                              "kl_proxy_change_se": math.nan}, True),  # fmt: skip
+        ({"val_stop": True}, {"stage": 0, "kl_proxy_change": 5.0, "kl_proxy_change_se": 0.1}, False),
+    ],
+)
+def test_val_stop_rule(options: dict, record: dict, expected: bool) -> None:
+    cls = METHODS["jko"]
+    method = cls(parse_options(cls, options), event_shape=(2,), num_blocks=5)
+    assert method.reject_stage(record) is expected
+
+
+def test_a_rejected_stage_is_dropped_and_ends_the_chain_also_after_a_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's side of ``reject_stage``: stage 2 (0-based) is trained, dropped, recorded as
+    ``rejected``; the run keeps blocks 0 and 1, loads with them, and a second call trains nothing.
+    An interrupted run resumed inside the rejected stage ends the same way."""
+    from iterflow.apps.report import eval_run
+    from iterflow.train import load_run
+
+    monkeypatch.setattr(METHODS["jko"], "reject_stage", lambda self, record: record["stage"] == 2)
+    cfg = _small_cfg(_gaussian_file(tmp_path), blocks=4, steps=20, checkpoint_every=5)
+    res = train(cfg, tmp_path / "a")
+    assert len(res.history) == 2 and res.flow.num_blocks == 2
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["stages_done"] == 2 and meta["rejected"]["stage"] == 2
+    assert meta["train_seconds"] == pytest.approx(
+        sum(r["seconds"] for r in meta["history"]) + meta["rejected"]["seconds"]
+    )
+    assert not RunDir(tmp_path / "a").progress_meta.exists()
+    assert not (tmp_path / "a" / "blocks" / "block_002.safetensors").exists()
+    again = train(cfg, tmp_path / "a")  # resumes a finished run: nothing to train
+    assert len(again.history) == 2
+    flow, _, _ = load_run(tmp_path / "a")
+    assert flow.num_blocks == 2
+    assert eval_run(tmp_path / "a", n=50)["rejected_stage"]["stage"] == 2
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", stop_after_steps=47)  # inside stage 2
+    res_b = train(cfg, tmp_path / "b")
+    for pa, pb in zip(res.flow.state_dict().values(), res_b.flow.state_dict().values()):
+        torch.testing.assert_close(pa, pb, atol=1e-9, rtol=0)
+    meta_b = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta_b["rejected"]["kl_proxy"] == pytest.approx(meta["rejected"]["kl_proxy"])
+
+
+def test_val_stop_drops_a_block_that_fits_the_training_particles(tmp_path: Path) -> None:
+    """Data already N(0, I), 48 training rows, weak proximal term, no smoothing: the blocks can
+    only fit the training particles, which raises the held-out proxy. With ``val_stop`` the chain
+    ends at the first such block after the first, and every kept block after the first lowered
+    the validation proxy."""
+    x = np.random.default_rng(1).standard_normal((2048, 2))
+    path = tmp_path / "normal.npy"
+    np.save(path, x.astype(np.float32))
+    cfg = _small_cfg(str(path), blocks=4, steps=150, n_train=48, n_val=1000, n_test=1000,
+                     batch_size=48, hidden=(64, 64), ema=0.0,
+                     options={"gamma": 5.0, "substeps": 2, "push_steps": 8, "val_stop": True})  # fmt: skip
+    res = train(cfg, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    rejected = meta.get("rejected")
+    assert rejected is not None and rejected["stage"] == len(res.history) < 4
+    assert rejected["kl_proxy_change"] > 0
+    assert all(r["kl_proxy_change"] <= 0 for r in res.history[1:])
+
+
 def test_movement_tolerance_stops_the_chain(tmp_path: Path) -> None:
     cfg = _small_cfg(
         _gaussian_file(tmp_path), steps=10, options={"gamma": 0.5, "substeps": 1, "stop_tol": 1e6}
@@ -281,6 +367,8 @@ def test_movement_tolerance_stops_the_chain(tmp_path: Path) -> None:
         {"substeps": "0"},
         {"divergence": "trace"},
         {"stop_tol": "-1"},
+        {"val_stop_z": "-1"},
+        {"val_stop": "maybe"},
         {"push_solver": "nope"},
         {"nonsense": "1"},
     ],

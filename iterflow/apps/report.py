@@ -63,6 +63,10 @@ def eval_run(
     out["per_block"] = [
         {k: v for k, v in r.items() if isinstance(v, (int, float))} for r in meta["history"]
     ]
+    if meta.get("rejected") is not None:  # the stage the chain ended before (JKO's val_stop)
+        out["rejected_stage"] = {
+            k: v for k, v in meta["rejected"].items() if isinstance(v, (int, float))
+        }
     return out
 
 

@@ -73,6 +73,11 @@ class RichReporter:
         shown = " ".join(
             f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), (int, float))
         )
+        if record.get("rejected"):
+            change = record.get("kl_proxy_change", float("nan"))
+            se = record.get("kl_proxy_change_se", float("nan"))
+            shown = (f"dropped, the chain ends before it (validation kl_proxy change "
+                     f"{change:+.4g} ± {se:.2g}); {shown}")  # fmt: skip
         self.console.print(f"  block(s) {record.get('blocks')}: {shown}")
 
 

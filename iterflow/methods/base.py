@@ -190,6 +190,14 @@ class Method(ABC):
         """Whether to stop adding blocks early (checked after every stage)."""
         return False
 
+    def reject_stage(self, record: dict[str, Any]) -> bool:
+        """Whether to drop the stage just trained, from its record (its losses, movement and
+        :meth:`stage_report` figures on the validation particles), and end the chain before it.
+        The trainer then neither adds nor saves its blocks; it keeps the record as the run's
+        ``rejected`` entry (its time counts), and a resumed run stops there too."""
+        del record
+        return False
+
 
 def parse_options(cls: type[Method], raw: Mapping[str, Any]) -> MethodOptions:
     """``cls.Options`` from text (``-o gamma=0.5``) or values, each coerced once by its field's

@@ -23,6 +23,8 @@ with its ``auto`` divergence rule); :func:`kl_proxy_report` is shared with JKO-f
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +74,16 @@ def kl_proxy_report(
         chunk: particles per integration call.
 
     Returns:
-        ``{"logdet": E[log-det of the stage], "kl_proxy": E[|x_n|^2/2] - (logdet_before + logdet)}``.
+        ``{"logdet": E[log-det of the stage], "kl_proxy": E[|x_n|^2/2] - (logdet_before + logdet),
+        "kl_proxy_change", "kl_proxy_change_se"}``: the last two are the mean and standard error
+        of the per-particle change ``|x_n|^2/2 - |x_{n-1}|^2/2 - log det`` the stage made to the
+        proxy (``kl_proxy`` minus the previous stage's, or minus ``E|x_0|^2/2`` for the first):
+        paired on the same particles, so its error is that of the change, not of the proxy
+        (what a stopping rule on held-out particles needs, :class:`~iterflow.methods.jko.JKO`).
     """
     gen = torch.Generator(device=before.device).manual_seed(seed)
     divs, energies = [], []
+    energies_before = 0.5 * before.pow(2).reshape(before.shape[0], -1).sum(1)
     for part in before.split(chunk):
         eps = draw_probes(part, divergence, probes, probe_kind, gen)
         r = integrate_chain(
@@ -89,9 +97,17 @@ def kl_proxy_report(
         )
         divs.append(r.div)
         energies.append(0.5 * r.z.pow(2).reshape(r.z.shape[0], -1).sum(1))
-    logdet = float(torch.cat(divs).sum() / before.shape[0])
-    energy = float(torch.cat(energies).mean())
-    return {"logdet": logdet, "kl_proxy": energy - (logdet_before + logdet)}
+    div, energy = torch.cat(divs), torch.cat(energies)
+    change = (energy - energies_before.to(energy.dtype) - div).double()
+    n = change.shape[0]
+    change_se = float(change.std() / math.sqrt(n)) if n > 1 else float("nan")
+    logdet = float(div.sum() / n)
+    return {
+        "logdet": logdet,
+        "kl_proxy": float(energy.mean()) - (logdet_before + logdet),
+        "kl_proxy_change": float(change.mean()),
+        "kl_proxy_change_se": change_se,
+    }
 
 
 @torch.no_grad()

@@ -13,7 +13,9 @@ is integrated by a fixed-step solver (RK4 by default) over ``substeps`` sub-step
 push-forward of ``p_{n-1}`` by the block. The step sizes follow a constant, geometric
 (``gamma_n = gamma * growth^(n-1)``) or adaptive schedule (``gamma`` grown from the blocks' measured
 W2 movement; :mod:`iterflow.methods.jko_schedule`), optionally capped, and the chain stops early
-once a block moves the particles less than ``stop_tol`` (``E|x_n - x_{n-1}|^2``).
+once a block moves the particles less than ``stop_tol`` (``E|x_n - x_{n-1}|^2``) or, with
+``val_stop``, at the first block that makes the validation particles' ``kl_proxy`` worse (that
+block is dropped).
 
 Per block the run's history records ``gamma``, ``logdet`` (mean log-determinant of the block),
 ``kl_proxy`` (``E[|x_n|^2/2 - L_n]``, the KL to ``N(0, I)`` up to a constant of the data; see
@@ -47,6 +49,8 @@ dimensions (the ``jko_block`` rows of ``benchmarks/results/closed_form.md`` and
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +115,14 @@ class JKOOptions(MethodOptions):
             stalled earlier than with the constant weight, so the recipes keep ``constant``.
         stop_tol: stop adding blocks once a block's movement ``E|x_n - x_{n-1}|^2`` is below this
             (0: train every block).
+        val_stop: end the chain at the first block that raises the ``kl_proxy`` of the validation
+            particles (the partial chain's validation NLL, up to a constant) by more than
+            ``val_stop_z`` standard errors of the change (``kl_proxy_change`` and its ``_se``,
+            paired over the particles), and drop that block: the run keeps the chain that was
+            best on held-out data (the first block is always kept). Catches what the movement rule cannot: later blocks that fit
+            the fixed training particles (a chain with Fourier features of x on the tree got
+            worse block after block from the fourth on, issue 15).
+        val_stop_z: the standard errors a rise must exceed to end the chain (0: any rise).
         push_solver, push_steps: solver carrying the particles to the next block (and of the report).
     """
 
@@ -128,6 +140,8 @@ class JKOOptions(MethodOptions):
     jacobian: float = 0.0
     jacobian_schedule: str = "constant"
     stop_tol: float = 0.0
+    val_stop: bool = False
+    val_stop_z: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive(self.gamma, "option 'gamma'")
@@ -150,6 +164,7 @@ class JKOOptions(MethodOptions):
         check_positive(self.jacobian, "option 'jacobian'", allow_zero=True)
         check_choice(self.jacobian_schedule, JACOBIAN_SCHEDULES, "option 'jacobian_schedule'")
         check_positive(self.stop_tol, "option 'stop_tol'", allow_zero=True)
+        check_positive(self.val_stop_z, "option 'val_stop_z'", allow_zero=True)
 
     def gamma_at(self, index: int, movements: tuple[float, ...] = ()) -> float:
         """``gamma_n`` of the block with 0-based ``index``; the ``adaptive`` schedule reads the W2
@@ -300,3 +315,14 @@ class JKOFlow(Method):
         self._movements = tuple(history_movements(history))
         o: JKOOptions = self.options  # type: ignore[assignment]
         return o.stop_tol > 0 and float(history[-1]["movement"]) < o.stop_tol
+
+    def reject_stage(self, record: dict[str, Any]) -> bool:
+        """With ``val_stop``: whether the block raised the validation ``kl_proxy`` by more than
+        ``val_stop_z`` standard errors of the change (see :class:`JKOOptions`)."""
+        o: JKOOptions = self.options  # type: ignore[assignment]
+        if not o.val_stop or "kl_proxy_change" not in record or int(record["stage"]) == 0:
+            return False  # the first block is always kept: a chain has at least one
+        change, se = float(record["kl_proxy_change"]), float(record["kl_proxy_change_se"])
+        if not math.isfinite(change):
+            return True  # a block whose figures are not finite is never kept
+        return change > o.val_stop_z * (se if math.isfinite(se) else 0.0)

@@ -249,6 +249,8 @@ def train_tensors(
         cur_train, cur_val = norm.normalize(train_x), norm.normalize(val_x)
     budget = StepBudget(stop_after_steps)
     for k in range(done, len(stages)):
+        if meta.get("rejected") is not None:  # a resumed run whose chain ended at a dropped stage
+            break
         if meta["history"] and method.should_stop(meta["history"]):
             break
         t_stage = time.perf_counter()
@@ -277,6 +279,15 @@ def train_tensors(
         record["seconds"] = float(record.get("seconds_before_resume", 0.0)) + (
             time.perf_counter() - t_stage
         )
+        if method.reject_stage(record):  # dropped: the chain ends before this stage
+            meta["rejected"] = record
+            meta["train_seconds"] = float(meta["train_seconds"]) + record["seconds"]
+            if writer is not None:
+                commit(writer, cfg, meta)
+                Checkpoint(writer.path, k).clear()
+            ddp.barrier(ctx)
+            reporter.stage_end({**record, "rejected": True})
+            break
         blocks.extend(stage_blocks)
         meta["networks"].extend(block_network_config(b) for b in stage_blocks)
         meta["stages_done"] = k + 1

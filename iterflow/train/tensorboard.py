@@ -29,7 +29,7 @@ from iterflow.errors import fail
 from iterflow.train.loop import Reporter, SilentReporter
 
 #: Keys of a stage record that are bookkeeping, not figures of the stage.
-_NOT_FIGURES = ("stage", "steps", "world_size", "seconds_before_resume")
+_NOT_FIGURES = ("stage", "steps", "world_size", "seconds_before_resume", "rejected")
 
 
 class TensorBoardLog:
