@@ -279,15 +279,36 @@ def test_kl_proxy_change_is_the_paired_change_of_the_proxy(tmp_path: Path) -> No
     ("options", "record", "expected"),
     [
         ({}, {"stage": 3, "kl_proxy_change": 1.0, "kl_proxy_change_se": 0.1}, False),  # off
-        ({"val_stop": True}, {"stage": 3, "kl_proxy_change": 0.01, "kl_proxy_change_se": 0.1}, True),
-        ({"val_stop": True}, {"stage": 3, "kl_proxy_change": -0.2, "kl_proxy_change_se": 0.1}, False),
-        ({"val_stop": True, "val_stop_z": 2}, {"stage": 3, "kl_proxy_change": 0.15,
-                                               "kl_proxy_change_se": 0.1}, False),  # fmt: skip
-        ({"val_stop": True, "val_stop_z": 2}, {"stage": 3, "kl_proxy_change": 0.25,
-                                               "kl_proxy_change_se": 0.1}, True),  # fmt: skip
-        ({"val_stop": True}, {"stage": 3, "kl_proxy_change": math.nan,
-                              "kl_proxy_change_se": math.nan}, True),  # fmt: skip
-        ({"val_stop": True}, {"stage": 0, "kl_proxy_change": 5.0, "kl_proxy_change_se": 0.1}, False),
+        (
+            {"val_stop": True},
+            {"stage": 3, "kl_proxy_change": 0.01, "kl_proxy_change_se": 0.1},
+            True,
+        ),
+        (
+            {"val_stop": True},
+            {"stage": 3, "kl_proxy_change": -0.2, "kl_proxy_change_se": 0.1},
+            False,
+        ),
+        (
+            {"val_stop": True, "val_stop_z": 2},
+            {"stage": 3, "kl_proxy_change": 0.15, "kl_proxy_change_se": 0.1},
+            False,
+        ),  # fmt: skip
+        (
+            {"val_stop": True, "val_stop_z": 2},
+            {"stage": 3, "kl_proxy_change": 0.25, "kl_proxy_change_se": 0.1},
+            True,
+        ),  # fmt: skip
+        (
+            {"val_stop": True},
+            {"stage": 3, "kl_proxy_change": math.nan, "kl_proxy_change_se": math.nan},
+            True,
+        ),  # fmt: skip
+        (
+            {"val_stop": True},
+            {"stage": 0, "kl_proxy_change": 5.0, "kl_proxy_change_se": 0.1},
+            False,
+        ),
     ],
 )
 def test_val_stop_rule(options: dict, record: dict, expected: bool) -> None:

@@ -24,7 +24,6 @@ with its ``auto`` divergence rule); :func:`kl_proxy_report` is shared with JKO-f
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any
 

@@ -51,7 +51,6 @@ dimensions (the ``jko_block`` rows of ``benchmarks/results/closed_form.md`` and
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,9 +118,10 @@ class JKOOptions(MethodOptions):
             particles (the partial chain's validation NLL, up to a constant) by more than
             ``val_stop_z`` standard errors of the change (``kl_proxy_change`` and its ``_se``,
             paired over the particles), and drop that block: the run keeps the chain that was
-            best on held-out data (the first block is always kept). Catches what the movement rule cannot: later blocks that fit
-            the fixed training particles (a chain with Fourier features of x on the tree got
-            worse block after block from the fourth on, issue 15).
+            best on held-out data (the first block is always kept). Catches what the movement
+            rule cannot: later blocks that fit the fixed training particles (a chain with
+            Fourier features of x on the tree got worse block after block from the fourth on,
+            issue 15).
         val_stop_z: the standard errors a rise must exceed to end the chain (0: any rise).
         push_solver, push_steps: solver carrying the particles to the next block (and of the report).
     """
