@@ -526,6 +526,7 @@ def run_method(
         "method": cfg.method,
         "config": cfg.to_json(),
         "fill": fill_info or None,
+        "stages": len(n_stages(cfg, tuple(test.shape[1:]))),
         "checkpoints": records,
         "load_before": load_before,
         "load_after": os.getloadavg(),
@@ -627,7 +628,7 @@ def markdown(data: str, result: dict[str, Any], curves: dict[str, dict[str, Any]
     for m, r in result["methods"].items():
         last = r["checkpoints"][-1] if r["checkpoints"] else {}
         tc = r.get("tol_check") or {}
-        stages = (r.get("fill") or {}).get("stages", "")
+        stages = r.get("stages") or (r.get("fill") or {}).get("stages", "")
         lines.append(
             f"| {LABELS.get(m, m)} | {r['config']['steps']} x {stages} | {len(r['checkpoints'])}"
             f" | {last.get('train_s', float('nan')):.1f} | {last.get('wall_s', float('nan')):.1f}"
