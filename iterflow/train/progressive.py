@@ -265,7 +265,6 @@ def train_tensors(
         stage.eval()
         with stage.count_nfe() as c_val:
             new_val = push_particles(method, stage, cur_val, ctx, val_cond)
-        new_train = None if last else push_particles(method, stage, cur_train, ctx, cond)
         record.update(
             {
                 "stage": k,
@@ -275,11 +274,15 @@ def train_tensors(
                 **report_stage(method, stage, cur_val, new_val, k, val_cond),
             }
         )
+        rejected = method.reject_stage(record)  # from the validation figures, before the push
+        new_train = (
+            None if last or rejected else push_particles(method, stage, cur_train, ctx, cond)
+        )
         # the stage's seconds: its optimisation before a resumption plus all of this call's work
         record["seconds"] = float(record.get("seconds_before_resume", 0.0)) + (
             time.perf_counter() - t_stage
         )
-        if method.reject_stage(record):  # dropped: the chain ends before this stage
+        if rejected:  # dropped: the chain ends before this stage
             meta["rejected"] = record
             meta["train_seconds"] = float(meta["train_seconds"]) + record["seconds"]
             if writer is not None:
