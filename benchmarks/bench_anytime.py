@@ -56,9 +56,10 @@ figures of the img2d README).
 
 Runs in parts. Each (data set, method) run also writes a part, ``results/anytime_parts/
 <data><tag>-<method>.json`` with ``_rows.npz`` (the per-row test NLLs at the checkpoints that stand
-for the marks and at the last one), and the report is rebuilt from every part of ``<data><tag>`` whose settings (budget,
-clock, threads, tolerance, test rows, seed) match this run's: so the four hour-long methods of a data
-set can run in separate processes, side by side or in separate sessions, and be reported together
+for the marks and at the last one), and the report is rebuilt from every part of ``<data><tag>``
+whose settings (budget, clock, threads, tolerance, test rows, seed) match this run's: so the four
+hour-long methods of a data set can run in separate processes, side by side or in separate
+sessions, and be reported together
 (``--combine-only`` rebuilds the report from the parts without training). ``--tag`` names the report
 (``anytime_<data><tag>``), so that a longer run does not replace a shorter one's report.
 
