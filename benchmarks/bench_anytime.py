@@ -830,7 +830,7 @@ def load_parts(
 
 def combine(
     parts: Path, settings: dict[str, Any], tag: str, extra: dict[str, Any], res: Path, img: Path
-) -> dict[str, Any] | None:
+) -> None:
     """Rebuild the report of ``settings['data']`` and ``tag`` from the matching parts."""
     data = settings["data"]
     runs, rows, skipped = load_parts(parts, data, tag, settings)
@@ -838,10 +838,9 @@ def combine(
         print(f"  part left out (other settings): {line}", flush=True)
     if not runs:
         print(f"[{data}] no part of anytime_{data}{tag} matches these settings", flush=True)
-        return None
+        return
     result = {**settings, **extra, "methods": runs, "parts": sorted(runs)}
     write_results(data, result, curves_of(runs, rows), res, img, tag)
-    return result
 
 
 if __name__ == "__main__":
