@@ -114,6 +114,18 @@ def test_filled_steps(bench: ModuleType) -> None:
     assert bench.filled_steps(1.0, 1.0, 10.0, 3) == 1  # at least one step
 
 
+def test_marginal_rate_cancels_per_run_costs(bench: ModuleType) -> None:
+    gen = np.random.default_rng(3)
+    for _ in range(5):
+        rate, fixed, p = gen.uniform(1e-3, 1e-1), gen.uniform(0.1, 5.0), int(gen.integers(5, 500))
+        got = bench.marginal_rate(p, fixed + p * rate, fixed + 2 * p * rate)
+        assert got == pytest.approx(rate, rel=1e-9)
+        assert (fixed + 2 * p * rate) / (2 * p) > got  # the naive rate carries the fixed cost
+    assert bench.marginal_rate(10, 2.0, 1.5) == pytest.approx(1.5 / 20)  # noise: the naive rate
+    with pytest.raises(ValueError, match="p must be >= 1"):
+        bench.marginal_rate(0, 1.0, 2.0)
+
+
 def test_overrides_set_fields_and_single_options(bench: ModuleType) -> None:
     from iterflow.train import TrainConfig
 
