@@ -349,7 +349,7 @@ def probe(cfg: TrainConfig, data: TrainData, min_seconds: float = 2.0) -> dict[s
     The step count doubles until a run takes ``min_seconds``; then a run twice as long gives the
     marginal rate ``(t(2p) - t(p)) / p``, free of the fixed costs inside the optimisation time
     (the first steps' warm-up, the closing checkpoint). ``t(p) / p`` alone overestimated the rate
-    by ~12 % for flow matching on the rose, so hour-long filled runs ended at 80-85 % of their
+    by ~12 % for flow matching on the rose, so hour-long filled runs ended at 80-97 % of their
     budget (:func:`marginal_rate`).
     """
 
