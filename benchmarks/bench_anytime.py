@@ -658,11 +658,13 @@ def markdown(data: str, result: dict[str, Any], curves: dict[str, dict[str, Any]
         last = r["checkpoints"][-1] if r["checkpoints"] else {}
         tc = r.get("tol_check") or {}
         stages = r.get("stages") or (r.get("fill") or {}).get("stages", "")
+        rows_note = f" ({tc['rows']} rows)" if "rows" in tc else ""
         lines.append(
             f"| {LABELS.get(m, m)} | {r['config']['steps']} x {stages} | {len(r['checkpoints'])}"
             f" | {last.get('train_s', float('nan')):.1f} | {last.get('wall_s', float('nan')):.1f}"
             f" | {last.get('cpu_s', float('nan')):.1f} | "
             f"{fmt_nll(last.get('nll'), last.get('se'))} | {tc.get('abs_diff', float('nan')):.2e}"
+            f"{rows_note}"
             f" | {r['load_before'][0]:.2f} → {r['load_after'][0]:.2f} |"
         )
     lines += ["", "Model at a checkpoint: the committed blocks plus the running stage's EMA "
@@ -706,6 +708,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--img", default=str(ROOT / "docs" / "images"))
     ap.add_argument("--workdir", default=None, help="keep the run folders here")
     ap.add_argument("--tag", default="", help="report name suffix: anytime_<data><tag>")
+    ap.add_argument("--tol-check-only", type=int, default=None, metavar="ROWS",
+                    help="train nothing: check the solver error of each part's last checkpoint "
+                         "(the run folder in --workdir) at tol / 100 on the first ROWS test rows, "
+                         "store it in the part and rebuild the report")  # fmt: skip
     ap.add_argument("--combine-only", action="store_true",
                     help="rebuild the reports from the matching parts; train nothing")  # fmt: skip
     args = ap.parse_args(argv)
@@ -720,7 +726,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "threads": args.threads, "tol": args.tol, "n_test": args.n_test,
                     "seed": args.seed}  # fmt: skip
         extra = {"machine": machine(), "published": PUBLISHED.get(data, [])}
-        if args.combine_only:
+        if args.tol_check_only is not None:
+            for method in methods:
+                check_part(parts, f"{data}{args.tag}-{method}", work / f"{data}-{method}",
+                           args.tol_check_only, args.img2d_dir)  # fmt: skip
+        if args.combine_only or args.tol_check_only is not None:
             cfg = method_config(methods[0], data, None, args.img2d_dir, args.seed)
             extra["entropy"] = dataset_tensors(cfg, args.n_test)[2]
             combine(parts, settings, args.tag, extra, Path(args.results), Path(args.img))
@@ -826,6 +836,35 @@ def save_part(
     tmp_json = parts / f".{name}.tmp.json"
     write_json(str(tmp_json), part)
     os.replace(tmp_json, parts / f"{name}.json")
+
+
+def check_part(
+    parts: Path, name: str, folder: Path, n_rows: int, img2d_dir: str | None = None
+) -> dict[str, Any]:
+    """:func:`tol_check` of part ``name``'s last checkpoint, after the fact: the model is rebuilt
+    from its run folder ``folder`` (as :func:`checkpoint_flow` does during the run) and evaluated
+    at the part's ``tol`` and ``tol / 100`` on the first ``n_rows`` of the same test rows (a check
+    of the solver's error, so a subset suffices; the stiff local-FM chains cost minutes per
+    thousand rows). Stored as the part's ``tol_check`` (with ``rows``), the JSON rewritten
+    atomically; returned."""
+    path = parts / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"--tol-check-only: no part {path}")
+    if n_rows < 2:
+        raise ValueError(f"--tol-check-only: ROWS must be >= 2, got {n_rows}")
+    part = load_json(path, "part")
+    cfg = TrainConfig.from_json(part["run"]["config"])
+    if img2d_dir is not None:
+        cfg = dataclasses.replace(cfg, img2d_dir=img2d_dir)
+    _, test, _ = dataset_tensors(cfg, int(part["n_test"]))
+    test = test[:n_rows]
+    flow = checkpoint_flow(folder, cfg, tuple(test.shape[1:]))
+    check = {**tol_check(flow, test, float(part["tol"]), cfg.seed), "rows": int(test.shape[0])}
+    part["run"]["tol_check"] = check
+    tmp_json = parts / f".{name}.tmp.json"
+    write_json(str(tmp_json), part)
+    os.replace(tmp_json, path)
+    return check
 
 
 def load_parts(

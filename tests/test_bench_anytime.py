@@ -202,6 +202,17 @@ def test_anytime_end_to_end(bench: ModuleType, tmp_path: Path) -> None:
         assert r["tol_check"]["abs_diff"] < 0.005 and len(r["load_before"]) == 3
     assert (tmp_path / "img" / "anytime_rose.png").stat().st_size > 0
     assert "NLL at 2 min" in (tmp_path / "res" / "anytime_rose.md").read_text()
+    # the solver check after the fact, on a subset of the test rows, from the kept run folder
+    bench.main([*common, "--methods", "fm", "--budget", "2", "--tol-check-only", "50"])
+    part = json.loads((parts / "rose-fm.json").read_text())
+    check = part["run"]["tol_check"]
+    with np.load(parts / "rose-fm_rows.npz") as z:
+        last = z["rows"][list(z["index"]).index(len(part["run"]["checkpoints"]) - 1)]
+    assert check["rows"] == 50 and check["abs_diff"] < 0.005
+    assert check["nll"] == pytest.approx(float(last[:50].astype(np.float64).mean()), abs=2e-3)
+    assert "(50 rows)" in (tmp_path / "res" / "anytime_rose.md").read_text()
+    with pytest.raises(ValueError, match="no part"):
+        bench.main([*common, "--methods", "cnf", "--budget", "2", "--tol-check-only", "50"])
 
 
 @needs_img2d
