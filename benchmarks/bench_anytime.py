@@ -833,9 +833,7 @@ def save_part(
                         if keep else np.zeros((0, 0), np.float32))  # fmt: skip
     os.replace(tmp, parts / f"{name}_rows.npz")
     part = {**settings, "written": time.strftime("%Y-%m-%d %H:%M:%S"), "run": run}
-    tmp_json = parts / f".{name}.tmp.json"
-    write_json(str(tmp_json), part)
-    os.replace(tmp_json, parts / f"{name}.json")
+    write_json(str(parts / f"{name}.json"), part)
 
 
 def check_part(
@@ -846,7 +844,7 @@ def check_part(
     at the part's ``tol`` and ``tol / 100`` on the first ``n_rows`` of the same test rows (a check
     of the solver's error, so a subset suffices; the stiff local-FM chains cost minutes per
     thousand rows). Stored as the part's ``tol_check`` (with ``rows``), the JSON rewritten
-    atomically; returned."""
+    atomically (``write_json``); returned."""
     path = parts / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"--tol-check-only: no part {path}")
@@ -861,9 +859,7 @@ def check_part(
     flow = checkpoint_flow(folder, cfg, tuple(test.shape[1:]))
     check = {**tol_check(flow, test, float(part["tol"]), cfg.seed), "rows": int(test.shape[0])}
     part["run"]["tol_check"] = check
-    tmp_json = parts / f".{name}.tmp.json"
-    write_json(str(tmp_json), part)
-    os.replace(tmp_json, path)
+    write_json(str(path), part)
     return check
 
 

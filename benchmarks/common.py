@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from iterflow.io import atomic_write_bytes
+
 
 def machine() -> dict[str, Any]:
     """CPU model, core count, torch version and threads (printed with every table)."""
@@ -45,6 +47,7 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def write_json(path: str | None, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` (nothing when ``path`` is empty), atomically
+    (:func:`iterflow.io.atomic_write_bytes`): a killed benchmark leaves the old file or the new."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
