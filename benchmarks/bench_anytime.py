@@ -119,6 +119,9 @@ PUBLISHED: dict[str, list[tuple[str, float, float | None]]] = {
     "tree": [("local FM official code, 2-core CPU, 2% budget", 2.644, 1069.0)],
 }
 TOL_CHECK_LIMIT = 0.005  # nats
+#: How far a retrained model's per-row NLL may be from the stored rows (float32) of the part's last
+#: checkpoint (:func:`check_part` with ``retrain``): the same model gives float32 rounding only.
+REPRODUCE_LIMIT = 1e-4  # nats
 CLOCKS = ("train", "cpu")
 CLOCK_NAMES = {"train": "the trainer's wall clock", "cpu": "process CPU seconds of the segments"}
 CLOCK_HELP = (
@@ -512,16 +515,18 @@ def evaluator(
     return on_checkpoint
 
 
-def tol_check(flow: Flow, test: torch.Tensor, tol: float, seed: int) -> dict[str, float]:
+def tol_check(
+    flow: Flow, test: torch.Tensor, tol: float, seed: int
+) -> tuple[dict[str, float], np.ndarray]:
     """NLL at ``tol`` and at ``tol / 100`` on the same rows: their difference bounds the solver's
-    error of the reported figures."""
+    error of the reported figures. Returns the record and the per-row NLLs at ``tol``."""
     a, nfe_a = nll_rows(flow, test, tol, seed)
     b, nfe_b = nll_rows(flow, test, tol / 100, seed)
     diff = abs(float(a.mean() - b.mean()))
     return {"tol": tol, "tight_tol": tol / 100, "nll": float(a.mean()),
             "nll_tight": float(b.mean()), "abs_diff": diff,
             "max_row_diff": float(np.abs(a - b).max()), "nfe": nfe_a, "nfe_tight": nfe_b,
-            "below_limit": diff < TOL_CHECK_LIMIT}  # fmt: skip
+            "below_limit": diff < TOL_CHECK_LIMIT}, a  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -563,7 +568,7 @@ def run_method(
     }
     if check_tol and records:
         flow = checkpoint_flow(folder, cfg, tuple(test.shape[1:]))
-        out["tol_check"] = tol_check(flow, test, tol, cfg.seed)
+        out["tol_check"] = tol_check(flow, test, tol, cfg.seed)[0]
     return out
 
 
@@ -659,6 +664,9 @@ def markdown(data: str, result: dict[str, Any], curves: dict[str, dict[str, Any]
         tc = r.get("tol_check") or {}
         stages = r.get("stages") or (r.get("fill") or {}).get("stages", "")
         rows_note = f" ({tc['rows']} rows)" if "rows" in tc else ""
+        if tc.get("retrained"):
+            rows_note = (f" ({tc['rows']} rows; model trained again, its rows within "
+                         f"{tc['reproduced_max_diff']:.0e} of the reported)")  # fmt: skip
         lines.append(
             f"| {LABELS.get(m, m)} | {r['config']['steps']} x {stages} | {len(r['checkpoints'])}"
             f" | {last.get('train_s', float('nan')):.1f} | {last.get('wall_s', float('nan')):.1f}"
@@ -712,6 +720,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="train nothing: check the solver error of each part's last checkpoint "
                          "(the run folder in --workdir) at tol / 100 on the first ROWS test rows, "
                          "store it in the part and rebuild the report")  # fmt: skip
+    ap.add_argument("--retrain", action="store_true",
+                    help="with --tol-check-only: train each part's run again into an empty run "
+                         "folder first (no evaluations) and check that it reproduces the part's "
+                         "stored rows; run at the part's thread count")  # fmt: skip
     ap.add_argument("--combine-only", action="store_true",
                     help="rebuild the reports from the matching parts; train nothing")  # fmt: skip
     args = ap.parse_args(argv)
@@ -729,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.tol_check_only is not None:
             for method in methods:
                 check_part(parts, f"{data}{args.tag}-{method}", work / f"{data}-{method}",
-                           args.tol_check_only, args.img2d_dir)  # fmt: skip
+                           args.tol_check_only, args.img2d_dir, args.retrain)  # fmt: skip
         if args.combine_only or args.tol_check_only is not None:
             cfg = method_config(methods[0], data, None, args.img2d_dir, args.seed)
             extra["entropy"] = dataset_tensors(cfg, args.n_test)[2]
@@ -836,15 +848,47 @@ def save_part(
     write_json(str(parts / f"{name}.json"), part)
 
 
+def retrain_part(part: dict[str, Any], cfg: TrainConfig, data: TrainData, folder: Path) -> int:
+    """Train part ``part``'s run again into ``folder`` (empty or absent), without evaluations, up
+    to the global step of its last checkpoint, ending on an in-stage checkpoint there as
+    :func:`train_segments` did (the trainer resumes bit for bit, so one segment gives the model
+    of many, at the part's thread count). Returns that step."""
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"--retrain: the run folder {folder} is not empty")
+    last = part["run"]["checkpoints"][-1]
+    g = int(last["global_step"])
+    _, s = divmod(g, cfg.steps)
+    seg = dataclasses.replace(cfg, checkpoint_every=s if s > 0 else cfg.steps)
+    try:
+        train_tensors(seg, data, folder, stop_after_steps=None if last["finished"] else g)
+    except KeyboardInterrupt as e:
+        if "stop_after_steps" not in str(e):
+            raise
+    done = run_state(folder, cfg.steps)[1]
+    if not last["finished"] and done != g:
+        raise RuntimeError(f"--retrain: the run stopped at step {done}, the part's at {g}")
+    return g
+
+
 def check_part(
-    parts: Path, name: str, folder: Path, n_rows: int, img2d_dir: str | None = None
+    parts: Path,
+    name: str,
+    folder: Path,
+    n_rows: int,
+    img2d_dir: str | None = None,
+    retrain: bool = False,
 ) -> dict[str, Any]:
     """:func:`tol_check` of part ``name``'s last checkpoint, after the fact: the model is rebuilt
     from its run folder ``folder`` (as :func:`checkpoint_flow` does during the run) and evaluated
     at the part's ``tol`` and ``tol / 100`` on the first ``n_rows`` of the same test rows (a check
     of the solver's error, so a subset suffices; the stiff local-FM chains cost minutes per
-    thousand rows). Stored as the part's ``tol_check`` (with ``rows``), the JSON rewritten
-    atomically (``write_json``); returned."""
+    thousand rows). With ``retrain`` the run folder is made first by :func:`retrain_part` (for
+    parts whose folders are gone), and the rebuilt model's NLL at ``tol`` on all the part's test
+    rows (one batch, as during the run) is compared with the part's stored rows of its last
+    checkpoint (``reproduced_max_diff``, which must be below :data:`REPRODUCE_LIMIT`: it shows
+    that the model checked is the model reported). Stored as the
+    part's ``tol_check`` (with ``rows``), the JSON rewritten atomically (``write_json``);
+    returned."""
     path = parts / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"--tol-check-only: no part {path}")
@@ -854,10 +898,30 @@ def check_part(
     cfg = TrainConfig.from_json(part["run"]["config"])
     if img2d_dir is not None:
         cfg = dataclasses.replace(cfg, img2d_dir=img2d_dir)
-    _, test, _ = dataset_tensors(cfg, int(part["n_test"]))
+    data, test, _ = dataset_tensors(cfg, int(part["n_test"]))
+    extra: dict[str, Any] = {}
+    if retrain:
+        last = len(part["run"]["checkpoints"]) - 1
+        with np.load(parts / f"{name}_rows.npz", allow_pickle=False) as z:
+            index, stored = z["index"].tolist(), z["rows"].astype(np.float64)
+        if last not in index:
+            raise ValueError(f"--retrain: part {name} stores no rows of its last checkpoint")
+        t0 = time.perf_counter()
+        step = retrain_part(part, cfg, data, folder)
+        extra = {"retrained": True, "retrain_s": time.perf_counter() - t0, "retrain_step": step}
+        # all the test rows, as evaluated during the run (the adaptive steps depend on the batch)
+        rows = nll_rows(checkpoint_flow(folder, cfg, tuple(test.shape[1:])), test,
+                        float(part["tol"]), cfg.seed)[0]  # fmt: skip
+        extra["reproduced_max_diff"] = float(np.abs(rows - stored[index.index(last)]).max())
+        if extra["reproduced_max_diff"] > REPRODUCE_LIMIT:
+            raise RuntimeError(
+                f"--retrain: the retrained model of {name} differs from the reported one: max "
+                f"row difference {extra['reproduced_max_diff']:.3g} nats > {REPRODUCE_LIMIT}"
+            )
     test = test[:n_rows]
     flow = checkpoint_flow(folder, cfg, tuple(test.shape[1:]))
-    check = {**tol_check(flow, test, float(part["tol"]), cfg.seed), "rows": int(test.shape[0])}
+    check = {**tol_check(flow, test, float(part["tol"]), cfg.seed)[0], "rows": int(test.shape[0]),
+             **extra}  # fmt: skip
     part["run"]["tol_check"] = check
     write_json(str(path), part)
     return check

@@ -213,6 +213,16 @@ def test_anytime_end_to_end(bench: ModuleType, tmp_path: Path) -> None:
     assert "(50 rows)" in (tmp_path / "res" / "anytime_rose.md").read_text()
     with pytest.raises(ValueError, match="no part"):
         bench.main([*common, "--methods", "cnf", "--budget", "2", "--tol-check-only", "50"])
+    # ... and for a part whose run folder is gone: trained again, shown to be the same model
+    again = [*common, "--workdir", str(tmp_path / "again"), "--methods", "fm", "--budget", "2",
+             "--tol-check-only", "50", "--retrain"]  # fmt: skip
+    bench.main(again)
+    check = json.loads((parts / "rose-fm.json").read_text())["run"]["tol_check"]
+    assert check["retrained"] and check["rows"] == 50 and check["abs_diff"] < 0.005
+    assert 0 <= check["reproduced_max_diff"] < bench.REPRODUCE_LIMIT
+    assert "model trained again" in (tmp_path / "res" / "anytime_rose.md").read_text()
+    with pytest.raises(ValueError, match="not empty"):
+        bench.main(again)
 
 
 @needs_img2d
