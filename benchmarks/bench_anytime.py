@@ -515,18 +515,16 @@ def evaluator(
     return on_checkpoint
 
 
-def tol_check(
-    flow: Flow, test: torch.Tensor, tol: float, seed: int
-) -> tuple[dict[str, float], np.ndarray]:
+def tol_check(flow: Flow, test: torch.Tensor, tol: float, seed: int) -> dict[str, float]:
     """NLL at ``tol`` and at ``tol / 100`` on the same rows: their difference bounds the solver's
-    error of the reported figures. Returns the record and the per-row NLLs at ``tol``."""
+    error of the reported figures."""
     a, nfe_a = nll_rows(flow, test, tol, seed)
     b, nfe_b = nll_rows(flow, test, tol / 100, seed)
     diff = abs(float(a.mean() - b.mean()))
     return {"tol": tol, "tight_tol": tol / 100, "nll": float(a.mean()),
             "nll_tight": float(b.mean()), "abs_diff": diff,
             "max_row_diff": float(np.abs(a - b).max()), "nfe": nfe_a, "nfe_tight": nfe_b,
-            "below_limit": diff < TOL_CHECK_LIMIT}, a  # fmt: skip
+            "below_limit": diff < TOL_CHECK_LIMIT}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,7 +566,7 @@ def run_method(
     }
     if check_tol and records:
         flow = checkpoint_flow(folder, cfg, tuple(test.shape[1:]))
-        out["tol_check"] = tol_check(flow, test, tol, cfg.seed)[0]
+        out["tol_check"] = tol_check(flow, test, tol, cfg.seed)
     return out
 
 
@@ -886,9 +884,8 @@ def check_part(
     parts whose folders are gone), and the rebuilt model's NLL at ``tol`` on all the part's test
     rows (one batch, as during the run) is compared with the part's stored rows of its last
     checkpoint (``reproduced_max_diff``, which must be below :data:`REPRODUCE_LIMIT`: it shows
-    that the model checked is the model reported). Stored as the
-    part's ``tol_check`` (with ``rows``), the JSON rewritten atomically (``write_json``);
-    returned."""
+    that the model checked is the model reported). Stored as the part's ``tol_check`` (with
+    ``rows``), the JSON rewritten atomically (``write_json``); returned."""
     path = parts / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"--tol-check-only: no part {path}")
@@ -920,7 +917,7 @@ def check_part(
             )
     test = test[:n_rows]
     flow = checkpoint_flow(folder, cfg, tuple(test.shape[1:]))
-    check = {**tol_check(flow, test, float(part["tol"]), cfg.seed)[0], "rows": int(test.shape[0]),
+    check = {**tol_check(flow, test, float(part["tol"]), cfg.seed), "rows": int(test.shape[0]),
              **extra}  # fmt: skip
     part["run"]["tol_check"] = check
     write_json(str(path), part)

@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         cfg = TrainConfig.from_json(runs[best]["config"])
         flow = checkpoint_flow(work / best, cfg, (DIM,))
-        check = tol_check(flow, test[: args.tol_check_n], args.tol, args.seed)[0]
+        check = tol_check(flow, test[: args.tol_check_n], args.tol, args.seed)
         result["tol_check"] = {"model": best, "rows": args.tol_check_n, **check}
     write_json(args.out + ".json", result)
     np.savez_compressed(
