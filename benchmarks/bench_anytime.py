@@ -431,15 +431,8 @@ def train_segments(
         if clock >= STOP_SHARE * target:
             continue
         n = min(max(1, round((STOP_SHARE * target - clock) / rate)), total - g)
-        _, s = divmod(g + n, cfg.steps)
-        seg = dataclasses.replace(cfg, checkpoint_every=s if s > 0 else cfg.steps)
         t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            train_tensors(seg, data, folder, stop_after_steps=n)
-            finished = True
-        except KeyboardInterrupt as e:
-            if "stop_after_steps" not in str(e):
-                raise
+        finished = train_segment(cfg, data, folder, g + n, n)
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
         new_clock, new_g = run_state(folder, cfg.steps)
@@ -458,6 +451,21 @@ def train_segments(
         print(f"  [{cfg.method}] {clock:7.1f} s train, step {g}/{total}: "
               f"NLL {records[-1].get('nll', float('nan')):.4f}", flush=True)  # fmt: skip
     return records
+
+
+def train_segment(cfg: TrainConfig, data: TrainData, folder: Path, end: int, n: int | None) -> bool:
+    """Train ``cfg`` in ``folder`` (resuming from its checkpoint) for ``n`` more optimiser steps
+    (``None``: to the end), so that global step ``end`` is an in-stage checkpoint
+    (``checkpoint_every``, a runtime key, set from it). Returns whether the run finished."""
+    _, s = divmod(end, cfg.steps)
+    seg = dataclasses.replace(cfg, checkpoint_every=s if s > 0 else cfg.steps)
+    try:
+        train_tensors(seg, data, folder, stop_after_steps=n)
+    except KeyboardInterrupt as e:
+        if "stop_after_steps" not in str(e):
+            raise
+        return False
+    return True
 
 
 def checkpoint_flow(folder: Path, cfg: TrainConfig, event_shape: tuple[int, ...]) -> Flow:
@@ -855,13 +863,7 @@ def retrain_part(part: dict[str, Any], cfg: TrainConfig, data: TrainData, folder
         raise ValueError(f"--retrain: the run folder {folder} is not empty")
     last = part["run"]["checkpoints"][-1]
     g = int(last["global_step"])
-    _, s = divmod(g, cfg.steps)
-    seg = dataclasses.replace(cfg, checkpoint_every=s if s > 0 else cfg.steps)
-    try:
-        train_tensors(seg, data, folder, stop_after_steps=None if last["finished"] else g)
-    except KeyboardInterrupt as e:
-        if "stop_after_steps" not in str(e):
-            raise
+    train_segment(cfg, data, folder, g, None if last["finished"] else g)
     done = run_state(folder, cfg.steps)[1]
     if not last["finished"] and done != g:
         raise RuntimeError(f"--retrain: the run stopped at step {done}, the part's at {g}")
@@ -899,16 +901,15 @@ def check_part(
     extra: dict[str, Any] = {}
     if retrain:
         last = len(part["run"]["checkpoints"]) - 1
-        with np.load(parts / f"{name}_rows.npz", allow_pickle=False) as z:
-            index, stored = z["index"].tolist(), z["rows"].astype(np.float64)
+        index, stored = part_rows(parts, name)
         if last not in index:
             raise ValueError(f"--retrain: part {name} stores no rows of its last checkpoint")
         t0 = time.perf_counter()
         step = retrain_part(part, cfg, data, folder)
         extra = {"retrained": True, "retrain_s": time.perf_counter() - t0, "retrain_step": step}
-        # all the test rows, as evaluated during the run (the adaptive steps depend on the batch)
-        rows = nll_rows(checkpoint_flow(folder, cfg, tuple(test.shape[1:])), test,
-                        float(part["tol"]), cfg.seed)[0]  # fmt: skip
+    flow = checkpoint_flow(folder, cfg, tuple(test.shape[1:]))
+    if retrain:  # all the test rows in one batch, as during the run (adaptive steps depend on it)
+        rows = nll_rows(flow, test, float(part["tol"]), cfg.seed)[0]
         extra["reproduced_max_diff"] = float(np.abs(rows - stored[index.index(last)]).max())
         if extra["reproduced_max_diff"] > REPRODUCE_LIMIT:
             raise RuntimeError(
@@ -916,12 +917,17 @@ def check_part(
                 f"row difference {extra['reproduced_max_diff']:.3g} nats > {REPRODUCE_LIMIT}"
             )
     test = test[:n_rows]
-    flow = checkpoint_flow(folder, cfg, tuple(test.shape[1:]))
     check = {**tol_check(flow, test, float(part["tol"]), cfg.seed), "rows": int(test.shape[0]),
              **extra}  # fmt: skip
     part["run"]["tol_check"] = check
     write_json(str(path), part)
     return check
+
+
+def part_rows(parts: Path, name: str) -> tuple[list[int], np.ndarray]:
+    """Part ``name``'s stored rows: the checkpoint indices and their per-row NLLs (float64)."""
+    with np.load(parts / f"{name}_rows.npz", allow_pickle=False) as z:
+        return z["index"].tolist(), z["rows"].astype(np.float64)
 
 
 def load_parts(
@@ -943,8 +949,7 @@ def load_parts(
             skipped.append(f"{path.name}: " + ", ".join(
                 f"{k} {part.get(k)!r} (this run {settings.get(k)!r})" for k in bad))  # fmt: skip
             continue
-        with np.load(parts / f"{data}{tag}-{method}_rows.npz", allow_pickle=False) as z:
-            index, stored = z["index"].tolist(), z["rows"].astype(np.float64)
+        index, stored = part_rows(parts, f"{data}{tag}-{method}")
         per: list[np.ndarray | None] = [None] * len(part["run"]["checkpoints"])
         for k, i in enumerate(index):
             per[i] = stored[k]
