@@ -101,6 +101,33 @@ def test_fused_optimizer_matches_the_reference_adam() -> None:
     assert make_optimizer([{"params": [torch.nn.Parameter(init[0])]}], 1e-3, 0.0).defaults["fused"]
 
 
+@pytest.mark.parametrize(
+    ("dim", "time_freqs", "x_freqs", "classes"), [(1, 0, 0, 0), (2, 3, 0, 0), (5, 0, 4, 3)]
+)
+def test_first_layer_with_a_time_per_row_is_the_one_time_layer_row_by_row(
+    dim: int, time_freqs: int, x_freqs: int, classes: int
+) -> None:
+    """Training's first layer (one product of ``[x, time features]``) equals the ODE path's (the
+    time term computed once and broadcast) row by row, values and weight gradients alike."""
+    torch.manual_seed(dim)
+    net = MLPVelocity(
+        dim, (16, 16), time_freqs=time_freqs, x_freqs=x_freqs, num_classes=classes
+    ).double()
+    x, t = torch.randn(7, dim, dtype=torch.float64), torch.rand(7, dtype=torch.float64)
+    y = torch.randint(0, classes + 1, (7,)) if classes else None
+    fused = net(x, t, y)
+    rows = torch.cat(
+        [net(x[i : i + 1], t[i], None if y is None else y[i : i + 1]) for i in range(7)]
+    )
+    assert torch.allclose(fused, rows, rtol=0, atol=1e-12)
+    grads = [
+        torch.autograd.grad(out.square().sum(), (net.inp.weight, net.inp_t.weight))
+        for out in (fused, rows)
+    ]
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0 and torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
 def test_sharded_loss_gradients_average_to_the_full_batch_gradient() -> None:
     net = MLPVelocity(2, hidden=(16, 16), time_freqs=2).double()
     data = torch.randn(37, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
