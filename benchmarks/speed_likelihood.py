@@ -261,8 +261,9 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
 
 def _recipe_step(method: str, x_all: Tensor, seed: int) -> Callable[[str], float]:
     """``step(mode)``: one optimiser step of the method's rose recipe (``mode``: ``one-pass``,
-    ``autograd``, ``one-pass bf16`` or ``one-pass compiled``, through ``torch.compile``: its
-    compilation happens in the warm-up step, which is not timed); returns the loss."""
+    ``autograd``, ``one-pass bf16``, ``one-pass compiled``, through ``torch.compile``: its
+    compilation happens in the warm-up step, which is not timed, or ``one-pass compiled bf16``, both);
+    returns the loss."""
     cfg = TrainConfig.for_method(method, data="rose")
     torch.manual_seed(seed)
     d, blocks = x_all.shape[1], cfg.blocks if method == "cnf" else 1  # JKO: one block at a time
@@ -316,7 +317,7 @@ def bench_likelihood_training(args: Any, device: torch.device) -> list[dict[str,
         ds, data = get_dataset("checkerboard"), "checkerboard"
     x = ds.splits(20_000, 10, 10, args.seed).train
     x = ((x - x.mean(0)) / x.std(0)).to(device)
-    modes = ("autograd", "one-pass", "one-pass bf16", "one-pass compiled")
+    modes = ("autograd", "one-pass", "one-pass bf16", "one-pass compiled", "one-pass compiled bf16")
     n, rows = args.like_train_steps, []
     for method in ("cnf", "jko"):
         step = _recipe_step(method, x, args.seed)
