@@ -15,6 +15,8 @@ all with the exact trace, in interleaved rounds (medians):
 * ``iterflow Flow.log_prob``: ``dopri5``, exact trace, ``atol = rtol = 1e-5``;
 * ``iterflow Flow.log_prob, error_norm=rows``: the same with every row held to the tolerance
   (:class:`iterflow.core.ode.SolverSpec`), at its cost in NFE;
+* ``iterflow Flow.compiled().log_prob``: the first contender through ``torch.compile``
+  (:meth:`iterflow.core.flow.Flow.compiled`; compiled in the untimed warm-up round);
 * ``iterflow, autograd path``: the same call inside
   :func:`iterflow.core.integrand.autograd_jacobian_terms` (the package before the one-pass
   Jacobian terms of :mod:`iterflow.core.nn.mlp_jacobian`).
@@ -158,10 +160,12 @@ def _compare(
     u = flow.normalize(x)
     logdet_norm = float(flow.normalization_log_det())
 
-    def iterflow_nll(error_norm: str = "batch") -> tuple[Tensor, int]:
+    fast = flow.compiled()  # compiled in the warm-up round, which is not timed
+
+    def iterflow_nll(error_norm: str = "batch", model: Flow = flow) -> tuple[Tensor, int]:
         spec = SolverSpec("dopri5", atol=1e-5, rtol=1e-5, error_norm=error_norm)
-        with torch.no_grad(), flow.count_nfe() as c:
-            lp = flow.log_prob(x, divergence="exact", solver=spec)
+        with torch.no_grad(), model.count_nfe() as c:
+            lp = model.log_prob(x, divergence="exact", solver=spec)
         return -lp, c.nfe
 
     def autograd_nll() -> tuple[Tensor, int]:
@@ -180,6 +184,7 @@ def _compare(
         "plain torchdiffeq (one backward per dimension)": plain,
         "iterflow Flow.log_prob": iterflow_nll,
         "iterflow Flow.log_prob, error_norm=rows": lambda: iterflow_nll("rows"),
+        "iterflow Flow.compiled().log_prob": lambda: iterflow_nll(model=fast),
         "iterflow, autograd path": autograd_nll,
     }
     if x.shape[1] <= 2:

@@ -22,7 +22,6 @@ from iterflow.core import distributed as ddp
 from iterflow.core.conditioning import conditioning
 from iterflow.core.flow import Block, Flow
 from iterflow.core.guidance import LABEL_KEY
-from iterflow.core.nn.compiled import CompiledVelocity
 from iterflow.errors import fail
 from iterflow.io import RunDir
 from iterflow.methods import Loss, Method
@@ -195,13 +194,9 @@ def drop_labels(y: Tensor, p: float, null: int, generator: torch.Generator) -> T
 
 def training_view(stage: Flow, cfg: TrainConfig) -> Flow:
     """The stage as the loss drives it: each velocity network through ``torch.compile`` when
-    ``cfg.compile``, its one-pass Jacobian terms included (:class:`CompiledVelocity`; sharing its
+    ``cfg.compile``, its one-pass Jacobian terms included (:meth:`Flow.compiled`; sharing its
     parameters with ``stage``, which is what gets saved)."""
-    if not cfg.compile:
-        return stage
-    blocks = [Block(CompiledVelocity(b.velocity)) for b in stage.blocks]  # type: ignore[arg-type]
-    view = Flow(blocks, stage.event_shape, shift=stage.shift, scale=stage.scale)
-    return view.to(device=stage.shift.device, dtype=stage.shift.dtype)
+    return stage.compiled() if cfg.compile else stage
 
 
 def make_stage_blocks(
