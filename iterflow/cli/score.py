@@ -72,6 +72,12 @@ def score(
         "(the RMS over a chunk: cheaper, a hard row can miss it).",
     ),
     seed: int = typer.Option(0, help="Seed of the Hutchinson probes."),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Run the velocity networks through torch.compile (seconds of compilation, then "
+        "faster exact-trace evaluation of MLP flows).",
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
 ) -> None:
@@ -116,6 +122,7 @@ def score(
             error_norm=error_norm,
             generator=torch.Generator(device=flow.shift.device).manual_seed(seed),
             progress=advance,
+            compile=compile,
         )
     seconds = time.perf_counter() - t0
     values = result.values.numpy()
