@@ -34,6 +34,9 @@ CASES: dict[str, dict[str, object]] = {
     "demo recipe (fm, checkerboard, 3x256, batch 1024)": dict(
         method="fm", data="checkerboard", steps=600, n_val=500, n_test=500
     ),
+    "the same in fp32 (autocast none)": dict(
+        method="fm", data="checkerboard", steps=600, n_val=500, n_test=500, autocast="none"
+    ),
     "global fm of the local-FM benchmark (tree, 3x319 relu, batch 4096)": dict(
         method="fm",
         data="tree",
