@@ -18,9 +18,9 @@ What it measures (all on the same network: 3 hidden layers of 256, SiLU, input `
      POT assignment of each batch (the library has no OT coupling of its own).
    The libraries run in plain training loops written as their documentation shows (float32).
    Each round of each contender runs in a process of its own (``--in-process``: all in this
-   one), in the environment its users get: iterflow's trainer keeps freed memory in the process
-   (:mod:`iterflow.core.allocator`), the library loops keep glibc's defaults; one more row gives
-   torchcfm's loop the same allocator settings through ``MALLOC_*`` environment variables.
+   one), so that no contender inherits another's allocator state; one more row gives torchcfm's
+   loop the allocator settings of :mod:`iterflow.core.allocator` through glibc's ``MALLOC_*``
+   environment variables (what keeping freed memory in the process is worth).
    The fraction of the GEMM peak reached counts the step's matrix-multiply FLOPs only.
 3. Minibatch-OT couplings: time and quality (transport cost relative to the exact whole-batch
    assignment) of every solver, per batch size.
@@ -212,8 +212,8 @@ def iterflow_run(
 
 #: The training contenders: name -> (how to build its loop, coupling, library, extra environment).
 #: ``("iterflow", options, autocast)`` is :func:`iterflow_run`, ``("library", kind)`` is
-#: :func:`library_loop`. The last row gives a library loop the allocator settings iterflow's
-#: trainer makes (:mod:`iterflow.core.allocator`) through glibc's environment variables.
+#: :func:`library_loop`. The last row gives a library loop the allocator settings of
+#: :mod:`iterflow.core.allocator` (``ITERFLOW_MALLOC_TUNING=1``) through glibc's environment.
 TRAIN_CONTENDERS: dict[str, tuple[tuple[Any, ...], str, str, dict[str, str]]] = {
     "iterflow (defaults)": (("iterflow", {}, "auto"), "independent", "iterflow", {}),
     "iterflow autocast=none": (("iterflow", {}, "none"), "independent", "iterflow", {}),
@@ -275,8 +275,7 @@ def contender_loop(
 
 def bench_training(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Steps/s of every :data:`TRAIN_CONTENDERS` entry, each round of each contender in a process of
-    its own (``--in-process``: all in this one), so that each runs in the environment its users
-    get: the allocator settings iterflow's trainer makes stay out of the library loops."""
+    its own (``--in-process``: all in this one, without the row that needs its own environment)."""
     import os
     import subprocess
 

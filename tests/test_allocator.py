@@ -1,6 +1,6 @@
 """The CPU allocator settings of training (:mod:`iterflow.core.allocator`): with them a training
-loop's freed activations are reused instead of faulted in again every step; switched off by the
-environment; nothing happens outside glibc."""
+loop's freed activations are reused instead of faulted in again every step; switched on by the
+environment only; nothing happens outside glibc."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def run_child(tune: bool, env: dict[str, str] | None = None) -> tuple[str, int]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, "1" if tune else "0"],
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env={**os.environ, "OMP_NUM_THREADS": "1", allocator.ENV: "1", **(env or {})},
         capture_output=True, text=True, check=True, timeout=300,
     )  # fmt: skip
     first, faults = out.stdout.split()[-2:]
@@ -59,12 +59,13 @@ def test_tuned_allocator_stops_the_page_faults_of_every_step() -> None:
 
 
 def test_switch_and_platforms(monkeypatch: pytest.MonkeyPatch) -> None:
-    for value, on in (("0", False), ("off", False), ("False", False), ("no", False),
-                      ("1", True), ("", True)):  # fmt: skip
+    for value, on in (("0", False), ("off", False), ("", False), ("1", True), ("on", True),
+                      ("True", True), ("yes", True)):  # fmt: skip
         monkeypatch.setenv(allocator.ENV, value)
         assert allocator.tuning_enabled() is on
     monkeypatch.delenv(allocator.ENV)
-    assert allocator.tuning_enabled()
+    assert not allocator.tuning_enabled()  # off by default
+    monkeypatch.setenv(allocator.ENV, "1")
     calls: list[int] = []
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("musl", "1.2"))
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: calls.append(1))

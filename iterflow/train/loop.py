@@ -316,7 +316,7 @@ def optimize(
     """
     reporter = reporter or SilentReporter()
     budget = budget or StepBudget(None)
-    tune_cpu_allocator()  # freed activations stay in the process: no page faults per step
+    tune_cpu_allocator()  # with ITERFLOW_MALLOC_TUNING=1: freed memory stays in the process
     named: list[tuple[str, Tensor]] = [
         (n, p) for n, p in module.named_parameters() if p.requires_grad
     ]
