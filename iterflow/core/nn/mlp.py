@@ -255,8 +255,8 @@ class MLPVelocity(nn.Module):
         if tf.shape[0] == x.shape[0] > 1:
             # a time per row (training): ONE product of [x, time features] with the two weights
             # side by side, as a concatenating MLP does, instead of two products and an add over
-            # the (B, H) result (two fewer passes over it forward, one backward; benchmarks/
-            # bench_speed.py's training rows)
+            # the (B, H) result: the demo recipe's steps/s 1.08x, in fp32 1.13x
+            # (benchmarks/compare_revisions.py; results/revisions_firstlayer_t2.md)
             w = torch.cat([self.inp.weight, self.inp_t.weight], 1)
             h = F.linear(torch.cat([x, tf.to(x.dtype)], 1), w, self.inp.bias)
         else:
