@@ -52,7 +52,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +76,7 @@ from speed_likelihood import (  # noqa: E402
 )
 from speed_likelihood import load as likelihood_load  # noqa: E402
 
+from iterflow.core.allocator import SETTINGS as ALLOCATOR_SETTINGS  # noqa: E402
 from iterflow.core.couplings import (
     assignment,
     chunked_assignment,
@@ -242,11 +245,7 @@ TRAIN_CONTENDERS: dict[str, tuple[tuple[Any, ...], str, str, dict[str, str]]] = 
         ("library", "torchcfm"),
         "independent",
         "torchcfm (allocator)",
-        {
-            "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
-            "MALLOC_TRIM_THRESHOLD_": str(1024**3),
-            "MALLOC_TOP_PAD_": str(64 * 1024 * 1024),
-        },
+        {f"MALLOC_{name[2:]}_": str(value) for name, _, value in ALLOCATOR_SETTINGS},
     ),
 }
 
@@ -276,9 +275,6 @@ def contender_loop(
 def bench_training(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Steps/s of every :data:`TRAIN_CONTENDERS` entry, each round of each contender in a process of
     its own (``--in-process``: all in this one, without the row that needs its own environment)."""
-    import os
-    import subprocess
-
     dev = str(device)
     names = [n for n in TRAIN_CONTENDERS if args.in_process is False or not TRAIN_CONTENDERS[n][3]]
     steps = {
