@@ -659,6 +659,10 @@ def markdown(data: str, result: dict[str, Any], curves: dict[str, dict[str, Any]
              f"{result['machine']['cpu']} ({result['machine']['cores']} cores). Test NLL in nats "
              f"(exact trace, dopri5 at {result['tol']:g}, float64) on {result['n_test']} test "
              f"points, ± standard error{floor}.", "",
+             "Trained on: " + "; ".join(
+                 f"{LABELS.get(m, m)}: "
+                 f"{r.get('machine', {}).get('cpu', 'not recorded')}"
+                 for m, r in result["methods"].items()) + ".", "",
              marks_table(curves, budget), "",
              "Method to pick at each budget (lowest NLL at the mark):", "",
              *pick_lines(curves, budget), "",
@@ -765,6 +769,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              check, args.clock)  # fmt: skip
             rows = [c.pop("rows") for c in run["checkpoints"]]
             run["times"] = times
+            run["machine"] = extra["machine"]  # parts of one report may come from other hosts
             # written after every method (a crash keeps the others), then the report from all
             # the matching parts, this session's and earlier ones'
             save_part(parts, f"{data}{args.tag}-{method}", settings, run, rows, args.budget)

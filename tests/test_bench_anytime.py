@@ -202,6 +202,8 @@ def test_anytime_end_to_end(bench: ModuleType, tmp_path: Path) -> None:
         assert r["tol_check"]["abs_diff"] < 0.005 and len(r["load_before"]) == 3
     assert (tmp_path / "img" / "anytime_rose.png").stat().st_size > 0
     assert "NLL at 2 min" in (tmp_path / "res" / "anytime_rose.md").read_text()
+    assert all(r["machine"]["cpu"] for r in out["methods"].values())
+    assert "Trained on: " in (tmp_path / "res" / "anytime_rose.md").read_text()
     # the solver check after the fact, on a subset of the test rows, from the kept run folder
     bench.main([*common, "--methods", "fm", "--budget", "2", "--tol-check-only", "50"])
     part = json.loads((parts / "rose-fm.json").read_text())
