@@ -650,6 +650,14 @@ def plot(
     plt.close(fig)
 
 
+def trained_on(methods: dict[str, Any]) -> str:
+    """The hosts the parts were trained on: one name when they share it, else one per method."""
+    hosts = {m: r.get("machine", {}).get("cpu", "not recorded") for m, r in methods.items()}
+    if len(set(hosts.values())) == 1:
+        return f"Trained on: {next(iter(hosts.values()))} (every method)."
+    return "Trained on: " + "; ".join(f"{LABELS.get(m, m)}: {h}" for m, h in hosts.items()) + "."
+
+
 def markdown(data: str, result: dict[str, Any], curves: dict[str, dict[str, Any]]) -> str:
     """The ``anytime_<data>.md`` report."""
     budget = result["budget"]
@@ -659,10 +667,7 @@ def markdown(data: str, result: dict[str, Any], curves: dict[str, dict[str, Any]
              f"{result['machine']['cpu']} ({result['machine']['cores']} cores). Test NLL in nats "
              f"(exact trace, dopri5 at {result['tol']:g}, float64) on {result['n_test']} test "
              f"points, ± standard error{floor}.", "",
-             "Trained on: " + "; ".join(
-                 f"{LABELS.get(m, m)}: "
-                 f"{r.get('machine', {}).get('cpu', 'not recorded')}"
-                 for m, r in result["methods"].items()) + ".", "",
+             trained_on(result["methods"]), "",
              marks_table(curves, budget), "",
              "Method to pick at each budget (lowest NLL at the mark):", "",
              *pick_lines(curves, budget), "",

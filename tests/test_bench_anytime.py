@@ -344,3 +344,11 @@ def test_fourier_2d_end_to_end(tmp_path: Path, bench: ModuleType) -> None:
     # the paired difference is that of the two means (the same test rows)
     assert second["minus_first"] == pytest.approx(second["nll"] - first["nll"], abs=1e-9)
     assert "x_freqs" in (tmp_path / "f2d.md").read_text()
+
+
+def test_trained_on_names_each_host_only_when_they_differ(bench: ModuleType) -> None:
+    one = {"jko": {"machine": {"cpu": "A"}}, "cnf": {"machine": {"cpu": "A"}}}
+    assert bench.trained_on(one) == "Trained on: A (every method)."
+    two = {"jko": {"machine": {"cpu": "A"}}, "cnf": {}}
+    line = bench.trained_on(two)
+    assert "JKO-flow: A" in line and "CNF: not recorded" in line
