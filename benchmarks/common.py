@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
+from iterflow.core.denormals import flush_denormals
 from iterflow.io import atomic_write_bytes
+
+#: Subnormal floats are flushed to zero in every benchmark process, from its start, so that PyTorch's
+#: worker threads inherit it (:mod:`iterflow.core.denormals`; the command line does the same; peers
+#: run in the same process get it too). Recorded by :func:`machine`.
+FLUSH_DENORMALS = flush_denormals()
 
 
 def machine() -> dict[str, Any]:
@@ -29,6 +35,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "flush_denormals": FLUSH_DENORMALS,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -5,14 +5,17 @@ built-in networks or your own velocity module); :class:`FlowDensity` is the same
 density estimator; :class:`Flow` samples, encodes and scores; :func:`score_rows` gives one
 log-density per row (with Hutchinson's standard error); :func:`conditioning` binds per-row keyword
 arguments of conditional velocity networks (class labels ``y``) and :func:`guidance` turns
-classifier-free guidance on for label-conditional flows. ``fit``, ``FlowDensity``, ``TrainConfig``,
-``load_run`` and ``score_rows`` are imported on first use, so ``import iterflow`` stays light.
+classifier-free guidance on for label-conditional flows; :func:`flush_denormals`, called before a
+program's first PyTorch computation, keeps subnormal floats from slowing training. ``fit``,
+``FlowDensity``, ``TrainConfig``, ``load_run`` and ``score_rows`` are imported on first use, so
+``import iterflow`` stays light.
 """
 
 from typing import Any
 
 from iterflow._version import __version__
 from iterflow.core.conditioning import conditioning
+from iterflow.core.denormals import flush_denormals
 from iterflow.core.flow import Block, Flow
 from iterflow.core.guidance import guidance
 from iterflow.errors import InputError
@@ -46,6 +49,7 @@ __all__ = [
     "__version__",
     "conditioning",
     "fit",
+    "flush_denormals",
     "guidance",
     "load_run",
     "score_rows",

@@ -26,6 +26,7 @@ from iterflow.cli.ui import (
     train_with_progress,
     write_report,
 )
+from iterflow.core.denormals import flush_denormals
 from iterflow.errors import InputError, fail
 from iterflow.train import TrainConfig
 
@@ -418,7 +419,11 @@ for _module in (images, reflow, score, transport, worst_case):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and map errors to exit codes (usage errors exit 2 via typer)."""
+    """Entry point: run the CLI and map errors to exit codes (usage errors exit 2 via typer).
+
+    Subnormal floats are flushed to zero first, before PyTorch starts its worker threads, so that
+    they inherit it (:mod:`iterflow.core.denormals`; ``ITERFLOW_FLUSH_DENORMALS=0`` turns it off)."""
+    flush_denormals()
     try:
         app(args=argv, prog_name="iterflow", standalone_mode=True)
     except SystemExit as e:

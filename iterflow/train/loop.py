@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from iterflow.core import distributed as ddp
 from iterflow.core.allocator import tune_cpu_allocator
+from iterflow.core.denormals import flush_denormals
 from iterflow.errors import check_positive, fail
 from iterflow.io import load_json, load_tensors, read_jsonl, save_json, save_tensors
 from iterflow.methods.base import Loss
@@ -317,6 +318,7 @@ def optimize(
     reporter = reporter or SilentReporter()
     budget = budget or StepBudget(None)
     tune_cpu_allocator()  # with ITERFLOW_MALLOC_TUNING=1: freed memory stays in the process
+    flush_denormals()  # subnormals to zero (iterflow.core.denormals; env ITERFLOW_FLUSH_DENORMALS=0: off)
     named: list[tuple[str, Tensor]] = [
         (n, p) for n, p in module.named_parameters() if p.requires_grad
     ]
