@@ -352,3 +352,24 @@ def test_trained_on_names_each_host_only_when_they_differ(bench: ModuleType) -> 
     two = {"jko": {"machine": {"cpu": "A"}}, "cnf": {}}
     line = bench.trained_on(two)
     assert "JKO-flow: A" in line and "CNF: not recorded" in line
+
+
+def test_denormals_end_to_end(tmp_path: Path) -> None:
+    """bench_denormals.py on a tiny flow-matching run: the children run with the flushing asked
+    for (it raises otherwise), and flushing leaves the weights as they are."""
+    import subprocess
+
+    out = tmp_path / "denormals.json"
+    argv = [sys.executable, str(BENCH / "bench_denormals.py"), "--data", "checkerboard",
+            "--set", "hidden=[16, 16]", "--set", "batch_size=64", "--set", "x_freqs=8",
+            "--set", "n_train=2000", "--set", "n_val=64", "--total-steps", "400",
+            "--train-steps", "40", "--steps", "20", "--rounds", "2", "--threads", "1",
+            "--workdir", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["settings"]["train_steps"] == 40
+    assert all(len(v) == 2 and min(v) > 0 for v in res["steps_per_s"].values())
+    assert res["max_diff_after_resume"]["param"] == 0.0
+    assert res["max_diff_after_resume"]["ema"] == 0.0
+    zeros = res["census"]["zero_fraction_per_hidden_layer"]
+    assert len(zeros) == 2 and all(0.0 <= z <= 1.0 for z in zeros)
