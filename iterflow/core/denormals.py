@@ -4,14 +4,13 @@ Why. A float32 below 1.18e-38 in magnitude is *subnormal*; x86 CPUs compute with
 through a microcode assist that costs tens to hundreds of cycles per operation. Flow training makes
 them: SiLU's derivative at a very negative pre-activation ``x`` is about ``x e^x``, subnormal for
 ``x`` below about -87, and the gradients and Adam moments that follow from it are subnormal too. A
-network with many inactive units (the rose's flow matching run, 256-wide SiLU MLP with 128 Fourier
-features, lr 8e-3: after 62,000 steps 83 % and 94 % of the second and third hidden layers' outputs
-were exactly zero and about 13,000 of the backward pass's values subnormal per batch) then trains
-at half its speed: 94-97 steps/s against 124-152 with subnormals flushed, resumed from the same
-checkpoint for 1,500 steps at two threads on an Intel Xeon, while a fresh run of the same recipe
-makes 150-190. Flushing changes nothing of substance: after those 1,500 steps the weights and the
-EMA weights were bit-identical with and without it, and the Adam moments differed by at most
-3e-33 (the flushed values themselves).
+network with many inactive units then trains far slower: the rose's flow-matching preset
+(``rose-fm-fourier``, 3 x 256 SiLU, 128 Fourier features, lr 8e-3) at step 86,329 of its two-thread
+hour, where 89 % and 94 % of two hidden layers' outputs are exactly zero, made 94.6 steps/s with
+subnormals computed and 144.8 with them flushed (medians of three interleaved processes, two
+threads, Intel Xeon; ``benchmarks/bench_denormals.py``, ``results/denormals.json``). Flushing
+changes nothing of substance: after those 1,500 steps the weights and the EMA weights were
+bit-identical with and without it, the Adam moments within 4e-33 (the flushed values themselves).
 
 How. :func:`torch.set_flush_denormal` sets the FTZ/DAZ bits (x86 SSE/AVX ``MXCSR``; ARM ``FZ``)
 of the *calling* thread only. PyTorch's intra-op workers are OpenMP threads, started the first time
