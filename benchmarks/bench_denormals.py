@@ -39,7 +39,8 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from common import machine, write_json  # noqa: E402  (flushes subnormals unless turned off)
 
-from iterflow.train import TrainConfig, train_tensors  # noqa: E402
+from iterflow.core.denormals import pool_flushes  # noqa: E402
+from iterflow.train import TrainConfig  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -58,17 +59,12 @@ def config(args: argparse.Namespace) -> TrainConfig:
 
 def train_to(cfg: TrainConfig, folder: Path, start: int, n: int) -> float:
     """Train ``cfg`` in ``folder`` from its checkpoint at step ``start`` (0: a new run) for ``n``
-    steps, ending on an in-stage checkpoint; returns the seconds."""
-    from bench_anytime import dataset_tensors
+    steps, ending on an in-stage checkpoint (``bench_anytime.train_segment``); returns the seconds."""
+    from bench_anytime import dataset_tensors, train_segment
 
     data, _, _ = dataset_tensors(cfg, 5000)
-    seg = dataclasses.replace(cfg, checkpoint_every=start + n)
     t0 = time.perf_counter()
-    try:
-        train_tensors(seg, data, folder, stop_after_steps=n)
-    except KeyboardInterrupt as e:
-        if "stop_after_steps" not in str(e):
-            raise
+    train_segment(cfg, data, folder, start + n, n)
     return time.perf_counter() - t0
 
 
@@ -129,7 +125,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         start = args.train_steps if args.child == "resume" else 0
         out = {"steps_per_s": args.steps / train_to(cfg, folder, start, args.steps)}
-    print(json.dumps({**out, "flush": bool(torch.tensor([1e-30]) * 1e-9 == 0)}), flush=True)
+    print(json.dumps({**out, "flush": pool_flushes()}), flush=True)
 
 
 def spawn(args: argparse.Namespace, kind: str, folder: Path, flush: bool) -> dict[str, Any]:
