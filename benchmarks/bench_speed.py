@@ -317,9 +317,30 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> list[dict[
                 "min": min(rates[n]),
                 "max": max(rates[n]),
                 "gflop_per_s": med * flops / 1e9,
+                "rates": rates[n],
             }
         )
     return rows
+
+
+def paired_ratio(ours: list[float], peers: list[list[float]]) -> dict[str, float]:
+    """The median over rounds of ``ours[r] / max(peer[r] for peer in peers)``, with its range.
+
+    Each round runs every contender back to back, so a round's ratio cancels what changes slowly
+    between rounds (the machine's clock and its neighbours: this host's fp32 GEMM peak moved by
+    1.3x within minutes). The ratio of the medians (``summary``'s main figures, the issue's
+    definition) does not pair the rounds and swings with that drift; both are reported."""
+    if not peers or any(len(p) != len(ours) for p in peers) or not ours:
+        raise ValueError(
+            f"paired_ratio: every peer needs one rate per round of ours ({len(ours)}), "
+            f"got {[len(p) for p in peers]}"
+        )
+    per_round = [o / max(p[r] for p in peers) for r, o in enumerate(ours)]
+    return {
+        "median": statistics.median(per_round),
+        "min": min(per_round),
+        "max": max(per_round),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -659,6 +680,14 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         add("training, defaults vs fastest library", ">= 1.5x", v, v >= 1.5)
         v = summary["iterflow_fp32_vs_fastest_library_independent"]
         add("training, fp32 vs fastest library", ">= 1.0x", v, v >= 1.0)
+        for what, key, want in (
+            ("defaults", "iterflow_vs_fastest_library_independent_paired", 1.5),
+            ("fp32", "iterflow_fp32_vs_fastest_library_independent_paired", 1.0),
+        ):
+            if key in summary:  # results written before the per-round pairing have none
+                lo, hi = summary[key + "_min"], summary[key + "_max"]
+                add(f"  ({what}, paired per round: median; rounds {lo:.2f}-{hi:.2f}x)",
+                    f">= {want:.1f}x", summary[key], summary[key] >= want)  # fmt: skip
         v = summary["iterflow_ot_auto_vs_own_independent"]
         add("training with minibatch OT vs independent pairs", ">= 0.8x", v, v >= 0.8)
     for r in result.get("ot", []):
@@ -800,6 +829,16 @@ def main() -> None:
             "iterflow_ot_auto_vs_own_independent": ours["iterflow ot (auto)"]
             / ours["iterflow (defaults)"],
         }
+        plain = [r["rates"] for r in libs if "allocator" not in r["library"]]
+        for key, contender in (
+            ("iterflow_vs_fastest_library_independent_paired", "iterflow (defaults)"),
+            ("iterflow_fp32_vs_fastest_library_independent_paired", "iterflow autocast=none"),
+        ):
+            paired = paired_ratio(
+                next(r["rates"] for r in rows if r["contender"] == contender), plain
+            )
+            summary[key] = paired["median"]
+            summary[key + "_min"], summary[key + "_max"] = paired["min"], paired["max"]
         tuned = [r["steps_per_s"] for r in libs if "allocator" in r["library"]]
         if tuned:
             summary["iterflow_fp32_vs_allocator_tuned_library"] = (

@@ -1,0 +1,78 @@
+"""``benchmarks/bench_speed.py``'s pure pieces: the per-round paired ratio and the targets table."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    import bench_speed
+
+    return bench_speed
+
+
+@pytest.mark.parametrize("rounds", [1, 5, 9])
+def test_paired_ratio_cancels_a_drifting_machine(bench: ModuleType, rounds: int) -> None:
+    """Every contender of a round slowed by the same factor: the paired ratio is exact whatever
+    the drift, against the fastest peer of each round (which may change from round to round)."""
+    g = torch.Generator().manual_seed(rounds)
+    drift = (0.5 + torch.rand(rounds, generator=g, dtype=torch.float64)).tolist()
+    peer_a = (100 + 10 * torch.rand(rounds, generator=g, dtype=torch.float64)).tolist()
+    peer_b = (100 + 10 * torch.rand(rounds, generator=g, dtype=torch.float64)).tolist()
+    speed = 1.37
+    ours = [speed * max(a, b) * k for a, b, k in zip(peer_a, peer_b, drift, strict=True)]
+    peers = [[a * k for a, k in zip(p, drift, strict=True)] for p in (peer_a, peer_b)]
+    out = bench.paired_ratio(ours, peers)
+    assert out["median"] == pytest.approx(speed, rel=1e-12)
+    assert out["min"] == pytest.approx(speed, rel=1e-12)
+    assert out["max"] == pytest.approx(speed, rel=1e-12)
+
+
+def test_paired_ratio_is_the_median_of_the_rounds(bench: ModuleType) -> None:
+    ours, peer = [2.0, 3.0, 10.0], [1.0, 2.0, 2.0]
+    out = bench.paired_ratio(ours, [peer, [0.5, 0.5, 0.5]])
+    assert out == {"median": statistics.median([2.0, 1.5, 5.0]), "min": 1.5, "max": 5.0}
+
+
+@pytest.mark.parametrize(("ours", "peers"), [([1.0, 2.0], [[1.0]]), ([1.0], []), ([], [[]])])
+def test_paired_ratio_rejects_unpaired_rounds(
+    bench: ModuleType, ours: list[float], peers: list[list[float]]
+) -> None:
+    with pytest.raises(ValueError, match="one rate per round"):
+        bench.paired_ratio(ours, peers)
+
+
+def test_targets_list_the_paired_ratios_when_the_run_has_them(bench: ModuleType) -> None:
+    summary = {
+        "iterflow_vs_fastest_library_independent": 1.3,
+        "iterflow_fp32_vs_fastest_library_independent": 0.97,
+        "iterflow_ot_auto_vs_own_independent": 0.5,
+    }
+    old = {r["target"]: r for r in bench.targets({"summary": summary})}
+    assert not any("paired" in t for t in old)  # results written before the pairing
+    paired = {
+        "iterflow_vs_fastest_library_independent_paired": 1.6,
+        "iterflow_vs_fastest_library_independent_paired_min": 1.2,
+        "iterflow_vs_fastest_library_independent_paired_max": 1.9,
+        "iterflow_fp32_vs_fastest_library_independent_paired": 0.99,
+        "iterflow_fp32_vs_fastest_library_independent_paired_min": 0.9,
+        "iterflow_fp32_vs_fastest_library_independent_paired_max": 1.1,
+    }
+    rows = bench.targets({"summary": {**summary, **paired}})
+    got = {r["target"]: r for r in rows if "paired" in r["target"]}
+    assert len(got) == 2
+    defaults = next(r for t, r in got.items() if t.startswith("  (defaults"))
+    fp32 = next(r for t, r in got.items() if t.startswith("  (fp32"))
+    assert (defaults["measured"], defaults["met"], defaults["wanted"]) == (1.6, True, ">= 1.5x")
+    assert (fp32["measured"], fp32["met"], fp32["wanted"]) == (0.99, False, ">= 1.0x")
+    assert "1.20-1.90x" in next(iter(t for t in got if t.startswith("  (defaults")))
