@@ -327,9 +327,11 @@ def paired_ratio(ours: list[float], peers: list[list[float]]) -> dict[str, float
     """The median over rounds of ``ours[r] / max(peer[r] for peer in peers)``, with its range.
 
     Each round runs every contender back to back, so a round's ratio cancels what changes slowly
-    between rounds (the machine's clock and its neighbours: this host's fp32 GEMM peak moved by
-    1.3x within minutes). The ratio of the medians (``summary``'s main figures, the issue's
-    definition) does not pair the rounds and swings with that drift; both are reported."""
+    between rounds (the machine's clock and its neighbours: the Intel Xeon host's fp32 GEMM peak
+    measured 148-312 GFLOP/s within half an hour). The ratio of the medians (``summary``'s main
+    figures, the issue's definition) does not pair the rounds and swings with that drift; both are
+    reported. Measured: pairing did not narrow the spread on that host (the noise is inside a round;
+    docs/benchmarks.md)."""
     if not peers or any(len(p) != len(ours) for p in peers) or not ours:
         raise ValueError(
             f"paired_ratio: every peer needs one rate per round of ours ({len(ours)}), "
