@@ -832,13 +832,12 @@ def main() -> None:
             / ours["iterflow (defaults)"],
         }
         plain = [r["rates"] for r in libs if "allocator" not in r["library"]]
+        rates = {r["contender"]: r["rates"] for r in rows}
         for key, contender in (
             ("iterflow_vs_fastest_library_independent_paired", "iterflow (defaults)"),
             ("iterflow_fp32_vs_fastest_library_independent_paired", "iterflow autocast=none"),
         ):
-            paired = paired_ratio(
-                next(r["rates"] for r in rows if r["contender"] == contender), plain
-            )
+            paired = paired_ratio(rates[contender], plain)
             summary[key] = paired["median"]
             summary[key + "_min"], summary[key + "_max"] = paired["min"], paired["max"]
         tuned = [r["steps_per_s"] for r in libs if "allocator" in r["library"]]
