@@ -114,7 +114,7 @@ def census(cfg: TrainConfig, folder: Path) -> dict[str, Any]:
 
 
 def child(args: argparse.Namespace) -> None:
-    """One timed segment (``--child resume|fresh|census``), printed as one JSON line."""
+    """A child's work (``--child train|resume|fresh|census``), printed as one JSON line."""
     torch.set_num_threads(args.threads)
     cfg = config(args)
     folder = Path(args.folder)
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default="rose")
     ap.add_argument("--img2d-dir", default=None, help="the papers' 2-D densities (rose, tree)")
     ap.add_argument("--total-steps", type=int, default=584_255,
-                    help="the run's length (its cosine schedule); default: the two-thread hour")  # fmt: skip
+                    help="the run's length (its cosine schedule); default: the first, stopped "
+                         "two-thread hour's")  # fmt: skip
     ap.add_argument("--train-steps", type=int, default=60_000, help="steps before the timing")
     ap.add_argument("--steps", type=int, default=1500, help="steps per timed segment")
     ap.add_argument("--rounds", type=int, default=3)

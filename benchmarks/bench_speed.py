@@ -345,6 +345,35 @@ def paired_ratio(ours: list[float], peers: list[list[float]]) -> dict[str, float
     }
 
 
+SUMMARY_KEYS = {
+    "defaults": "iterflow_vs_fastest_library_independent",
+    "fp32": "iterflow_fp32_vs_fastest_library_independent",
+    "defaults_paired": "iterflow_vs_fastest_library_independent_paired",
+    "fp32_paired": "iterflow_fp32_vs_fastest_library_independent_paired",
+}
+
+
+def combine_runs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The training ratios of several result files (``--combine``), a row per run, and each
+    ratio's median over the runs that have it: one run's ratio swings with the machine."""
+    rows = []
+    for path in paths:
+        summary = json.loads(Path(path).read_text()).get("summary")
+        if not summary or SUMMARY_KEYS["defaults"] not in summary:
+            raise ValueError(
+                f"--combine: {path} has no training section (run without --skip train)"
+            )
+        rows.append(
+            {"run": Path(path).stem, **{k: summary.get(v) for k, v in SUMMARY_KEYS.items()}}
+        )
+    medians = {
+        k: statistics.median(vals)
+        for k in SUMMARY_KEYS
+        if (vals := [r[k] for r in rows if r[k] is not None])
+    }
+    return rows, medians
+
+
 # ------------------------------------------------------------------------------------------------
 # OT couplings
 # ------------------------------------------------------------------------------------------------
@@ -792,7 +821,20 @@ def main() -> None:
         "--demo-repeats", type=int, default=3, help="interleaved demo trainings (median seconds)"
     )
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="print the training ratios of these result files and their medians, run nothing",
+    )
     args = ap.parse_args()
+    if args.combine:
+        runs, medians = combine_runs(args.combine)
+        print(table(runs, ["run", *SUMMARY_KEYS]))
+        print(f"\nmedians over {len(runs)} runs: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))  # fmt: skip
+        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     info = machine()

@@ -76,3 +76,29 @@ def test_targets_list_the_paired_ratios_when_the_run_has_them(bench: ModuleType)
     assert (defaults["measured"], defaults["met"], defaults["wanted"]) == (1.6, True, ">= 1.5x")
     assert fp32["target"].startswith("  (fp32") and "0.90-1.10x" in fp32["target"]
     assert (fp32["measured"], fp32["met"], fp32["wanted"]) == (0.99, False, ">= 1.0x")
+
+
+def test_combine_runs_gives_each_ratio_its_median(bench: ModuleType, tmp_path: Path) -> None:
+    """``--combine``: a row per result file and the median of each ratio over the runs that have it
+    (files written before the pairing have no paired keys)."""
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    keys = bench.SUMMARY_KEYS
+    values = torch.rand(5, 4, generator=g, dtype=torch.float64).add(0.5).tolist()
+    paths = []
+    for i, v in enumerate(values):
+        summary = {keys[k]: x for k, x in zip(keys, v, strict=True)}
+        if i < 2:  # older format
+            summary = {k: x for k, x in summary.items() if not k.endswith("_paired")}
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps({"summary": summary}))
+    rows, medians = bench.combine_runs([str(p) for p in paths])
+    assert [r["run"] for r in rows] == [f"run{i}" for i in range(5)]
+    assert rows[0]["defaults_paired"] is None
+    for j, k in enumerate(keys):
+        have = [v[j] for i, v in enumerate(values) if i >= 2 or not k.endswith("_paired")]
+        assert medians[k] == statistics.median(have)
+    (tmp_path / "bad.json").write_text(json.dumps({"machine": {}}))
+    with pytest.raises(ValueError, match="bad.json has no training section"):
+        bench.combine_runs([str(tmp_path / "bad.json")])
