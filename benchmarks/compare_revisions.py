@@ -37,9 +37,6 @@ CASES: dict[str, dict[str, object]] = {
     "the same in fp32 (autocast none)": dict(
         method="fm", data="checkerboard", steps=600, n_val=500, n_test=500, autocast="none"
     ),
-    "make demo's network (the same with 64 Fourier features of x)": dict(
-        method="fm", data="checkerboard", steps=600, n_val=500, n_test=500, x_freqs=64, x_scale=1.0
-    ),
     "global fm of the local-FM benchmark (tree, 3x319 relu, batch 4096)": dict(
         method="fm",
         data="tree",

@@ -253,7 +253,12 @@ class MLPVelocity(nn.Module):
         tc = time_column(t, x)  # (B, 1) or (1, 1)
         tf = self.time(tc) if self.time is not None else tc
         if tf.shape[0] == x.shape[0] > 1:
-            h = self._first_product(x, tf)
+            # a time per row (training): ONE product of [x, time features] with the two weights
+            # side by side, as a concatenating MLP does, instead of two products and an add over
+            # the (B, H) result: the demo recipe's steps/s 1.08x, in fp32 1.13x
+            # (benchmarks/compare_revisions.py; results/revisions_firstlayer_t2.md)
+            w = torch.cat([self.inp.weight, self.inp_t.weight], 1)
+            h = F.linear(torch.cat([x, tf.to(x.dtype)], 1), w, self.inp.bias)
         else:
             h = self.inp(x) + self.inp_t(tf)  # (B, H); one time for all rows: broadcast
         if self.fourier is not None and self.inp_f is not None:
@@ -272,22 +277,6 @@ class MLPVelocity(nn.Module):
         elif y is not None:
             self._check_labels(y, x.shape[0])  # raises: unconditional network
         return h
-
-    def _first_product(self, x: Tensor, tf: Tensor) -> Tensor:
-        """``W_0 x + W_t tf + b_0`` for a time per row (training) as ONE product of ``[x, tf, 1]``
-        with the weights and the bias side by side: no product and add over the ``(B, H)`` result
-        (the demo recipe's steps/s 1.08x, in fp32 1.13x; ``results/revisions_firstlayer_t2.md``),
-        and no copy of the bias into it (an ``addmm`` first broadcasts its bias over the output).
-
-        Always in ``x``'s precision, also under autocast: with a depth of ``d + 1 + 2 n_freq``
-        (a few columns) the product is all memory traffic, which bfloat16 does not shorten, and
-        the CPU's bfloat16 kernels for such thin products cost more than float32's (the demo
-        recipe's bf16 steps/s 1.05x, fp32 1.02x, paired rounds;
-        ``results/revisions_first_fp32_t2.md``)."""
-        ones = x.new_ones(x.shape[0], 1)
-        with torch.autocast(x.device.type, enabled=False):
-            w = torch.cat([self.inp.weight, self.inp_t.weight, self.inp.bias[:, None]], 1)
-            return F.linear(torch.cat([x, tf.to(x.dtype), ones], 1), w.to(x.dtype))
 
     def input_tangent_map(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """``u -> `` the directional derivatives of :meth:`first_layer` at ``x`` ``(B, d)`` along
