@@ -72,7 +72,9 @@ from common import machine, table, write_json  # noqa: E402
 from speed_likelihood import (  # noqa: E402
     bench_likelihood_eval,
     bench_likelihood_training,
+    bench_work_precision,
     gemm_peak,
+    plot_work_precision,
 )
 from speed_likelihood import load as likelihood_load  # noqa: E402
 
@@ -705,6 +707,13 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 bound = float(r["gemm_bound_vs_plain"])
                 add(f"  (at its NFE, the fp32 GEMM peak allows {bound:.2f}x)", f">= {want:g}x",
                     bound, bound >= want)  # fmt: skip
+    for r in result.get("likelihood", {}).get("work_precision", {}).get("equal", []):
+        want = 3.0 if "(2-D)" in str(r["case"]) else 2.0
+        v = r["equal_accuracy_vs_plain"]
+        diff = r["best_nll_minus_plain_1e-5"]
+        ok = v is not None and v >= want and diff is not None and abs(diff) <= 1e-3
+        add(f"likelihood {r['case']} at equal accuracy ({r['best_setting']}) vs plain",
+            f">= {want:g}x", v, ok)  # fmt: skip
     summary = result.get("summary", {})
     if summary:
         v = summary["iterflow_vs_fastest_library_independent"]
@@ -762,6 +771,19 @@ def likelihood_section(args: argparse.Namespace, device: torch.device) -> dict[s
         print(f"\n## CNF / JKO-flow optimiser steps/s (rose recipes, {args.like_rounds} rounds)\n")
         cols = ["method", "data", "path", "steps_per_s", "min", "max", "vs_autograd"]
         print(table(train_rows, cols))
+    if "work-precision" in args.like_parts:
+        wp = bench_work_precision(args, device)
+        print(f"\n## Work-precision: exact NLL per setting ({args.like_rounds} rounds)\n")
+        cols = ["case", "evaluator", "solver", "error_norm", "tol", "nfe", "points_per_s"]
+        cols += ["mean_abs_err", "max_abs_err", "nll_minus_ref", "vs_plain_at_equal_accuracy"]
+        print(table(wp["points"], cols))
+        print("\n## Speed at equal accuracy (the plain evaluator interpolated on its curve)\n")
+        cols = ["case", "same_tolerance_vs_plain", "best_setting", "best_nfe"]
+        cols += ["best_mean_abs_err", "best_max_abs_err", "equal_accuracy_vs_plain"]
+        print(table(wp["equal"], cols))
+        if args.wp_plot:
+            plot_work_precision(wp["points"], args.wp_plot)
+        out["work_precision"] = wp
     out["load_after"] = likelihood_load()
     print(f"\nthreads and load average: {out['load_before']} -> {out['load_after']}")
     out["eval"], out["training"] = rows, train_rows
@@ -806,8 +828,11 @@ def main() -> None:
         "--like-parts",
         nargs="+",
         default=["eval", "training"],
-        choices=["eval", "training"],
+        choices=["eval", "training", "work-precision"],
         help="likelihood section: exact-NLL evaluation and/or CNF/JKO-flow optimiser steps",
+    )
+    ap.add_argument(
+        "--wp-plot", default=None, help="likelihood work-precision part: write its figure here"
     )
     ap.add_argument("--img2d-dir", default=None, help="folder of the rose (CNF/JKO recipes)")
     ap.add_argument(

@@ -37,6 +37,8 @@ one-pass step under bf16 autocast (for information; the trainer uses it only for
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import statistics
 import time
@@ -133,8 +135,8 @@ def _load_flow(run: str, device: torch.device) -> tuple[Flow, Tensor]:
     return flow.eval(), s.test.to(device)
 
 
-def bench_likelihood_eval(args: Any, device: torch.device) -> list[dict[str, Any]]:
-    """Rows of the likelihood-evaluation comparison (see the module docstring)."""
+def _cases(args: Any, device: torch.device) -> list[tuple[str, Flow, Tensor]]:
+    """The evaluation cases: ``(name, trained flow, test points)``, 2-D then the mixtures."""
     cases: list[tuple[str, Flow, Tensor]] = []
     if args.like_run:
         flow, pts = _load_flow(args.like_run, device)
@@ -147,8 +149,13 @@ def bench_likelihood_eval(args: Any, device: torch.device) -> list[dict[str, Any
         rows = mixture(54_000, d, args.seed)
         flow, pts = _trained_flow(f"mixture-{d}d", args.like_steps_hd, args.seed, device, rows)
         cases.append((f"8-Gaussian mixture ({d}-D)", flow, pts[: args.like_points_hd].to(device)))
+    return cases
+
+
+def bench_likelihood_eval(args: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Rows of the likelihood-evaluation comparison (see the module docstring)."""
     rows = []
-    for name, flow, x in cases:
+    for name, flow, x in _cases(args, device):
         rows += _compare(name, flow, x, args.like_rounds, device)
     return rows
 
@@ -355,3 +362,207 @@ def load() -> dict[str, Any]:
     """Threads and load average (recorded with the timings)."""
     one, five, fifteen = os.getloadavg()
     return {"threads": torch.get_num_threads(), "loadavg_1_5_15": [one, five, fifteen]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Work-precision: speed at equal accuracy
+# ------------------------------------------------------------------------------------------------
+
+#: Tolerances (``atol = rtol``) of the plain evaluator's work-precision curve.
+WP_PLAIN_TOLS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+#: iterflow's settings on the curve: ``(solver, error_norm)`` at each of :data:`WP_TOLS`, through
+#: ``Flow.compiled()``.
+WP_SETTINGS = (("dopri5", "batch"), ("dopri5", "rows"), ("bosh3", "batch"))
+WP_TOLS = (1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def time_at_error(curve: list[tuple[float, float]], error: float) -> float | None:
+    """Seconds an evaluator needs to reach a per-point ``error``, from its work-precision points
+    ``(error, seconds)`` (one per tolerance): on the curve's lower frontier (the points no
+    cheaper point beats in error), interpolated linearly in log-log between the two points that
+    bracket ``error``. ``None`` outside the measured errors: neither side is extrapolated.
+
+    Example:
+        >>> time_at_error([(1e-2, 1.0), (1e-4, 4.0)], 1e-3)  # halfway in log error
+        2.0
+    """
+    frontier: list[tuple[float, float]] = []
+    for e, t in sorted(curve):
+        if not frontier or t < frontier[-1][1]:
+            frontier.append((e, t))
+    if not frontier or not frontier[0][0] <= error <= frontier[-1][0]:
+        return None
+    for (e0, t0), (e1, t1) in zip(frontier, frontier[1:]):
+        if e0 <= error <= e1:
+            w = math.log(error / e0) / math.log(e1 / e0) if e1 > e0 else 0.0
+            return math.exp(math.log(t0) + w * math.log(t1 / t0))
+    return frontier[0][1]  # a one-point frontier at exactly this error
+
+
+def equal_accuracy_ratio(
+    plain: list[dict[str, Any]], point: dict[str, Any]
+) -> tuple[float | None, float | None]:
+    """``(seconds, ratio)``: what the plain evaluator needs to be as accurate as ``point`` in both
+    the mean and the largest per-point error (the larger of the two interpolated times,
+    :func:`time_at_error`), and that over ``point``'s seconds. ``(None, None)`` where ``point``'s
+    errors lie outside the plain curve's."""
+    need = [
+        time_at_error([(p[key], p["seconds"]) for p in plain], point[key])
+        for key in ("mean_abs_err", "max_abs_err")
+    ]
+    if any(t is None for t in need):
+        return None, None
+    seconds = max(t for t in need if t is not None)
+    return seconds, seconds / point["seconds"]
+
+
+def _reference_nll(flow: Flow, x: Tensor) -> Tensor:
+    """NLL in float64 by ``dopri8`` at ``atol = rtol = 1e-9``: the float32 evaluators' errors are
+    measured against it (their round-off included)."""
+    f64 = copy.deepcopy(flow).double()
+    with torch.no_grad():
+        lp = f64.log_prob(x.double(), divergence="exact", solver="dopri8", atol=1e-9, rtol=1e-9)
+    return -lp.float()
+
+
+def bench_work_precision(args: Any, device: torch.device) -> dict[str, list[dict[str, Any]]]:
+    """Speed at equal accuracy: the plain evaluator at :data:`WP_PLAIN_TOLS` and iterflow's
+    compiled evaluator in the :data:`WP_SETTINGS` at :data:`WP_TOLS`, on the cases of the
+    ``eval`` part; seconds are medians of ``--like-rounds`` interleaved passes over every setting
+    of a case, errors per point against :func:`_reference_nll`.
+
+    Returns ``{"points": one row per setting, "equal": one row per case}``: the best ratio of the
+    plain evaluator's interpolated seconds at the same mean and largest per-point error
+    (:func:`equal_accuracy_ratio`) over iterflow's, with its setting, next to the ratio at the
+    same tolerance (1e-5, dopri5, batch control: the ``eval`` part's comparison)."""
+    points: list[dict[str, Any]] = []
+    equal: list[dict[str, Any]] = []
+    for name, flow, x in _cases(args, device):
+        rows = _work_precision_case(name, flow, x, args.like_rounds, device)
+        points += rows
+        equal.append(_equal_accuracy_summary(name, rows))
+    return {"points": points, "equal": equal}
+
+
+def _work_precision_case(
+    name: str, flow: Flow, x: Tensor, rounds: int, device: torch.device
+) -> list[dict[str, Any]]:
+    """One case's work-precision rows (:func:`bench_work_precision`)."""
+    net = flow.chain[0].velocity
+    u = flow.normalize(x)
+    logdet_norm = float(flow.normalization_log_det())
+    fast = flow.compiled()
+    ref = _reference_nll(flow, x)
+
+    def plain(tol: float) -> tuple[Tensor, int]:
+        nll, nfe = plain_nll(net, u, tol=tol)
+        return nll - logdet_norm, nfe
+
+    def ours(solver: str, norm: str, tol: float) -> tuple[Tensor, int]:
+        spec = SolverSpec(solver, atol=tol, rtol=tol, error_norm=norm)
+        with torch.no_grad(), fast.count_nfe() as c:
+            lp = fast.log_prob(x, divergence="exact", solver=spec)
+        return -lp, c.nfe
+
+    Key = tuple[str, str, str, float]
+    runs: dict[Key, Callable[[], tuple[Tensor, int]]] = {
+        ("plain torchdiffeq", "dopri5", "batch", tol): (lambda tol=tol: plain(tol))
+        for tol in WP_PLAIN_TOLS
+    }
+    for solver, norm in WP_SETTINGS:
+        for tol in WP_TOLS:
+            runs[("iterflow compiled", solver, norm, tol)] = lambda s=solver, n=norm, tol=tol: ours(
+                s, n, tol
+            )
+    ours("dopri5", "batch", 1e-3)  # compiles the velocity and its one-pass trace; not timed
+    times: dict[Key, list[float]] = {k: [] for k in runs}
+    outs: dict[Key, tuple[Tensor, int]] = {}
+    for _ in range(rounds):
+        for k, fn in runs.items():
+            dt, outs[k] = _timed(fn, device)
+            times[k].append(dt)
+    rows = []
+    for k in runs:
+        nll, nfe = outs[k]
+        err = (nll - ref).abs()
+        seconds = statistics.median(times[k])
+        rows.append(
+            {
+                "case": name,
+                "evaluator": k[0],
+                "solver": k[1],
+                "error_norm": k[2],
+                "tol": k[3],
+                "nfe": nfe,
+                "seconds": seconds,
+                "points_per_s": len(x) / seconds,
+                "nll": float(nll.mean()),
+                "nll_minus_ref": float((nll - ref).mean()),
+                "mean_abs_err": float(err.mean()),
+                "max_abs_err": float(err.max()),
+            }
+        )
+    plain_rows = [r for r in rows if r["evaluator"] == "plain torchdiffeq"]
+    for r in rows:
+        if r["evaluator"] != "plain torchdiffeq":
+            r["plain_seconds_at_equal_accuracy"], r["vs_plain_at_equal_accuracy"] = (
+                equal_accuracy_ratio(plain_rows, r)
+            )
+    return rows
+
+
+def _equal_accuracy_summary(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A case's best speed-up at equal accuracy, next to its speed-up at the same tolerance."""
+    plain = {r["tol"]: r for r in rows if r["evaluator"] == "plain torchdiffeq"}
+    ours = [r for r in rows if r["evaluator"] != "plain torchdiffeq"]
+    same = next(
+        r for r in ours if (r["solver"], r["error_norm"], r["tol"]) == ("dopri5", "batch", 1e-5)
+    )
+    rated = [r for r in ours if r.get("vs_plain_at_equal_accuracy") is not None]
+    best = max(rated, key=lambda r: r["vs_plain_at_equal_accuracy"]) if rated else None
+    return {
+        "case": name,
+        "same_tolerance_vs_plain": plain[1e-5]["seconds"] / same["seconds"],
+        "best_setting": f"{best['solver']} {best['error_norm']} {best['tol']:g}" if best else None,
+        "best_nfe": best["nfe"] if best else None,
+        "best_mean_abs_err": best["mean_abs_err"] if best else None,
+        "best_max_abs_err": best["max_abs_err"] if best else None,
+        "equal_accuracy_vs_plain": best["vs_plain_at_equal_accuracy"] if best else None,
+        "best_nll_minus_plain_1e-5": best["nll"] - plain[1e-5]["nll"] if best else None,
+    }
+
+
+def plot_work_precision(points: list[dict[str, Any]], path: str) -> None:
+    """One panel per case: points/s against the largest and the mean per-point error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in points))
+    fig, axes = plt.subplots(2, len(cases), figsize=(3.6 * len(cases), 6.4), squeeze=False)
+    for j, case in enumerate(cases):
+        rows = [r for r in points if r["case"] == case]
+        series = list(dict.fromkeys((r["evaluator"], r["solver"], r["error_norm"]) for r in rows))
+        for i, key in enumerate(("max_abs_err", "mean_abs_err")):
+            ax = axes[i][j]
+            for s in series:
+                rs = sorted((r for r in rows if (r["evaluator"], r["solver"], r["error_norm"]) == s),
+                            key=lambda r: r["tol"])  # fmt: skip
+                plain = s[0] == "plain torchdiffeq"
+                label = "plain torchdiffeq (dopri5)" if plain else f"iterflow {s[1]}, {s[2]}"
+                ax.loglog([r[key] for r in rs], [r["points_per_s"] for r in rs], "o-" if plain
+                          else ".--", lw=2.2 if plain else 1.2, color="k" if plain else None,
+                          label=label)  # fmt: skip
+            ax.set_xlabel(
+                ("largest" if key == "max_abs_err" else "mean") + " per-point error (nats)"
+            )
+            if j == 0:
+                ax.set_ylabel("points/s")
+            if i == 0:
+                ax.set_title(case, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
