@@ -529,6 +529,8 @@ def _equal_accuracy_summary(name: str, rows: list[dict[str, Any]]) -> dict[str, 
         "best_max_abs_err": best["max_abs_err"] if best else None,
         "equal_accuracy_vs_plain": best["vs_plain_at_equal_accuracy"] if best else None,
         "best_nll_minus_plain_1e-5": best["nll"] - plain[1e-5]["nll"] if best else None,
+        "best_nll_minus_ref": best["nll_minus_ref"] if best else None,
+        "plain_1e-5_nll_minus_ref": plain[1e-5]["nll_minus_ref"],
     }
 
 

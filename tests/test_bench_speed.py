@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -102,3 +103,69 @@ def test_combine_runs_gives_each_ratio_its_median(bench: ModuleType, tmp_path: P
     (tmp_path / "bad.json").write_text(json.dumps({"machine": {}}))
     with pytest.raises(ValueError, match="bad.json has no training section"):
         bench.combine_runs([str(tmp_path / "bad.json")])
+
+
+@pytest.fixture(scope="module")
+def like() -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    import speed_likelihood
+
+    return speed_likelihood
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_time_at_error_is_exact_on_a_power_law(like: ModuleType, seed: int) -> None:
+    """Seconds ``c e^-k`` (a straight line in log-log): the interpolation returns it exactly
+    between the measured errors, whatever ``c``, ``k`` and the points' order; ``None`` outside."""
+    g = torch.Generator().manual_seed(seed)
+    c, k = 0.1 + float(torch.rand(1, generator=g)), 0.1 + float(torch.rand(1, generator=g))
+    errors = sorted((10 ** (-7 * torch.rand(5, generator=g, dtype=torch.float64))).tolist())
+    curve = [(e, c * e**-k) for e in errors]
+    curve = [curve[i] for i in torch.randperm(5, generator=g).tolist()]
+    for e in 10 ** torch.linspace(
+        math.log10(errors[0]), math.log10(errors[-1]), 13, dtype=torch.float64
+    ):
+        assert like.time_at_error(curve, float(e)) == pytest.approx(c * float(e) ** -k, rel=1e-9)
+    assert like.time_at_error(curve, errors[0] / 2) is None
+    assert like.time_at_error(curve, errors[-1] * 2) is None
+
+
+def test_time_at_error_uses_the_frontier(like: ModuleType) -> None:
+    """A setting both slower and less accurate than another is not on the curve: the cheaper,
+    more accurate point decides."""
+    curve = [(1e-4, 4.0), (1e-3, 5.0), (1e-2, 1.0)]  # (1e-3, 5 s) is dominated by (1e-4, 4 s)
+    assert like.time_at_error(curve, 1e-3) == pytest.approx(2.0)  # halfway from 4 s to 1 s
+    assert like.time_at_error(curve, 1e-4) == pytest.approx(4.0)
+
+
+def test_equal_accuracy_takes_the_binding_error(like: ModuleType) -> None:
+    """The plain evaluator must match the mean AND the largest error: the larger time counts."""
+    plain = [
+        {"mean_abs_err": 1e-3, "max_abs_err": 1e-2, "seconds": 1.0},
+        {"mean_abs_err": 1e-5, "max_abs_err": 1e-4, "seconds": 4.0},
+    ]
+    point = {"mean_abs_err": 1e-3, "max_abs_err": 1e-3, "seconds": 0.5}  # max binds: 2 s
+    seconds, ratio = like.equal_accuracy_ratio(plain, point)
+    assert seconds == pytest.approx(2.0) and ratio == pytest.approx(4.0)
+    point = {"mean_abs_err": 1e-6, "max_abs_err": 1e-3, "seconds": 0.5}  # beyond the plain curve
+    assert like.equal_accuracy_ratio(plain, point) == (None, None)
+
+
+def test_targets_judge_the_equal_accuracy_ratio(bench: ModuleType) -> None:
+    """2-D wants 3x, higher dimensions 2x, and the mean NLL within 1e-3 nats of the reference or
+    no further from it than the plain evaluator's at 1e-5."""
+    equal = [
+        {"case": "checkerboard (2-D)", "best_setting": "a", "equal_accuracy_vs_plain": 2.9,
+         "best_nll_minus_ref": 0.0, "plain_1e-5_nll_minus_ref": 0.0},
+        {"case": "mixture (10-D)", "best_setting": "b", "equal_accuracy_vs_plain": 2.1,
+         "best_nll_minus_ref": 2e-4, "plain_1e-5_nll_minus_ref": 1e-5},
+        {"case": "mixture (32-D)", "best_setting": "c", "equal_accuracy_vs_plain": 2.5,
+         "best_nll_minus_ref": -2e-3, "plain_1e-5_nll_minus_ref": 1e-4},
+        {"case": "mixture (32-D)", "best_setting": "d", "equal_accuracy_vs_plain": 2.5,
+         "best_nll_minus_ref": -2e-3, "plain_1e-5_nll_minus_ref": 3e-3},
+        {"case": "mixture (64-D)", "best_setting": None, "equal_accuracy_vs_plain": None,
+         "best_nll_minus_ref": None, "plain_1e-5_nll_minus_ref": 1e-3},
+    ]  # fmt: skip
+    rows = bench.targets({"likelihood": {"work_precision": {"equal": equal}}})
+    assert [r["met"] for r in rows] == [False, True, False, True, False]
+    assert [r["wanted"] for r in rows] == [">= 3x", ">= 2x", ">= 2x", ">= 2x", ">= 2x"]
