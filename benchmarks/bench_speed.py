@@ -35,7 +35,10 @@ What it measures (all on the same network: 3 hidden layers of 256, SiLU, input `
    tight reference; and the optimiser steps/s of the CNF and JKO-flow rose recipes through the
    one-pass Jacobian terms (eager, bf16 autocast, ``torch.compile``, compiled under bf16 autocast)
    and through autograd (the step before the one-pass terms); ``--like-parts training`` runs the
-   latter alone. Threads and load average are recorded.
+   latter alone. ``--like-parts work-precision`` (not run by default) compares the evaluators at
+   equal accuracy instead of equal tolerance: each at several tolerances, the plain evaluator's
+   seconds at iterflow's per-point errors read off its own curve (``--wp-plot`` draws the curves).
+   Threads and load average are recorded.
 6. Quality per second (section ``demo``): ``make demo``'s training (the preset ``DEMO_PRESET``)
    and flow matching's recommended settings (``iterflow train`` without a config), their seconds
    and test NLL gap to ``log 32`` (median seconds of ``--demo-repeats`` interleaved runs);

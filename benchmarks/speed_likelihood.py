@@ -28,6 +28,12 @@ product ran at this machine's float32 GEMM peak (:func:`eval_flops_per_point`), 
 evaluator's measured rate. A speed-up above it needs fewer evaluations or cheaper arithmetic, not a
 leaner loop.
 
+Work-precision (part ``work-precision``, :func:`bench_work_precision`): the same cases, the plain
+evaluator at :data:`WP_PLAIN_TOLS` and iterflow's compiled evaluator in :data:`WP_SETTINGS` at
+:data:`WP_TOLS`, every row's error against a float64 ``dopri8`` reference at 1e-9, and the speed-up
+at equal accuracy: the plain evaluator's seconds at iterflow's mean and largest per-point error,
+interpolated on its own curve (:func:`equal_accuracy_ratio`), over iterflow's.
+
 Likelihood training (``likelihood`` section too): one optimiser step (loss, backward, Adam) of the
 CNF and JKO-flow rose recipes (``CNF.recommended`` / ``JKOFlow.recommended``: network, batch,
 solver and options), through the one-pass Jacobian terms and through the autograd path, and the
