@@ -77,6 +77,7 @@ from speed_likelihood import (  # noqa: E402
     bench_likelihood_training,
     bench_work_precision,
     gemm_peak,
+    nll_allowed,
     plot_work_precision,
 )
 from speed_likelihood import load as likelihood_load  # noqa: E402
@@ -713,10 +714,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for r in result.get("likelihood", {}).get("work_precision", {}).get("equal", []):
         want = 3.0 if "(2-D)" in str(r["case"]) else 2.0
         v = r["equal_accuracy_vs_plain"]
-        # the mean NLL as exact as the plain evaluator's at 1e-5, or within 1e-3 nats of the
-        # reference (not "within 1e-3 of the plain one": that would fail a more exact result)
         diff = r.get("best_nll_minus_ref")
-        allowed = max(1e-3, abs(r.get("plain_1e-5_nll_minus_ref") or 0.0))
+        allowed = nll_allowed(r.get("plain_1e-5_nll_minus_ref"))
         ok = v is not None and v >= want and diff is not None and abs(diff) <= allowed
         add(f"likelihood {r['case']} at equal accuracy ({r['best_setting']}) vs plain",
             f">= {want:g}x", v, ok)  # fmt: skip

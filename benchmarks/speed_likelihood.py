@@ -517,14 +517,27 @@ def _work_precision_case(
     return rows
 
 
+def nll_allowed(plain_nll_minus_ref: float | None) -> float:
+    """How far an evaluator's mean NLL may lie from the reference: 1e-3 nats (the issue's
+    tolerance), or as far as the plain evaluator's at 1e-5 where that is further. Judged against
+    the reference, not the plain result: a more exact mean NLL is no failure."""
+    return max(1e-3, abs(plain_nll_minus_ref or 0.0))
+
+
 def _equal_accuracy_summary(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A case's best speed-up at equal accuracy, next to its speed-up at the same tolerance."""
+    """A case's best speed-up at equal accuracy among the settings whose mean NLL is within
+    :func:`nll_allowed`, next to its speed-up at the same tolerance."""
     plain = {r["tol"]: r for r in rows if r["evaluator"] == "plain torchdiffeq"}
     ours = [r for r in rows if r["evaluator"] != "plain torchdiffeq"]
     same = next(
         r for r in ours if (r["solver"], r["error_norm"], r["tol"]) == ("dopri5", "batch", 1e-5)
     )
-    rated = [r for r in ours if r.get("vs_plain_at_equal_accuracy") is not None]
+    allowed = nll_allowed(plain[1e-5]["nll_minus_ref"])
+    rated = [
+        r
+        for r in ours
+        if r.get("vs_plain_at_equal_accuracy") is not None and abs(r["nll_minus_ref"]) <= allowed
+    ]
     best = max(rated, key=lambda r: r["vs_plain_at_equal_accuracy"]) if rated else None
     return {
         "case": name,

@@ -169,3 +169,27 @@ def test_targets_judge_the_equal_accuracy_ratio(bench: ModuleType) -> None:
     rows = bench.targets({"likelihood": {"work_precision": {"equal": equal}}})
     assert [r["met"] for r in rows] == [False, True, False, True, False]
     assert [r["wanted"] for r in rows] == [">= 3x", ">= 2x", ">= 2x", ">= 2x", ">= 2x"]
+
+
+def test_summary_skips_settings_whose_mean_nll_is_off(like: ModuleType) -> None:
+    """The fastest setting at equal per-point accuracy does not count when its mean NLL lies
+    further from the reference than 1e-3 nats and than the plain evaluator's at 1e-5."""
+
+    def row(who: str, solver: str, norm: str, tol: float, **kw: float) -> dict:
+        errors = {"nfe": 10, "nll": 0.0, "mean_abs_err": 1e-3, "max_abs_err": 1e-2}
+        return {"evaluator": who, "solver": solver, "error_norm": norm, "tol": tol, **errors, **kw}
+
+    plain = "plain torchdiffeq"
+    rows = [
+        row(plain, "dopri5", "batch", 1e-5, seconds=2.0, nll_minus_ref=4e-4),
+        row("ours", "dopri5", "batch", 1e-5, seconds=1.0, nll_minus_ref=4e-4,
+            vs_plain_at_equal_accuracy=2.0),
+        row("ours", "bosh3", "batch", 1e-3, seconds=0.5, nll_minus_ref=-2e-3,
+            vs_plain_at_equal_accuracy=3.0),
+        row("ours", "dopri5", "rows", 1e-5, seconds=0.9, nll_minus_ref=-9e-4,
+            vs_plain_at_equal_accuracy=2.2),
+    ]  # fmt: skip
+    out = like._equal_accuracy_summary("case", rows)
+    assert out["best_setting"] == "dopri5 rows 1e-05"
+    assert out["equal_accuracy_vs_plain"] == 2.2 and out["same_tolerance_vs_plain"] == 2.0
+    assert like.nll_allowed(3e-3) == 3e-3 and like.nll_allowed(None) == 1e-3
