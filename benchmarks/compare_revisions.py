@@ -4,7 +4,9 @@ Figures taken on different days are not comparable on a shared machine (the same
 been measured at 71.7 and 96.4 GFLOP/s fp32, 277 and 209 GFLOP/s bf16 on different days), so a
 change's effect on speed is measured here: each revision is checked out into a temporary git
 worktree, and the same training configurations run alternately under each, one process at a time,
-``--rounds`` times; the table gives the median steps/s per revision and their ratio.
+``--rounds`` times; the table gives the median steps/s per revision, their ratio, and the median
+(with the range) of the rounds' own ratios: a round runs the two revisions back to back, so its
+ratio cancels the machine's drift between rounds (not the noise within one).
 
 Usage (from the repository root; the machine otherwise idle)::
 
@@ -36,6 +38,9 @@ CASES: dict[str, dict[str, object]] = {
     ),
     "the same in fp32 (autocast none)": dict(
         method="fm", data="checkerboard", steps=600, n_val=500, n_test=500, autocast="none"
+    ),
+    "make demo's network (the same with 64 Fourier features of x)": dict(
+        method="fm", data="checkerboard", steps=600, n_val=500, n_test=500, x_freqs=64, x_scale=1.0
     ),
     "global fm of the local-FM benchmark (tree, 3x319 relu, batch 4096)": dict(
         method="fm",
@@ -123,17 +128,22 @@ def main() -> None:
     rows = []
     for case, by_rev in speeds.items():
         old, new = (statistics.median(by_rev[r]) for r in (args.old, args.new))
+        paired = [n / o for o, n in zip(by_rev[args.old], by_rev[args.new], strict=True)]
         rows.append({"case": case, "old_steps_per_s": old, "new_steps_per_s": new,
                      "ratio_new_over_old": new / old,
+                     "paired_median": statistics.median(paired), "paired_min": min(paired),
+                     "paired_max": max(paired),
                      "old_all": by_rev[args.old], "new_all": by_rev[args.new]})  # fmt: skip
     machine = {"threads": args.threads, "rounds": args.rounds, "load_before": load_before,
                "load_after": os.getloadavg(), "old": args.old, "new": args.new}  # fmt: skip
     print(f"machine: {machine}")
-    print(f"| case | {args.old} steps/s | {args.new} steps/s | new / old |")
-    print("|---|---|---|---|")
+    print(f"| case | {args.old} steps/s | {args.new} steps/s | new / old | paired per round: "
+          "median (range) |")  # fmt: skip
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['old_steps_per_s']:.2f} | {r['new_steps_per_s']:.2f} | "
-              f"{r['ratio_new_over_old']:.3f} |")  # fmt: skip
+              f"{r['ratio_new_over_old']:.3f} | {r['paired_median']:.3f} "
+              f"({r['paired_min']:.2f}-{r['paired_max']:.2f}) |")  # fmt: skip
     if args.out is not None:
         args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
