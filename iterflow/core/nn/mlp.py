@@ -26,6 +26,16 @@ ACTIVATIONS.register("relu", nn.ReLU)
 ACTIVATIONS.register("gelu", nn.GELU)
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type`` (PyTorch before 2.4 asks per device)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # pragma: no cover - torch < 2.4
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
 def time_column(t: Tensor | float, x: Tensor) -> Tensor:
     """Return ``t`` as a ``(B, 1)`` or ``(1, 1)`` tensor on ``x``'s device and dtype."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -257,8 +267,11 @@ class MLPVelocity(nn.Module):
             # side by side, as a concatenating MLP does, instead of two products and an add over
             # the (B, H) result: the demo recipe's steps/s 1.08x, in fp32 1.13x
             # (benchmarks/compare_revisions.py; results/revisions_firstlayer_t2.md)
-            w = torch.cat([self.inp.weight, self.inp_t.weight], 1)
-            h = F.linear(torch.cat([x, tf.to(x.dtype)], 1), w, self.inp.bias)
+            if _autocast_on(x.device.type):
+                h = self._first_product_unrounded(x, tf)
+            else:
+                w = torch.cat([self.inp.weight, self.inp_t.weight], 1)
+                h = F.linear(torch.cat([x, tf.to(x.dtype)], 1), w, self.inp.bias)
         else:
             h = self.inp(x) + self.inp_t(tf)  # (B, H); one time for all rows: broadcast
         if self.fourier is not None and self.inp_f is not None:
@@ -277,6 +290,20 @@ class MLPVelocity(nn.Module):
         elif y is not None:
             self._check_labels(y, x.shape[0])  # raises: unconditional network
         return h
+
+    def _first_product_unrounded(self, x: Tensor, tf: Tensor) -> Tensor:
+        """``W_0 x + W_t tf + b_0`` under autocast, in ``x``'s precision: ONE product of
+        ``[x, tf, 1]`` with the weights and the bias side by side (no copy of the bias over the
+        ``(B, H)`` output, which an ``addmm`` makes first). Its depth is a few columns (``d + 1 +
+        2 time_freqs``), where the CPU's bfloat16 kernels cost more than float32's: with the
+        default 16 time frequencies the flow-matching step under bf16 autocast ran 1.18x (11
+        rounds paired, range 0.79-1.30; ``benchmarks/compare_revisions.py``,
+        ``results/revisions_first_autocast_t2.md``). Without autocast the plain ``addmm`` stays
+        (the folded product measured 0.95x in float32)."""
+        ones = x.new_ones(x.shape[0], 1)
+        with torch.autocast(x.device.type, enabled=False):
+            w = torch.cat([self.inp.weight, self.inp_t.weight, self.inp.bias[:, None]], 1)
+            return F.linear(torch.cat([x, tf.to(x.dtype), ones], 1), w.to(x.dtype))
 
     def input_tangent_map(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """``u -> `` the directional derivatives of :meth:`first_layer` at ``x`` ``(B, d)`` along
