@@ -295,11 +295,13 @@ class MLPVelocity(nn.Module):
         """``W_0 x + W_t tf + b_0`` under autocast, in ``x``'s precision: ONE product of
         ``[x, tf, 1]`` with the weights and the bias side by side (no copy of the bias over the
         ``(B, H)`` output, which an ``addmm`` makes first). Its depth is a few columns (``d + 1 +
-        2 time_freqs``), where the CPU's bfloat16 kernels cost more than float32's: with the
-        default 16 time frequencies the flow-matching step under bf16 autocast ran 1.18x (11
-        rounds paired, range 0.79-1.30; ``benchmarks/compare_revisions.py``,
-        ``results/revisions_first_autocast_t2.md``). Without autocast the plain ``addmm`` stays
-        (the folded product measured 0.95x in float32)."""
+        2 time_freqs``), where the CPU's bfloat16 kernels cost more than float32's. Measured with
+        ``benchmarks/compare_revisions.py`` (two threads, the default 16 time frequencies, the
+        flow-matching step under bf16 autocast, rounds paired): 1.18x and 1.08x in two runs of 11
+        rounds (``results/revisions_first_fp32_t2.md``, ``revisions_first_autocast_t2.md``), where
+        the unchanged float32 step of the second run read 1.06x: a gain of a few percent at most,
+        inside this machine's noise; kept because it was never slower and the layer is computed
+        unrounded. Without autocast the plain ``addmm`` stays (the folded product read 0.95x)."""
         ones = x.new_ones(x.shape[0], 1)
         with torch.autocast(x.device.type, enabled=False):
             w = torch.cat([self.inp.weight, self.inp_t.weight, self.inp.bias[:, None]], 1)
