@@ -166,13 +166,25 @@ def bench_likelihood_eval(args: Any, device: torch.device) -> list[dict[str, Any
     return rows
 
 
-def _compare(
-    name: str, flow: Flow, x: Tensor, rounds: int, device: torch.device
-) -> list[dict[str, Any]]:
+def plain_evaluator(flow: Flow, x: Tensor) -> Callable[..., tuple[Tensor, int]]:
+    """``(tol=1e-5, create_graph=False) -> (nll (B,), NFE)``: :func:`plain_nll` on ``flow``'s
+    velocity at ``x``, in the data's units (the flow's normalisation accounted for)."""
     net = flow.chain[0].velocity
     u = flow.normalize(x)
     logdet_norm = float(flow.normalization_log_det())
 
+    def plain(tol: float = 1e-5, create_graph: bool = False) -> tuple[Tensor, int]:
+        nll, nfe = plain_nll(net, u, tol=tol, create_graph=create_graph)
+        return nll - logdet_norm, nfe
+
+    return plain
+
+
+def _compare(
+    name: str, flow: Flow, x: Tensor, rounds: int, device: torch.device
+) -> list[dict[str, Any]]:
+    net = flow.chain[0].velocity
+    plain_at = plain_evaluator(flow, x)
     fast = flow.compiled()  # compiled in the warm-up round, which is not timed
 
     def iterflow_nll(error_norm: str = "batch", model: Flow = flow) -> tuple[Tensor, int]:
@@ -185,23 +197,15 @@ def _compare(
         with autograd_jacobian_terms():
             return iterflow_nll()
 
-    def plain() -> tuple[Tensor, int]:
-        nll, nfe = plain_nll(net, u)
-        return nll - logdet_norm, nfe
-
-    def plain_cg() -> tuple[Tensor, int]:
-        nll, nfe = plain_nll(net, u, create_graph=True)
-        return nll - logdet_norm, nfe
-
     contenders: dict[str, Callable[[], tuple[Tensor, int]]] = {
-        "plain torchdiffeq (one backward per dimension)": plain,
+        "plain torchdiffeq (one backward per dimension)": plain_at,
         "iterflow Flow.log_prob": iterflow_nll,
         "iterflow Flow.log_prob, error_norm=rows": lambda: iterflow_nll("rows"),
         "iterflow Flow.compiled().log_prob": lambda: iterflow_nll(model=fast),
         "iterflow, autograd path": autograd_nll,
     }
     if x.shape[1] <= 2:
-        contenders["plain torchdiffeq, create_graph=True"] = plain_cg
+        contenders["plain torchdiffeq, create_graph=True"] = lambda: plain_at(create_graph=True)
     with torch.no_grad():
         ref = -flow.log_prob(x, divergence="exact", solver="dopri5", atol=1e-9, rtol=1e-9)
     times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -454,15 +458,9 @@ def _work_precision_case(
     name: str, flow: Flow, x: Tensor, rounds: int, device: torch.device
 ) -> list[dict[str, Any]]:
     """One case's work-precision rows (:func:`bench_work_precision`)."""
-    net = flow.chain[0].velocity
-    u = flow.normalize(x)
-    logdet_norm = float(flow.normalization_log_det())
+    plain = plain_evaluator(flow, x)
     fast = flow.compiled()
     ref = _reference_nll(flow, x)
-
-    def plain(tol: float) -> tuple[Tensor, int]:
-        nll, nfe = plain_nll(net, u, tol=tol)
-        return nll - logdet_norm, nfe
 
     def ours(solver: str, norm: str, tol: float) -> tuple[Tensor, int]:
         spec = SolverSpec(solver, atol=tol, rtol=tol, error_norm=norm)
