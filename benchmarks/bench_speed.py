@@ -77,6 +77,7 @@ from speed_likelihood import (  # noqa: E402
     bench_likelihood_training,
     bench_work_precision,
     gemm_peak,
+    likelihood_cases,
     nll_allowed,
     plot_work_precision,
 )
@@ -756,8 +757,10 @@ def likelihood_section(args: argparse.Namespace, device: torch.device) -> dict[s
     (:mod:`speed_likelihood`). Threads and load average are recorded before and after."""
     out: dict[str, Any] = {"load_before": likelihood_load()}
     rows: list[dict[str, Any]] = []
+    needs_cases = {"eval", "work-precision"} & set(args.like_parts)
+    cases = likelihood_cases(args, device) if needs_cases else []
     if "eval" in args.like_parts:
-        rows = bench_likelihood_eval(args, device)
+        rows = bench_likelihood_eval(cases, args, device)
         print(
             f"\n## Exact NLL evaluation (dopri5, atol = rtol = 1e-5; {args.like_rounds} rounds)\n"
         )
@@ -777,7 +780,7 @@ def likelihood_section(args: argparse.Namespace, device: torch.device) -> dict[s
         cols = ["method", "data", "path", "steps_per_s", "min", "max", "vs_autograd"]
         print(table(train_rows, cols))
     if "work-precision" in args.like_parts:
-        wp = bench_work_precision(args, device)
+        wp = bench_work_precision(cases, args, device)
         print(f"\n## Work-precision: exact NLL per setting ({args.like_rounds} rounds)\n")
         cols = ["case", "evaluator", "solver", "error_norm", "tol", "nfe", "points_per_s"]
         cols += ["mean_abs_err", "max_abs_err", "nll_minus_ref", "vs_plain_at_equal_accuracy"]
@@ -835,7 +838,8 @@ def main() -> None:
         nargs="+",
         default=["eval", "training"],
         choices=["eval", "training", "work-precision"],
-        help="likelihood section: exact-NLL evaluation and/or CNF/JKO-flow optimiser steps",
+        help="likelihood section: exact-NLL evaluation at one tolerance, CNF/JKO-flow optimiser "
+        "steps, and (not by default) the work-precision comparison at equal accuracy",
     )
     ap.add_argument(
         "--wp-plot", default=None, help="likelihood work-precision part: write its figure here"

@@ -141,8 +141,12 @@ def _load_flow(run: str, device: torch.device) -> tuple[Flow, Tensor]:
     return flow.eval(), s.test.to(device)
 
 
-def _cases(args: Any, device: torch.device) -> list[tuple[str, Flow, Tensor]]:
-    """The evaluation cases: ``(name, trained flow, test points)``, 2-D then the mixtures."""
+Case = tuple[str, Flow, Tensor]
+
+
+def likelihood_cases(args: Any, device: torch.device) -> list[Case]:
+    """The evaluation cases: ``(name, trained flow, test points)``, 2-D then the mixtures (trained
+    once per run, shared by the ``eval`` and ``work-precision`` parts)."""
     cases: list[tuple[str, Flow, Tensor]] = []
     if args.like_run:
         flow, pts = _load_flow(args.like_run, device)
@@ -158,10 +162,12 @@ def _cases(args: Any, device: torch.device) -> list[tuple[str, Flow, Tensor]]:
     return cases
 
 
-def bench_likelihood_eval(args: Any, device: torch.device) -> list[dict[str, Any]]:
-    """Rows of the likelihood-evaluation comparison (see the module docstring)."""
+def bench_likelihood_eval(
+    cases: list[Case], args: Any, device: torch.device
+) -> list[dict[str, Any]]:
+    """Rows of the likelihood-evaluation comparison of ``cases`` (see the module docstring)."""
     rows = []
-    for name, flow, x in _cases(args, device):
+    for name, flow, x in cases:
         rows += _compare(name, flow, x, args.like_rounds, device)
     return rows
 
@@ -435,11 +441,13 @@ def _reference_nll(flow: Flow, x: Tensor) -> Tensor:
     return -lp.float()
 
 
-def bench_work_precision(args: Any, device: torch.device) -> dict[str, list[dict[str, Any]]]:
+def bench_work_precision(
+    cases: list[Case], args: Any, device: torch.device
+) -> dict[str, list[dict[str, Any]]]:
     """Speed at equal accuracy: the plain evaluator at :data:`WP_PLAIN_TOLS` and iterflow's
-    compiled evaluator in the :data:`WP_SETTINGS` at :data:`WP_TOLS`, on the cases of the
-    ``eval`` part; seconds are medians of ``--like-rounds`` interleaved passes over every setting
-    of a case, errors per point against :func:`_reference_nll`.
+    compiled evaluator in the :data:`WP_SETTINGS` at :data:`WP_TOLS`, on ``cases``
+    (:func:`likelihood_cases`); seconds are medians of ``--like-rounds`` interleaved passes over
+    every setting of a case, errors per point against :func:`_reference_nll`.
 
     Returns ``{"points": one row per setting, "equal": one row per case}``: the best ratio of the
     plain evaluator's interpolated seconds at the same mean and largest per-point error
@@ -447,7 +455,7 @@ def bench_work_precision(args: Any, device: torch.device) -> dict[str, list[dict
     same tolerance (1e-5, dopri5, batch control: the ``eval`` part's comparison)."""
     points: list[dict[str, Any]] = []
     equal: list[dict[str, Any]] = []
-    for name, flow, x in _cases(args, device):
+    for name, flow, x in cases:
         rows = _work_precision_case(name, flow, x, args.like_rounds, device)
         points += rows
         equal.append(_equal_accuracy_summary(name, rows))
