@@ -38,16 +38,6 @@ from iterflow.core import couplings as C  # noqa: E402
 from iterflow.data import get_dataset  # noqa: E402
 
 
-def pairing(a: np.ndarray, b: np.ndarray, chunk: int, passes: int, rounds: int, window: int):
-    """The ``auto`` pipeline with explicit sizes (``ot_permutation``'s stages, NumPy arrays)."""
-    p = C._stratified_np(a, b, chunk, "auto")
-    if passes:
-        p = C._refine_np(a, b, p, passes, (1, 2, 3, 4))
-    if rounds and a.shape[0] >= 2 * window:
-        p = C._windows_np(a, b, p, rounds, window)
-    return p
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -76,11 +66,11 @@ def main() -> None:
     settings = [default] + [(c, r, w, s) for c, r, (w, s) in grid if (c, r, w, s) != default]
     rows: list[dict[str, Any]] = []
     for chunk, passes, rounds, window in settings:
-        pairing(*problems[0], chunk, passes, rounds, window)  # warm-up
+        C.auto_pairing_np(*problems[0], chunk, passes, rounds, window)  # warm-up
         times, ratios = [], []
         for (a, b), c in zip(problems, exact, strict=True):
             t0 = time.perf_counter()
-            p = pairing(a, b, chunk, passes, rounds, window)
+            p = C.auto_pairing_np(a, b, chunk, passes, rounds, window)
             times.append(time.perf_counter() - t0)
             ratios.append(cost(a, b, p) / c)
         rows.append({"chunk": chunk, "passes": passes, "window_rounds": rounds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 import sys
@@ -14,12 +15,16 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _bench_module(name: str) -> ModuleType:
+    """A module of ``benchmarks/`` (imported as the scripts import each other)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    sys.path.insert(0, str(BENCH))
-    import bench_speed
-
-    return bench_speed
+    return _bench_module("bench_speed")
 
 
 @pytest.mark.parametrize("rounds", [1, 5, 9])
@@ -107,10 +112,7 @@ def test_combine_runs_gives_each_ratio_its_median(bench: ModuleType, tmp_path: P
 
 @pytest.fixture(scope="module")
 def like() -> ModuleType:
-    sys.path.insert(0, str(BENCH))
-    import speed_likelihood
-
-    return speed_likelihood
+    return _bench_module("speed_likelihood")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

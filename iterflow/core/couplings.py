@@ -329,12 +329,28 @@ def ot_permutation(
     chunk = chunk or auto_chunk(n)
     if chunk >= n:
         return assignment(x0, x1, "auto")
-    a, b = _numpy(x0), _numpy(x1)
-    p = _stratified_np(a, b, chunk, "auto")
-    p = _refine_np(a, b, p, refine or AUTO_REFINE, (1, 2, 3, 4))
-    if n >= 2 * AUTO_WINDOW:
-        p = _windows_np(a, b, p, AUTO_WINDOWS, AUTO_WINDOW)
+    p = auto_pairing_np(_numpy(x0), _numpy(x1), chunk, refine or AUTO_REFINE)
     return torch.from_numpy(p).to(x0.device)
+
+
+def auto_pairing_np(
+    a: np.ndarray,
+    b: np.ndarray,
+    chunk: int,
+    passes: int = AUTO_REFINE,
+    rounds: int = AUTO_WINDOWS,
+    window: int = AUTO_WINDOW,
+) -> np.ndarray:
+    """The ``auto`` pairing's stages on NumPy rows ``(B, D)``: exact assignment on stratified
+    chunks of about ``chunk`` rows, ``passes`` 2-opt passes, ``rounds`` rounds of exact
+    re-assignment in windows of ``window`` pairs (skipped below two windows). The defaults are
+    :func:`ot_permutation`'s; ``benchmarks/bench_ot_knobs.py`` sweeps them."""
+    p = _stratified_np(a, b, chunk, "auto")
+    if passes:
+        p = _refine_np(a, b, p, passes, (1, 2, 3, 4))
+    if rounds and a.shape[0] >= 2 * window:
+        p = _windows_np(a, b, p, rounds, window)
+    return p
 
 
 def transport_cost(x0: Tensor, x1: Tensor) -> float:
