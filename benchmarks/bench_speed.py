@@ -782,13 +782,14 @@ def likelihood_section(args: argparse.Namespace, device: torch.device) -> dict[s
     if "work-precision" in args.like_parts:
         wp = bench_work_precision(cases, args, device)
         print(f"\n## Work-precision: exact NLL per setting ({args.like_rounds} rounds)\n")
-        cols = ["case", "evaluator", "solver", "error_norm", "tol", "nfe", "points_per_s"]
-        cols += ["mean_abs_err", "max_abs_err", "nll_minus_ref", "vs_plain_at_equal_accuracy"]
+        cols = ["case", "evaluator", "solver", "error_norm", "autocast", "tol", "nfe"]
+        cols += ["points_per_s", "mean_abs_err", "max_abs_err", "nll_minus_ref"]
+        cols += ["vs_plain_at_equal_accuracy"]
         print(table(wp["points"], cols))
         print("\n## Speed at equal accuracy (the plain evaluator interpolated on its curve)\n")
         cols = ["case", "same_tolerance_vs_plain", "best_setting", "best_nfe"]
         cols += ["best_mean_abs_err", "best_max_abs_err", "equal_accuracy_vs_plain"]
-        cols += ["best_nll_minus_ref", "plain_1e-5_nll_minus_ref"]
+        cols += ["best_float32_vs_plain", "best_nll_minus_ref", "plain_1e-5_nll_minus_ref"]
         print(table(wp["equal"], cols))
         if args.wp_plot:
             plot_work_precision(wp["points"], args.wp_plot)

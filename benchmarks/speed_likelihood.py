@@ -29,8 +29,8 @@ evaluator's measured rate. A speed-up above it needs fewer evaluations or cheape
 leaner loop.
 
 Work-precision (part ``work-precision``, :func:`bench_work_precision`): the same cases, the plain
-evaluator at :data:`WP_PLAIN_TOLS` and iterflow's compiled evaluator in :data:`WP_SETTINGS` at
-:data:`WP_TOLS`, every row's error against a float64 ``dopri8`` reference at 1e-9, and the speed-up
+evaluator at :data:`WP_PLAIN_TOLS` and iterflow's compiled evaluator in :data:`WP_SETTINGS` (float32
+at :data:`WP_TOLS`; bf16 autocast at :data:`WP_BF16_TOLS`), every row's error against a float64 ``dopri8`` reference at 1e-9, and the speed-up
 at equal accuracy: the plain evaluator's seconds at iterflow's mean and largest per-point error,
 interpolated on its own curve (:func:`equal_accuracy_ratio`), over iterflow's.
 
@@ -386,10 +386,20 @@ def load() -> dict[str, Any]:
 
 #: Tolerances (``atol = rtol``) of the plain evaluator's work-precision curve.
 WP_PLAIN_TOLS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
-#: iterflow's settings on the curve: ``(solver, error_norm)`` at each of :data:`WP_TOLS`, through
-#: ``Flow.compiled()``.
-WP_SETTINGS = (("dopri5", "batch"), ("dopri5", "rows"), ("bosh3", "batch"))
 WP_TOLS = (1e-3, 1e-4, 1e-5, 1e-6)
+#: Tolerances of the bf16 settings (``Flow.log_prob`` refuses adaptive tolerances below 1e-4 under
+#: bf16: its rounding keeps the error estimate above them).
+WP_BF16_TOLS = (1e-3, 3e-4, 1e-4)
+#: iterflow's settings on the curve, through ``Flow.compiled()``: ``(solver, error_norm,
+#: autocast, tolerances)``.
+WP_SETTINGS = (
+    ("dopri5", "batch", "none", WP_TOLS),
+    ("dopri5", "rows", "none", WP_TOLS),
+    ("bosh3", "batch", "none", WP_TOLS),
+    ("dopri5", "batch", "bf16", WP_BF16_TOLS),
+    ("dopri5", "rows", "bf16", WP_BF16_TOLS),
+    ("bosh3", "batch", "bf16", WP_BF16_TOLS),
+)
 
 
 def time_at_error(curve: list[tuple[float, float]], error: float) -> float | None:
@@ -470,23 +480,24 @@ def _work_precision_case(
     fast = flow.compiled()
     ref = _reference_nll(flow, x)
 
-    def ours(solver: str, norm: str, tol: float) -> tuple[Tensor, int]:
+    def ours(solver: str, norm: str, amp: str, tol: float) -> tuple[Tensor, int]:
         spec = SolverSpec(solver, atol=tol, rtol=tol, error_norm=norm)
         with torch.no_grad(), fast.count_nfe() as c:
-            lp = fast.log_prob(x, divergence="exact", solver=spec)
+            lp = fast.log_prob(x, divergence="exact", solver=spec, autocast=amp)
         return -lp, c.nfe
 
-    Key = tuple[str, str, str, float]
+    Key = tuple[str, str, str, str, float]
     runs: dict[Key, Callable[[], tuple[Tensor, int]]] = {
-        ("plain torchdiffeq", "dopri5", "batch", tol): (lambda tol=tol: plain(tol))
+        ("plain torchdiffeq", "dopri5", "batch", "none", tol): (lambda tol=tol: plain(tol))
         for tol in WP_PLAIN_TOLS
     }
-    for solver, norm in WP_SETTINGS:
-        for tol in WP_TOLS:
-            runs[("iterflow compiled", solver, norm, tol)] = lambda s=solver, n=norm, tol=tol: ours(
-                s, n, tol
+    for solver, norm, amp, tols in WP_SETTINGS:
+        for tol in tols:
+            runs[("iterflow compiled", solver, norm, amp, tol)] = (
+                lambda s=solver, n=norm, a=amp, tol=tol: ours(s, n, a, tol)
             )
-    ours("dopri5", "batch", 1e-3)  # compiles the velocity and its one-pass trace; not timed
+    for amp in dict.fromkeys(a for _, _, a, _ in WP_SETTINGS):  # compiles; not timed
+        ours("dopri5", "batch", amp, 1e-3)
     times: dict[Key, list[float]] = {k: [] for k in runs}
     outs: dict[Key, tuple[Tensor, int]] = {}
     for _ in range(rounds):
@@ -504,7 +515,8 @@ def _work_precision_case(
                 "evaluator": k[0],
                 "solver": k[1],
                 "error_norm": k[2],
-                "tol": k[3],
+                "autocast": k[3],
+                "tol": k[4],
                 "nfe": nfe,
                 "seconds": seconds,
                 "points_per_s": len(x) / seconds,
@@ -536,7 +548,10 @@ def _equal_accuracy_summary(name: str, rows: list[dict[str, Any]]) -> dict[str, 
     plain = {r["tol"]: r for r in rows if r["evaluator"] == "plain torchdiffeq"}
     ours = [r for r in rows if r["evaluator"] != "plain torchdiffeq"]
     same = next(
-        r for r in ours if (r["solver"], r["error_norm"], r["tol"]) == ("dopri5", "batch", 1e-5)
+        r
+        for r in ours
+        if (r["solver"], r["error_norm"], r.get("autocast", "none"), r["tol"])
+        == ("dopri5", "batch", "none", 1e-5)
     )
     allowed = nll_allowed(plain[1e-5]["nll_minus_ref"])
     rated = [
@@ -545,10 +560,12 @@ def _equal_accuracy_summary(name: str, rows: list[dict[str, Any]]) -> dict[str, 
         if r.get("vs_plain_at_equal_accuracy") is not None and abs(r["nll_minus_ref"]) <= allowed
     ]
     best = max(rated, key=lambda r: r["vs_plain_at_equal_accuracy"]) if rated else None
+    full = [r["vs_plain_at_equal_accuracy"] for r in rated if r.get("autocast", "none") == "none"]
     return {
         "case": name,
         "same_tolerance_vs_plain": plain[1e-5]["seconds"] / same["seconds"],
-        "best_setting": f"{best['solver']} {best['error_norm']} {best['tol']:g}" if best else None,
+        "best_setting": setting_name(best) if best else None,
+        "best_float32_vs_plain": max(full) if full else None,
         "best_nfe": best["nfe"] if best else None,
         "best_mean_abs_err": best["mean_abs_err"] if best else None,
         "best_max_abs_err": best["max_abs_err"] if best else None,
@@ -557,6 +574,12 @@ def _equal_accuracy_summary(name: str, rows: list[dict[str, Any]]) -> dict[str, 
         "best_nll_minus_ref": best["nll_minus_ref"] if best else None,
         "plain_1e-5_nll_minus_ref": plain[1e-5]["nll_minus_ref"],
     }
+
+
+def setting_name(r: dict[str, Any]) -> str:
+    """``solver error_norm [bf16] tol`` of a work-precision row."""
+    amp = " bf16" if r.get("autocast", "none") != "none" else ""
+    return f"{r['solver']} {r['error_norm']}{amp} {r['tol']:g}"
 
 
 def plot_work_precision(points: list[dict[str, Any]], path: str) -> None:
@@ -570,14 +593,14 @@ def plot_work_precision(points: list[dict[str, Any]], path: str) -> None:
     fig, axes = plt.subplots(2, len(cases), figsize=(3.6 * len(cases), 6.4), squeeze=False)
     for j, case in enumerate(cases):
         rows = [r for r in points if r["case"] == case]
-        series = list(dict.fromkeys((r["evaluator"], r["solver"], r["error_norm"]) for r in rows))
+        series = list(dict.fromkeys(_series(r) for r in rows))
         for i, key in enumerate(("max_abs_err", "mean_abs_err")):
             ax = axes[i][j]
             for s in series:
-                rs = sorted((r for r in rows if (r["evaluator"], r["solver"], r["error_norm"]) == s),
-                            key=lambda r: r["tol"])  # fmt: skip
+                rs = sorted((r for r in rows if _series(r) == s), key=lambda r: r["tol"])
                 plain = s[0] == "plain torchdiffeq"
-                label = "plain torchdiffeq (dopri5)" if plain else f"iterflow {s[1]}, {s[2]}"
+                amp = "" if s[3] == "none" else f", {s[3]}"
+                label = "plain torchdiffeq (dopri5)" if plain else f"iterflow {s[1]}, {s[2]}{amp}"
                 ax.loglog([r[key] for r in rs], [r["points_per_s"] for r in rs], "o-" if plain
                           else ".--", lw=2.2 if plain else 1.2, color="k" if plain else None,
                           label=label)  # fmt: skip
@@ -589,7 +612,11 @@ def plot_work_precision(points: list[dict[str, Any]], path: str) -> None:
             if i == 0:
                 ax.set_title(case, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _series(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    return (r["evaluator"], r["solver"], r["error_norm"], r.get("autocast", "none"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -127,6 +127,36 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     """``log N(z; 0, I)`` summed over all but the batch dimension, shape ``(B,)``."""
     zf = z.reshape(z.shape[0], -1)
     return -0.5 * (zf**2).sum(1) - 0.5 * zf.shape[1] * math.log(2 * math.pi)
+
+
+#: ``Flow.log_prob``'s ``autocast`` values and their dtypes.
+LIKELIHOOD_AUTOCAST = {"none": None, "bf16": torch.bfloat16}
+#: The smallest adaptive tolerance ``log_prob`` accepts under bf16 autocast: its rounding (a
+#: relative 4e-3 per product) keeps the error estimate of an adaptive step above ~1e-4, and below
+#: that the solver's steps multiply (2-D checkerboard, dopri5 with the per-row control: 74 NFE at
+#: 1e-3, 272 at 1e-4 without and 158 with unrounded end layers, 1,544 at 1e-5).
+BF16_MIN_TOLERANCE = 1e-4
+
+
+def likelihood_autocast(autocast: str, spec: SolverSpec, x: Tensor) -> AbstractContextManager[Any]:
+    """The ``torch.autocast`` context of ``log_prob(..., autocast=...)`` (a no-op for
+    ``"none"``), after checking the choice, the dtype and the tolerances."""
+    dtype = LIKELIHOOD_AUTOCAST.get(autocast) if isinstance(autocast, str) else None
+    if not isinstance(autocast, str) or autocast not in LIKELIHOOD_AUTOCAST:
+        fail("autocast", f"must be one of {list(LIKELIHOOD_AUTOCAST)}", autocast)
+    if dtype is None:
+        return nullcontext()
+    if x.dtype != torch.float32:
+        fail("autocast", f"{autocast} needs float32 points and flow", str(x.dtype))
+    if spec.adaptive and min(spec.atol, spec.rtol) < BF16_MIN_TOLERANCE:
+        fail(
+            "autocast",
+            f"{autocast} needs atol and rtol >= {BF16_MIN_TOLERANCE:g} with an adaptive solver "
+            "(its rounding keeps the error estimate above smaller tolerances: the steps would "
+            "multiply); use autocast='none' for tighter tolerances",
+            (spec.atol, spec.rtol),
+        )
+    return torch.autocast(x.device.type, dtype=dtype)
 
 
 class Flow(nn.Module):
@@ -379,6 +409,7 @@ class Flow(nn.Module):
         steps: int = 16,
         atol: float = 1e-5,
         rtol: float = 1e-5,
+        autocast: str = "none",
     ) -> Tensor:
         """Log density of ``x`` (data units) by the instantaneous change of variables.
 
@@ -394,6 +425,14 @@ class Flow(nn.Module):
             solver, steps, atol, rtol: integration. For per-point scores pass
                 ``solver=SolverSpec("dopri5", atol=..., rtol=..., error_norm="rows")``: every row is
                 then held to the tolerance, not only the batch's RMS error (a little more NFE).
+            autocast: ``"none"`` or ``"bf16"``: the velocity networks under bfloat16
+                ``torch.autocast`` (the ODE state and the integrated divergence stay in the flow's
+                float32; an :class:`~iterflow.core.nn.MLPVelocity` keeps its input and output
+                layers unrounded, :mod:`iterflow.core.nn.precision`). For loose tolerances on
+                hardware with fast bf16 products: its rounding floors the per-point error near
+                1e-3 nats in 2-D and 5e-3 in 10-D (``benchmarks/bench_speed.py --like-parts
+                work-precision``), so an adaptive solver needs ``atol, rtol >= 1e-4`` (below, its
+                error estimate never meets the tolerance and the steps multiply; refused).
 
         Returns:
             ``(B,)`` log densities in nats. When grad mode is on the result is differentiable
@@ -401,17 +440,19 @@ class Flow(nn.Module):
         """
         x = self._check(x, "x")
         spec = self._spec(solver, steps, atol, rtol)
+        amp = likelihood_autocast(autocast, spec, x)
         u = self.normalize(x)
         eps = draw_probes(u, divergence, probes, probe_kind, generator)
-        r = integrate_chain(
-            list(self.blocks),
-            u,
-            spec,
-            probes=eps,
-            create_graph=torch.is_grad_enabled(),
-            kinetic=False,
-            jacobian=False,
-        )
+        with amp:
+            r = integrate_chain(
+                list(self.blocks),
+                u,
+                spec,
+                probes=eps,
+                create_graph=torch.is_grad_enabled(),
+                kinetic=False,
+                jacobian=False,
+            )
         return standard_normal_log_prob(r.z) + r.div + self.normalization_log_det().to(u.dtype)
 
     def encode_by_block(

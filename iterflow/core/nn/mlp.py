@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iterflow.core.nn.mlp_jacobian import velocity_and_jacobian_terms
+from iterflow.core.nn.precision import autocast_on as _autocast_on
+from iterflow.core.nn.precision import unrounded_linear
 from iterflow.errors import Registry, check_positive, fail
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
@@ -24,16 +26,6 @@ ACTIVATIONS.register("tanh", nn.Tanh)
 ACTIVATIONS.register("softplus", nn.Softplus)
 ACTIVATIONS.register("relu", nn.ReLU)
 ACTIVATIONS.register("gelu", nn.GELU)
-
-
-def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is enabled for ``device_type`` (PyTorch before 2.4 asks per device)."""
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # pragma: no cover - torch < 2.4
-        if device_type == "cpu":
-            return bool(torch.is_autocast_cpu_enabled())
-        return bool(torch.is_autocast_enabled())
 
 
 def time_column(t: Tensor | float, x: Tensor) -> Tensor:
@@ -242,8 +234,16 @@ class MLPVelocity(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         """Velocity ``(B, dim)`` at ``x`` ``(B, dim)`` and time ``t`` (0-dim or ``(B,)``); ``y``
         ``(B,)`` class labels of a conditional network, where ``num_classes`` is the null label
-        (no label given, here or by :meth:`condition`: the null label for every row)."""
-        return self.body(self.first_layer(x, t, y))
+        (no label given, here or by :meth:`condition`: the null label for every row). Under
+        autocast the hidden layers run in its dtype and the input and output layers unrounded
+        (:func:`unrounded_linear`): the velocity comes out in the weights' dtype."""
+        h = self.first_layer(x, t, y)
+        if not _autocast_on(x.device.type):
+            return self.body(h)
+        *hidden, out = self.body  # under autocast the output layer is unrounded
+        for m in hidden:
+            h = m(h)
+        return unrounded_linear(h, out.weight, out.bias)
 
     def velocity_and_jacobian_terms(
         self,
@@ -259,7 +259,8 @@ class MLPVelocity(nn.Module):
         return velocity_and_jacobian_terms(self, x, t, probes, frobenius=frobenius, y=y)
 
     def first_layer(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        """Pre-activation ``h_0 = W_0 x + time term (+ class term)`` ``(B, hidden[0])``."""
+        """Pre-activation ``h_0 = W_0 x + time term (+ class term)`` ``(B, hidden[0])``; under
+        autocast the ``x`` and time terms are computed unrounded (:func:`unrounded_linear`)."""
         tc = time_column(t, x)  # (B, 1) or (1, 1)
         tf = self.time(tc) if self.time is not None else tc
         if tf.shape[0] == x.shape[0] > 1:
@@ -272,8 +273,10 @@ class MLPVelocity(nn.Module):
             else:
                 w = torch.cat([self.inp.weight, self.inp_t.weight], 1)
                 h = F.linear(torch.cat([x, tf.to(x.dtype)], 1), w, self.inp.bias)
-        else:
-            h = self.inp(x) + self.inp_t(tf)  # (B, H); one time for all rows: broadcast
+        else:  # (B, H); one time for all rows: broadcast (unrounded under autocast)
+            h = unrounded_linear(x, self.inp.weight, self.inp.bias) + unrounded_linear(
+                tf, self.inp_t.weight
+            )
         if self.fourier is not None and self.inp_f is not None:
             h = h + self.inp_f(self.fourier(x))
         if self.inp_y is not None:
@@ -312,11 +315,11 @@ class MLPVelocity(nn.Module):
         ``u`` ``(m, B or 1, d)``: ``W_0 u`` plus the Fourier features' term, ``(m, B or 1,
         hidden[0])`` (time and class terms do not depend on ``x``); what depends on ``x`` alone is
         computed once, for every chunk of tangents."""
-        w0 = self.inp.weight
+        w0 = self.inp.weight  # W_0 u unrounded under autocast, as the layer's value
         if self.fourier is None or self.inp_f is None:
-            return lambda u: F.linear(u, w0)
+            return lambda u: unrounded_linear(u, w0)
         features, w_f = self.fourier.tangent_map(x), self.inp_f.weight
-        return lambda u: F.linear(u, w0) + F.linear(features(u), w_f)
+        return lambda u: unrounded_linear(u, w0) + F.linear(features(u), w_f)
 
     def config(self) -> dict:
         """JSON-serialisable constructor arguments (saved with checkpoints; ``num_classes`` only when

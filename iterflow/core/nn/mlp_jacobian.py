@@ -39,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iterflow.core.nn.precision import autocast_on as _autocast_on
+from iterflow.core.nn.precision import unrounded_linear
+
 
 class LayeredMLP(Protocol):
     """What this module reads of an MLP velocity (:class:`~iterflow.core.nn.MLPVelocity`): the
@@ -148,11 +151,16 @@ def velocity_and_jacobian_terms(
         return None
     h = net.first_layer(x, t, y)  # (B, H_0)
     slopes, linears = [], [lin for *_, lin in layers]
-    for act, fn, lin in layers:
+    for act, fn, lin in layers[:-1]:
         a = act(h)
         slopes.append(fn(h, a))  # (B, H): act'(h)
         h = F.linear(a, lin.weight, lin.bias)
-    v = h  # (B, d)
+    act, fn, lin = layers[-1]
+    a = act(h)
+    slopes.append(fn(h, a))
+    v = unrounded_linear(
+        a, lin.weight, lin.bias
+    )  # (B, d); the output layer unrounded under autocast
     w_out = linears[-1].weight  # (d, H_L)
     b, d = x.shape
     first = net.input_tangent_map(x)  # u -> T_0 (phases of Fourier features computed once)
@@ -168,22 +176,32 @@ def velocity_and_jacobian_terms(
             t0 = first(eye[cols].unsqueeze(1))
             tl = slopes[-1] * _push(t0, slopes[:-1], linears[:-1])  # (m, B, H_L)
             if frobenius:
-                ju = F.linear(tl, w_out)  # (m, B, d): J e_i
+                ju = unrounded_linear(tl, w_out)  # (m, B, d): J e_i
                 divs.append(torch.diagonal(ju[:, :, cols], dim1=0, dim2=2).sum(-1))
                 frobs.append(ju.pow(2).sum((0, 2)))
             else:
-                divs.append(torch.einsum("mbh,mh->b", tl, w_out[cols]))
+                divs.append(_unrounded_einsum("mbh,mh->b", tl, w_out[cols]))
         scale = 1.0
     else:
         for i in range(0, probes.shape[0], chunk):
             eps = probes[i : i + chunk]  # (m, B, d)
-            ju = _push(first(eps), slopes, linears)  # (m, B, d): J eps
+            tl = slopes[-1] * _push(first(eps), slopes[:-1], linears[:-1])
+            ju = unrounded_linear(tl, w_out)  # (m, B, d): J eps
             divs.append((ju * eps).sum((0, 2)))
             if frobenius:
                 frobs.append(ju.pow(2).sum((0, 2)))
         scale = 1.0 / probes.shape[0]
     div = _total(divs, scale)
     return v, div, _total(frobs, scale) if frobs else torch.zeros_like(div)
+
+
+def _unrounded_einsum(spec: str, a: Tensor, w: Tensor) -> Tensor:
+    """``einsum(spec, a, w)`` in ``w``'s precision, also under autocast (the divergence's last
+    contraction, as the output layer: :func:`~iterflow.core.nn.mlp.unrounded_linear`)."""
+    if not _autocast_on(a.device.type):
+        return torch.einsum(spec, a, w)
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.einsum(spec, a.to(w.dtype), w)
 
 
 def _total(parts: list[Tensor], scale: float) -> Tensor:
