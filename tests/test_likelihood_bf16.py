@@ -53,22 +53,30 @@ def test_unrounded_linear_is_the_float32_product_under_autocast(shape: tuple[int
 @pytest.mark.parametrize(("dim", "time_freqs", "x_freqs"), [(2, 0, 0), (3, 8, 0), (6, 2, 4)])
 def test_mlp_under_autocast_keeps_its_end_layers_unrounded(dim: int, time_freqs: int, x_freqs: int):
     """One time for all rows (ODE solvers): the first layer equals the float32 one to round-off;
-    the velocity comes out in float32, within bf16's rounding of the hidden layers; the one-pass
-    terms give the same velocity as ``forward`` and a divergence near the float32 one."""
+    in evaluation (no gradient) the velocity comes out in float32, within bf16's rounding of the
+    hidden layers, and the one-pass terms give the same velocity as ``forward`` and a divergence
+    near the float32 one; with a gradient (training) the output product stays bf16."""
     torch.manual_seed(dim)
     net = MLPVelocity(dim, (64, 64), time_freqs=time_freqs, x_freqs=x_freqs)
     x, t = torch.randn(128, dim), torch.tensor(0.4)
-    h_ref, v_ref = net.first_layer(x, t), net(x, t)
-    _, div_ref, _ = velocity_and_jacobian_terms(net, x, t)
+    with torch.no_grad():
+        h_ref, v_ref = net.first_layer(x, t), net(x, t)
+        _, div_ref, _ = velocity_and_jacobian_terms(net, x, t)
+        with torch.autocast(**BF16):
+            h, v = net.first_layer(x, t), net(x, t)
+            v1, div, _ = velocity_and_jacobian_terms(net, x, t)
     with torch.autocast(**BF16):
-        h, v = net.first_layer(x, t), net(x, t)
-        v1, div, _ = velocity_and_jacobian_terms(net, x, t)
+        v_train, div_train, _ = velocity_and_jacobian_terms(net, x, t)
+        assert net(x, t).dtype == v_train.dtype == torch.bfloat16
+        assert net.first_layer(x, t).dtype == torch.float32
     if x_freqs == 0:  # the Fourier features' own product stays under autocast (bf16)
         torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
     assert v.dtype == v1.dtype == div.dtype == torch.float32
     torch.testing.assert_close(v1, v, rtol=1e-6, atol=1e-6)
     scale = float(v_ref.abs().max())
     assert 0 < float((v - v_ref).abs().max()) < 0.03 * scale
+    assert float((v_train.float() - v_ref).abs().max()) < 0.03 * scale
+    assert div_train.requires_grad
     dscale = float(div_ref.abs().max())
     assert float((div - div_ref).abs().max()) < 0.05 * dscale
 
@@ -78,9 +86,10 @@ def test_hutchinson_and_frobenius_terms_under_autocast():
     net = MLPVelocity(4, (64, 64), time_freqs=2)
     x, t = torch.randn(64, 4), torch.tensor(0.7)
     eps = torch.randn(3, 64, 4)
-    ref = velocity_and_jacobian_terms(net, x, t, eps, frobenius=True)
-    ref_exact = velocity_and_jacobian_terms(net, x, t, frobenius=True)
-    with torch.autocast(**BF16):
+    with torch.no_grad():
+        ref = velocity_and_jacobian_terms(net, x, t, eps, frobenius=True)
+        ref_exact = velocity_and_jacobian_terms(net, x, t, frobenius=True)
+    with torch.no_grad(), torch.autocast(**BF16):
         got = velocity_and_jacobian_terms(net, x, t, eps, frobenius=True)
         got_exact = velocity_and_jacobian_terms(net, x, t, frobenius=True)
     for a, b in [*zip(got, ref, strict=True), *zip(got_exact, ref_exact, strict=True)]:

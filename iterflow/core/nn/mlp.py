@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from iterflow.core.nn.mlp_jacobian import velocity_and_jacobian_terms
 from iterflow.core.nn.precision import autocast_on as _autocast_on
-from iterflow.core.nn.precision import unrounded_linear
+from iterflow.core.nn.precision import evaluation_unrounded, unrounded_linear
 from iterflow.errors import Registry, check_positive, fail
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
@@ -235,12 +235,13 @@ class MLPVelocity(nn.Module):
         """Velocity ``(B, dim)`` at ``x`` ``(B, dim)`` and time ``t`` (0-dim or ``(B,)``); ``y``
         ``(B,)`` class labels of a conditional network, where ``num_classes`` is the null label
         (no label given, here or by :meth:`condition`: the null label for every row). Under
-        autocast the hidden layers run in its dtype and the input and output layers unrounded
-        (:func:`unrounded_linear`): the velocity comes out in the weights' dtype."""
+        autocast the hidden layers run in its dtype, the input layer unrounded and, without a
+        gradient (evaluation), the output layer too: the velocity comes out in the weights'
+        dtype (:mod:`iterflow.core.nn.precision`)."""
         h = self.first_layer(x, t, y)
-        if not _autocast_on(x.device.type):
+        if not evaluation_unrounded(x.device.type):
             return self.body(h)
-        *hidden, out = self.body  # under autocast the output layer is unrounded
+        *hidden, out = self.body  # evaluation under autocast: the output layer unrounded
         for m in hidden:
             h = m(h)
         return unrounded_linear(h, out.weight, out.bias)

@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iterflow.core.nn.precision import autocast_on as _autocast_on
-from iterflow.core.nn.precision import unrounded_linear
+from iterflow.core.nn.precision import evaluation_unrounded, output_linear
 
 
 class LayeredMLP(Protocol):
@@ -158,9 +157,7 @@ def velocity_and_jacobian_terms(
     act, fn, lin = layers[-1]
     a = act(h)
     slopes.append(fn(h, a))
-    v = unrounded_linear(
-        a, lin.weight, lin.bias
-    )  # (B, d); the output layer unrounded under autocast
+    v = output_linear(a, lin.weight, lin.bias)  # (B, d); unrounded in evaluation under autocast
     w_out = linears[-1].weight  # (d, H_L)
     b, d = x.shape
     first = net.input_tangent_map(x)  # u -> T_0 (phases of Fourier features computed once)
@@ -176,7 +173,7 @@ def velocity_and_jacobian_terms(
             t0 = first(eye[cols].unsqueeze(1))
             tl = slopes[-1] * _push(t0, slopes[:-1], linears[:-1])  # (m, B, H_L)
             if frobenius:
-                ju = unrounded_linear(tl, w_out)  # (m, B, d): J e_i
+                ju = output_linear(tl, w_out)  # (m, B, d): J e_i
                 divs.append(torch.diagonal(ju[:, :, cols], dim1=0, dim2=2).sum(-1))
                 frobs.append(ju.pow(2).sum((0, 2)))
             else:
@@ -186,7 +183,7 @@ def velocity_and_jacobian_terms(
         for i in range(0, probes.shape[0], chunk):
             eps = probes[i : i + chunk]  # (m, B, d)
             tl = slopes[-1] * _push(first(eps), slopes[:-1], linears[:-1])
-            ju = unrounded_linear(tl, w_out)  # (m, B, d): J eps
+            ju = output_linear(tl, w_out)  # (m, B, d): J eps
             divs.append((ju * eps).sum((0, 2)))
             if frobenius:
                 frobs.append(ju.pow(2).sum((0, 2)))
@@ -196,9 +193,9 @@ def velocity_and_jacobian_terms(
 
 
 def _unrounded_einsum(spec: str, a: Tensor, w: Tensor) -> Tensor:
-    """``einsum(spec, a, w)`` in ``w``'s precision, also under autocast (the divergence's last
-    contraction, as the output layer: :func:`~iterflow.core.nn.mlp.unrounded_linear`)."""
-    if not _autocast_on(a.device.type):
+    """``einsum(spec, a, w)``, in ``w``'s precision in evaluation under autocast (the divergence's
+    last contraction, as the output layer: :func:`~iterflow.core.nn.precision.output_linear`)."""
+    if not evaluation_unrounded(a.device.type):
         return torch.einsum(spec, a, w)
     with torch.autocast(a.device.type, enabled=False):
         return torch.einsum(spec, a.to(w.dtype), w)
