@@ -5,9 +5,11 @@ its low-precision dtype. The products whose depth is the data's run in the weigh
 layer's ``x`` and time terms and the tangents' first map always (:func:`unrounded_linear`); the
 output layer and the divergence's last contraction when no gradient is recorded, i.e. in evaluation
 (:func:`evaluation_unrounded`): there their rounding would be the largest error of a likelihood or a
-sample, while in training it is far below the minibatch's noise and the float32 output product
-cost 4-8 % of the bf16 flow-matching step (``benchmarks/compare_revisions.py``, two threads, nine
-paired rounds: 0.963x and 0.920x; ``results/revisions_unrounded_output_t2.md``).
+sample. In training it is far below the minibatch's noise, so the training step keeps its products
+(and its measured speed): ``benchmarks/compare_revisions.py`` (two threads, nine paired rounds) read
+0.96x / 0.92x for the bf16 flow-matching step with the output product in float32 and 0.94x /
+0.99x for the unchanged step (``results/revisions_unrounded_{output,eval}_t2.md``), so the cost is
+within this machine's noise either way.
 """
 
 from __future__ import annotations
