@@ -132,9 +132,10 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 #: ``Flow.log_prob``'s ``autocast`` values and their dtypes.
 LIKELIHOOD_AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 #: The smallest adaptive tolerance ``log_prob`` accepts under bf16 autocast: its rounding (a
-#: relative 4e-3 per product) keeps the error estimate of an adaptive step above ~1e-4, and below
-#: that the solver's steps multiply (2-D checkerboard, dopri5 with the per-row control: 74 NFE at
-#: 1e-3, 272 at 1e-4 without and 158 with unrounded end layers, 1,544 at 1e-5).
+#: relative 4e-3 per product) keeps the error estimate of an adaptive step from falling much below
+#: ~1e-4. In ``benchmarks/bench_speed.py --like-parts work-precision`` (2-D, dopri5 with the per-row
+#: control) bf16 takes 68 NFE at 1e-3 and 146-152 at 1e-4 against float32's 62 and 92-98; an
+#: exploratory run at 1e-5 took over 1,500.
 BF16_MIN_TOLERANCE = 1e-4
 
 
