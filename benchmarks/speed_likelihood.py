@@ -29,10 +29,11 @@ evaluator's measured rate. A speed-up above it needs fewer evaluations or cheape
 leaner loop.
 
 Work-precision (part ``work-precision``, :func:`bench_work_precision`): the same cases, the plain
-evaluator at :data:`WP_PLAIN_TOLS` and iterflow's compiled evaluator in :data:`WP_SETTINGS` (float32
-at :data:`WP_TOLS`; bf16 autocast at :data:`WP_BF16_TOLS`), every row's error against a float64 ``dopri8`` reference at 1e-9, and the speed-up
-at equal accuracy: the plain evaluator's seconds at iterflow's mean and largest per-point error,
-interpolated on its own curve (:func:`equal_accuracy_ratio`), over iterflow's.
+evaluator at :data:`WP_PLAIN_TOLS` and iterflow's compiled evaluator in :data:`WP_SETTINGS`
+(float32 at :data:`WP_TOLS`; bf16 autocast at :data:`WP_BF16_TOLS`), every row's error against a
+float64 ``dopri8`` reference at 1e-9, and the speed-up at equal accuracy: the plain evaluator's
+seconds at iterflow's mean and largest per-point error, interpolated on its own curve
+(:func:`equal_accuracy_ratio`), over iterflow's.
 
 Likelihood training (``likelihood`` section too): one optimiser step (loss, backward, Adam) of the
 CNF and JKO-flow rose recipes (``CNF.recommended`` / ``JKOFlow.recommended``: network, batch,
