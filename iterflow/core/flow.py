@@ -428,10 +428,11 @@ class Flow(nn.Module):
                 then held to the tolerance, not only the batch's RMS error (a little more NFE).
             autocast: ``"none"`` or ``"bf16"``: the velocity networks under bfloat16
                 ``torch.autocast`` (the ODE state and the integrated divergence stay in the flow's
-                float32; an :class:`~iterflow.core.nn.MLPVelocity` keeps its input and output
-                layers unrounded, :mod:`iterflow.core.nn.precision`). For loose tolerances on
-                hardware with fast bf16 products: its rounding floors the per-point error near
-                1e-3 nats in 2-D and 5e-3 in 10-D (``benchmarks/bench_speed.py --like-parts
+                float32; an :class:`~iterflow.core.nn.MLPVelocity` keeps its input layer and,
+                without a gradient, its output layer unrounded: :mod:`iterflow.core.nn.precision`).
+                For loose tolerances on hardware with fast bf16 products: its rounding floors the
+                mean per-point error near 1.5e-3 nats in 2-D and 5e-3 in 10-D and moves the mean
+                NLL by a few 1e-3 in 32-64-D (``benchmarks/bench_speed.py --like-parts
                 work-precision``), so an adaptive solver needs ``atol, rtol >= 1e-4`` (below, its
                 error estimate never meets the tolerance and the steps multiply; refused).
 

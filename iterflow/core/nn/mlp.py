@@ -244,6 +244,7 @@ class MLPVelocity(nn.Module):
         *hidden, out = self.body  # evaluation under autocast: the output layer unrounded
         for m in hidden:
             h = m(h)
+        assert isinstance(out, nn.Linear)
         return unrounded_linear(h, out.weight, out.bias)
 
     def velocity_and_jacobian_terms(
