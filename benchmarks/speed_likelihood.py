@@ -385,8 +385,10 @@ def load() -> dict[str, Any]:
 # Work-precision: speed at equal accuracy
 # ------------------------------------------------------------------------------------------------
 
-#: Tolerances (``atol = rtol``) of the plain evaluator's work-precision curve.
-WP_PLAIN_TOLS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+#: Tolerances (``atol = rtol``) of the plain evaluator's work-precision curve (from 3e-3: the bf16
+#: settings at 1e-3 are about as accurate as the plain evaluator at 1e-3, and a ratio is read only
+#: between two measured points of its curve).
+WP_PLAIN_TOLS = (3e-3, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
 WP_TOLS = (1e-3, 1e-4, 1e-5, 1e-6)
 #: Tolerances of the bf16 settings (``Flow.log_prob`` refuses adaptive tolerances below 1e-4 under
 #: bf16: its rounding keeps the error estimate above them).
