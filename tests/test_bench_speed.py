@@ -195,3 +195,26 @@ def test_summary_skips_settings_whose_mean_nll_is_off(like: ModuleType) -> None:
     assert out["best_setting"] == "dopri5 rows 1e-05"
     assert out["equal_accuracy_vs_plain"] == 2.2 and out["same_tolerance_vs_plain"] == 2.0
     assert like.nll_allowed(3e-3) == 3e-3 and like.nll_allowed(None) == 1e-3
+
+
+def test_summary_names_bf16_settings_and_keeps_the_best_float32_one(like: ModuleType) -> None:
+    """A bf16 setting can be the best overall; the best float32 ratio is reported beside it, and
+    the same-tolerance row is the float32 one even when a bf16 row shares its solver and norm."""
+
+    def row(who: str, amp: str, tol: float, seconds: float, ratio: float | None) -> dict:
+        return {"evaluator": who, "solver": "dopri5", "error_norm": "batch", "autocast": amp,
+                "tol": tol, "nfe": 10, "nll": 0.0, "mean_abs_err": 1e-3, "max_abs_err": 1e-2,
+                "seconds": seconds, "nll_minus_ref": 1e-4, "vs_plain_at_equal_accuracy": ratio}  # fmt: skip
+
+    rows = [
+        row("plain torchdiffeq", "none", 1e-5, 3.0, None),
+        row("ours", "none", 1e-5, 2.0, 1.7),
+        row("ours", "none", 1e-4, 1.5, 1.9),
+        row("ours", "bf16", 1e-4, 0.9, 3.1),
+        row("ours", "bf16", 1e-5, 0.5, None),  # not the same-tolerance row: that is float32
+    ]
+    out = like._equal_accuracy_summary("case", rows)
+    assert out["best_setting"] == "dopri5 batch bf16 0.0001"
+    assert out["equal_accuracy_vs_plain"] == 3.1 and out["best_float32_vs_plain"] == 1.9
+    assert out["same_tolerance_vs_plain"] == 1.5
+    assert like.setting_name(rows[1]) == "dopri5 batch 1e-05"
