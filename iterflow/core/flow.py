@@ -31,7 +31,7 @@ from iterflow.core.guidance import LABEL_KEY, guidance_weight, guided_call
 from iterflow.core.guidance import guidance as guiding
 from iterflow.core.integrand import draw_probes, integrate_chain, integrate_path
 from iterflow.core.ode import SolverSpec, integrate
-from iterflow.errors import check_finite, fail
+from iterflow.errors import check_choice, check_finite, fail
 
 
 class Block(nn.Module):
@@ -142,9 +142,8 @@ BF16_MIN_TOLERANCE = 1e-4
 def likelihood_autocast(autocast: str, spec: SolverSpec, x: Tensor) -> AbstractContextManager[Any]:
     """The ``torch.autocast`` context of ``log_prob(..., autocast=...)`` (a no-op for
     ``"none"``), after checking the choice, the dtype and the tolerances."""
-    dtype = LIKELIHOOD_AUTOCAST.get(autocast) if isinstance(autocast, str) else None
-    if not isinstance(autocast, str) or autocast not in LIKELIHOOD_AUTOCAST:
-        fail("autocast", f"must be one of {list(LIKELIHOOD_AUTOCAST)}", autocast)
+    check_choice(autocast, LIKELIHOOD_AUTOCAST, "autocast")
+    dtype = LIKELIHOOD_AUTOCAST[autocast]
     if dtype is None:
         return nullcontext()
     if x.dtype != torch.float32:
