@@ -431,7 +431,7 @@ class Flow(nn.Module):
                 without a gradient, its output layer unrounded: :mod:`iterflow.core.nn.precision`).
                 For loose tolerances on hardware with fast bf16 products: its rounding floors the
                 mean per-point error near 1.5e-3 nats in 2-D and 5e-3 in 10-D and moves the mean
-                NLL by a few 1e-3 in 32-64-D (``benchmarks/bench_speed.py --like-parts
+                NLL by up to 2e-2 in 32-64-D (``benchmarks/bench_speed.py --like-parts
                 work-precision``), so an adaptive solver needs ``atol, rtol >= 1e-4`` (below, its
                 error estimate never meets the tolerance and the steps multiply; refused).
 

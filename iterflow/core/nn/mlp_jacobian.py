@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iterflow.core.nn.precision import evaluation_unrounded, output_linear
+from iterflow.core.nn.precision import output_einsum, output_linear
 
 
 class LayeredMLP(Protocol):
@@ -150,14 +150,12 @@ def velocity_and_jacobian_terms(
         return None
     h = net.first_layer(x, t, y)  # (B, H_0)
     slopes, linears = [], [lin for *_, lin in layers]
-    for act, fn, lin in layers[:-1]:
+    for k, (act, fn, lin) in enumerate(layers):
         a = act(h)
         slopes.append(fn(h, a))  # (B, H): act'(h)
-        h = F.linear(a, lin.weight, lin.bias)
-    act, fn, lin = layers[-1]
-    a = act(h)
-    slopes.append(fn(h, a))
-    v = output_linear(a, lin.weight, lin.bias)  # (B, d); unrounded in evaluation under autocast
+        product = output_linear if k == len(layers) - 1 else F.linear  # unrounded in evaluation
+        h = product(a, lin.weight, lin.bias)
+    v = h  # (B, d)
     w_out = linears[-1].weight  # (d, H_L)
     b, d = x.shape
     first = net.input_tangent_map(x)  # u -> T_0 (phases of Fourier features computed once)
@@ -177,7 +175,7 @@ def velocity_and_jacobian_terms(
                 divs.append(torch.diagonal(ju[:, :, cols], dim1=0, dim2=2).sum(-1))
                 frobs.append(ju.pow(2).sum((0, 2)))
             else:
-                divs.append(_unrounded_einsum("mbh,mh->b", tl, w_out[cols]))
+                divs.append(output_einsum("mbh,mh->b", tl, w_out[cols]))
         scale = 1.0
     else:
         for i in range(0, probes.shape[0], chunk):
@@ -190,15 +188,6 @@ def velocity_and_jacobian_terms(
         scale = 1.0 / probes.shape[0]
     div = _total(divs, scale)
     return v, div, _total(frobs, scale) if frobs else torch.zeros_like(div)
-
-
-def _unrounded_einsum(spec: str, a: Tensor, w: Tensor) -> Tensor:
-    """``einsum(spec, a, w)``, in ``w``'s precision in evaluation under autocast (the divergence's
-    last contraction, as the output layer: :func:`~iterflow.core.nn.precision.output_linear`)."""
-    if not evaluation_unrounded(a.device.type):
-        return torch.einsum(spec, a, w)
-    with torch.autocast(a.device.type, enabled=False):
-        return torch.einsum(spec, a.to(w.dtype), w)
 
 
 def _total(parts: list[Tensor], scale: float) -> Tensor:

@@ -57,3 +57,12 @@ def output_linear(a: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     if evaluation_unrounded(a.device.type):
         return unrounded_linear(a, weight, bias)
     return F.linear(a, weight, bias)
+
+
+def output_einsum(spec: str, a: Tensor, w: Tensor) -> Tensor:
+    """``einsum(spec, a, w)`` with an output layer's weights ``w`` (the divergence's last
+    contraction), in ``w``'s precision where :func:`output_linear` is unrounded."""
+    if not evaluation_unrounded(a.device.type):
+        return torch.einsum(spec, a, w)
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.einsum(spec, a.to(w.dtype), w)
