@@ -11,9 +11,11 @@ from iterflow.core.nn import MLPVelocity
 from iterflow.core.nn.compiled import CompiledVelocity
 
 
-def test_compiled_terms_and_gradients_equal_eager() -> None:
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_compiled_terms_and_gradients_equal_eager(activation: str) -> None:
+    """(SiLU is traced through one shared sigmoid: ``mlp_jacobian.activation_and_slope``.)"""
     torch.manual_seed(0)
-    net = MLPVelocity(3, hidden=(16, 16), activation="gelu", time_freqs=2)
+    net = MLPVelocity(3, hidden=(16, 16), activation=activation, time_freqs=2)
     fast = CompiledVelocity(net)
     assert list(fast.parameters()) == list(net.parameters())  # shared: the stage is what is saved
     x = torch.randn(64, 3)
@@ -71,3 +73,33 @@ def test_compiled_flow_gives_the_eager_log_density_and_shares_the_weights(dim: i
         torch.testing.assert_close(
             fast.log_prob(x, divergence="exact", atol=1e-8, rtol=1e-8), moved, rtol=0, atol=1e-9
         )
+
+
+@pytest.mark.parametrize("dim", [1, 3, 6])
+def test_shared_sigmoid_silu_gives_silu_and_its_derivative(dim: int) -> None:
+    """Traced by ``torch.compile``, SiLU and its slope come from one sigmoid; they equal the
+    eager activation and the derivative autograd finds (float64, random pre-activations)."""
+    from iterflow.core.nn.mlp_jacobian import _compiling, _silu, activation_and_slope
+
+    assert not _compiling()  # the traced branch is taken under torch.compile only
+    assert (
+        float(torch.compile(lambda z: z + float(_compiling()), fullgraph=True)(torch.zeros(())))
+        == 1
+    )
+
+    torch.manual_seed(dim)
+    h = 4 * torch.randn(64, dim, dtype=torch.float64, requires_grad=True)
+    act = torch.nn.SiLU()
+    traced = torch.compile(lambda z: activation_and_slope(act, _silu, z), fullgraph=True)
+    a, s = traced(h)
+    want = torch.nn.functional.silu(h)
+    (grad,) = torch.autograd.grad(want.sum(), h, create_graph=True)
+    torch.testing.assert_close(a, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, grad, rtol=1e-12, atol=1e-12)
+    # differentiable: d(slope)/dh is SiLU's second derivative
+    (second,) = torch.autograd.grad(s.sum(), h)
+    (want2,) = torch.autograd.grad(grad.sum(), h)
+    torch.testing.assert_close(second, want2, rtol=1e-10, atol=1e-12)
+    eager_a, eager_s = activation_and_slope(act, _silu, h.detach())  # eager: the module's kernels
+    torch.testing.assert_close(eager_a, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eager_s, grad.detach(), rtol=1e-12, atol=1e-12)
