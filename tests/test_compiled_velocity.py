@@ -79,12 +79,12 @@ def test_compiled_flow_gives_the_eager_log_density_and_shares_the_weights(dim: i
 def test_shared_sigmoid_silu_gives_silu_and_its_derivative(dim: int) -> None:
     """Traced by ``torch.compile``, SiLU and its slope come from one sigmoid; they equal the
     eager activation and the derivative autograd finds (float64, random pre-activations)."""
-    from iterflow.core.nn.mlp_jacobian import _compiling, _silu, activation_and_slope
+    from iterflow.core.nn.mlp_jacobian import _silu, activation_and_slope
+    from iterflow.core.nn.precision import compiling
 
-    assert not _compiling()  # the traced branch is taken under torch.compile only
+    assert not compiling()  # the traced branch is taken under torch.compile only
     assert (
-        float(torch.compile(lambda z: z + float(_compiling()), fullgraph=True)(torch.zeros(())))
-        == 1
+        float(torch.compile(lambda z: z + float(compiling()), fullgraph=True)(torch.zeros(()))) == 1
     )
 
     torch.manual_seed(dim)
@@ -103,3 +103,26 @@ def test_shared_sigmoid_silu_gives_silu_and_its_derivative(dim: int) -> None:
     eager_a, eager_s = activation_and_slope(act, _silu, h.detach())  # eager: the module's kernels
     torch.testing.assert_close(eager_a, want.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(eager_s, grad.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("m", "h"), [(1, 16), (3, 40), (8, 7)])
+def test_trace_contraction_eager_and_traced_equal_the_einsum(m: int, h: int) -> None:
+    """The divergence's last contraction ``sum_{m,h} t[m,b,h] w[m,h]``: the eager batched product
+    and the traced product-and-sum (``precision.trace_contraction``) equal the einsum (float64);
+    in evaluation under bf16 autocast the contraction is float32, of the tangents as given."""
+    from iterflow.core.nn.precision import trace_contraction
+
+    g = torch.Generator().manual_seed(m * h)
+    t = torch.randn(m, 33, h, generator=g, dtype=torch.float64)
+    w = torch.randn(m, h, generator=g, dtype=torch.float64)
+    want = torch.einsum("mbh,mh->b", t, w)
+    torch.testing.assert_close(trace_contraction(t, w), want, rtol=1e-12, atol=1e-12)
+    traced = torch.compile(trace_contraction, fullgraph=True)
+    torch.testing.assert_close(traced(t, w), want, rtol=1e-12, atol=1e-12)
+    t16, w32 = t.to(torch.bfloat16), w.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = trace_contraction(t16, w32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(
+        got, torch.einsum("mbh,mh->b", t16.float(), w32), rtol=1e-5, atol=1e-5
+    )

@@ -59,10 +59,32 @@ def output_linear(a: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return F.linear(a, weight, bias)
 
 
-def output_einsum(spec: str, a: Tensor, w: Tensor) -> Tensor:
-    """``einsum(spec, a, w)`` with an output layer's weights ``w`` (the divergence's last
-    contraction), in ``w``'s precision where :func:`output_linear` is unrounded."""
-    if not evaluation_unrounded(a.device.type):
-        return torch.einsum(spec, a, w)
-    with torch.autocast(a.device.type, enabled=False):
-        return torch.einsum(spec, a.to(w.dtype), w)
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing this call (``torch.compiler.is_compiling`` from
+    PyTorch 2.3; ``torch._dynamo.is_compiling`` before)."""
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
+
+
+def trace_contraction(t: Tensor, w: Tensor) -> Tensor:
+    """``sum_{m, h} t[m, b, h] w[m, h]``: the divergence's last contraction, tangents ``t``
+    ``(m, B, H)`` of the last hidden layer against the output layer's rows ``w`` ``(m, H)``; ``(B,)``.
+
+    In ``w``'s precision where :func:`output_linear` is unrounded. Eagerly one batched matrix
+    product (``t @ w[..., None]``: an ``einsum("mbh,mh->b")`` permutes ``t`` into a copy first);
+    traced by ``torch.compile``, a product summed over the contiguous ``H`` axis, which Inductor
+    fuses into the loop that makes ``t`` and vectorises, where it lowers the batched product of
+    ``m > 1`` tangents to a scalar loop. Measured (``benchmarks/bench_speed.py --like-parts
+    work-precision``; exploratory A/B before it, not a scripted figure: the compiled one-pass
+    terms at 500 points took 20-31 % less time under bf16 in 10-64-D, 5-16 % in float32).
+    """
+    if evaluation_unrounded(t.device.type):
+        with torch.autocast(t.device.type, enabled=False):
+            return _contract(t.to(w.dtype), w)
+    return _contract(t, w)
+
+
+def _contract(t: Tensor, w: Tensor) -> Tensor:
+    if compiling():
+        return (t * w.unsqueeze(1)).sum(-1).sum(0)
+    return torch.matmul(t, w.unsqueeze(-1)).squeeze(-1).sum(0)
