@@ -74,9 +74,11 @@ def trace_contraction(t: Tensor, w: Tensor) -> Tensor:
     product (``t @ w[..., None]``: an ``einsum("mbh,mh->b")`` permutes ``t`` into a copy first);
     traced by ``torch.compile``, a product summed over the contiguous ``H`` axis, which Inductor
     fuses into the loop that makes ``t`` and vectorises, where it lowers the batched product of
-    ``m > 1`` tangents to a scalar loop. Measured (``benchmarks/bench_speed.py --like-parts
-    work-precision``; exploratory A/B before it, not a scripted figure: the compiled one-pass
-    terms at 500 points took 20-31 % less time under bf16 in 10-64-D, 5-16 % in float32).
+    ``m > 1`` tangents to a scalar loop. An exploratory A/B (not a scripted figure; 500 points,
+    two threads, interleaved): the compiled one-pass terms took 20-31 % less time under bf16 in
+    10-64-D and 5-16 % less in float32; eagerly the batched product beat the einsum under bf16
+    and tied in float32. ``benchmarks/bench_speed.py --like-parts work-precision`` measures the
+    evaluator as a whole.
     """
     if evaluation_unrounded(t.device.type):
         with torch.autocast(t.device.type, enabled=False):
