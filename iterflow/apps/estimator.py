@@ -240,8 +240,9 @@ def expected_failed_checks(estimator: FlowDensity) -> dict[str, str]:
 
     - ``dtype="float32"``: ``check_methods_subset_invariance`` compares the log-densities of a
       batch with those of its rows one by one at ``rtol = 1e-7``, below float32's resolution
-      (``~6e-8`` relative): matrix products on different batch sizes round differently in the
-      last bit.
+      (``~6e-8`` relative): matrix products on different batch sizes may round differently in
+      the last bit (whether they do depends on the BLAS kernels chosen; where they agree the
+      check passes, reported as an unexpected pass).
     - an adaptive ``solver`` (``dopri5``, ``bosh3``, ``dopri8``, ``adaptive_heun``): the step sizes
       are chosen from the error of the whole batch, so a row's log-density depends on the other
       rows of the call (differences of the order of ``atol``): ``check_methods_subset_invariance``
