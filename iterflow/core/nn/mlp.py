@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iterflow.core.nn.mlp_jacobian import velocity_and_jacobian_terms
-from iterflow.core.nn.precision import autocast_on as _autocast_on
-from iterflow.core.nn.precision import evaluation_unrounded, unrounded_linear
+from iterflow.core.nn.precision import autocast_on, evaluation_unrounded, unrounded_linear
 from iterflow.errors import Registry, check_positive, fail
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
@@ -270,7 +269,7 @@ class MLPVelocity(nn.Module):
             # side by side, as a concatenating MLP does, instead of two products and an add over
             # the (B, H) result: the demo recipe's steps/s 1.08x, in fp32 1.13x
             # (benchmarks/compare_revisions.py; results/revisions_firstlayer_t2.md)
-            if _autocast_on(x.device.type):
+            if autocast_on(x.device.type):
                 h = self._first_product_unrounded(x, tf)
             else:
                 w = torch.cat([self.inp.weight, self.inp_t.weight], 1)

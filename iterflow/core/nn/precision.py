@@ -59,11 +59,14 @@ def output_linear(a: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     return F.linear(a, weight, bias)
 
 
+#: ``torch.compiler.is_compiling`` (PyTorch 2.3 on; ``torch._dynamo.is_compiling`` before),
+#: looked up once: it is asked per layer and evaluation.
+_IS_COMPILING = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
 def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing this call (``torch.compiler.is_compiling`` from
-    PyTorch 2.3; ``torch._dynamo.is_compiling`` before)."""
-    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-    return bool(check())
+    """Whether ``torch.compile`` is tracing this call."""
+    return bool(_IS_COMPILING())
 
 
 def trace_contraction(t: Tensor, w: Tensor) -> Tensor:
