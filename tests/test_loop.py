@@ -13,7 +13,14 @@ from iterflow.core import distributed as ddp
 from iterflow.errors import InputError
 from iterflow.methods.base import Loss
 from iterflow.methods.classifier import cross_entropy_loss, logistic_loss
-from iterflow.train.loop import Checkpoint, OptimConfig, StepBudget, cosine_lr, optimize
+from iterflow.train.loop import (
+    Checkpoint,
+    OptimConfig,
+    StepBudget,
+    clip_gradients,
+    cosine_lr,
+    optimize,
+)
 
 DT = torch.float64
 
@@ -169,3 +176,45 @@ def test_classification_losses_reach_their_optima() -> None:
     lo = logistic_loss(lambda z: phi.expand(z.shape[0]), x, x)
     (g,) = torch.autograd.grad(lo.value(), phi)
     assert abs(float(g)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-3, 0.3, 1.0, 50.0, float("nan"), float("inf")])
+def test_clip_gradients_matches_the_library_bit_for_bit(dtype: torch.dtype, scale: float) -> None:
+    """The CPU path of clip_gradients against torch.nn.utils.clip_grad_norm_: the same gradients
+    to the bit, below, near and above the bound, with non-finite gradients and a parameter
+    without a gradient; mixed dtypes take the library's path."""
+    g = torch.Generator().manual_seed(int(1e3 * (scale if math.isfinite(scale) else 7)))
+    shapes = [(256, 3), (256,), (64, 256), (256,), (2, 64), (2,), (5,)]
+    for max_norm in (0.5, 1.0, 3.0):
+        ps = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
+        qs = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            if i == len(shapes) - 1:
+                continue  # no gradient
+            grad = torch.randn(p.shape, generator=g, dtype=dtype) * 0.05
+            if i == 2:
+                grad[0, 0] = scale  # sets the norm's magnitude (or makes it non-finite)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        clip_gradients(ps, max_norm)
+        torch.nn.utils.clip_grad_norm_(qs, max_norm)
+        for p, q in zip(ps, qs):
+            if q.grad is None:
+                assert p.grad is None
+            else:
+                assert torch.equal(
+                    p.grad.view(-1).view(torch.uint8), q.grad.view(-1).view(torch.uint8)
+                )
+        norm = torch.linalg.vector_norm(
+            torch.cat([q.grad.flatten() for q in qs if q.grad is not None])
+        )
+        if math.isfinite(scale):
+            assert float(norm) <= max_norm * (1 + 1e-5)
+    mixed = [
+        torch.ones(3, dtype=torch.float32, requires_grad=True),
+        torch.ones(3, dtype=torch.float64, requires_grad=True),
+    ]
+    for p in mixed:
+        p.grad = torch.full((3,), 10.0, dtype=p.dtype)
+    clip_gradients(mixed, 1.0)
+    assert abs(math.sqrt(sum(float(p.grad.pow(2).sum()) for p in mixed)) - 1.0) < 1e-5
