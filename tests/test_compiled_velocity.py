@@ -126,3 +126,58 @@ def test_trace_contraction_eager_and_traced_equal_the_einsum(m: int, h: int) -> 
     torch.testing.assert_close(
         got, torch.einsum("mbh,mh->b", t16.float(), w32), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 4])
+def test_unfused_bias_under_autocast_keeps_a_float32_preactivation(dim: int) -> None:
+    """``hidden_product``: the unfused form is the fused layer's value (float64, to rounding)
+    and, under bf16 autocast, the bf16 product plus the float32 bias (a float32 pre-activation,
+    within bf16's rounding of the exact one as the fused layer's); the compiled exact trace
+    takes it in at most ``UNFUSED_BIAS_MAX_DIM`` dimensions under autocast only, and its terms
+    stay within bf16's error of the eager float32 terms."""
+    from iterflow.core.nn import mlp_jacobian as mj
+
+    torch.manual_seed(dim)
+    lin = torch.nn.Linear(32, 24).double()
+    a = torch.randn(50, 32, dtype=torch.float64)
+    torch.testing.assert_close(mj.hidden_product(a, lin, True), lin(a), rtol=1e-14, atol=1e-14)
+    lin32, a32 = lin.float(), a.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, unfused = mj.hidden_product(a32, lin32), mj.hidden_product(a32, lin32, True)
+    assert fused.dtype == torch.bfloat16 and unfused.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        product = torch.nn.functional.linear(a32, lin32.weight)  # bf16
+    assert torch.equal(unfused, product.float() + lin32.bias)  # the bf16 product, then the bias
+    exact = torch.nn.functional.linear(
+        a32.bfloat16().double(), lin32.weight.bfloat16().double(), lin32.bias.double()
+    )
+    scale = exact.abs().max()
+    for value in (fused, unfused):  # both within bf16's rounding of the exact pre-activation
+        assert (value.double() - exact).abs().max() < 2.0**-7 * scale
+
+    calls: list[bool] = []
+    real = mj.hidden_product
+
+    def spy(a: torch.Tensor, lin: torch.nn.Linear, unfused: bool = False) -> torch.Tensor:
+        calls.append(unfused)
+        return real(a, lin, unfused)
+
+    net = MLPVelocity(dim, hidden=(32, 32, 32))
+    x = torch.randn(40, dim)
+    want = net.velocity_and_jacobian_terms(x, torch.tensor(0.3))
+    mj.hidden_product = spy  # type: ignore[assignment]
+    try:
+        for amp in (False, True):
+            torch._dynamo.reset()
+            calls.clear()
+            fast = CompiledVelocity(net)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                got = fast.velocity_and_jacobian_terms(x, torch.tensor(0.3))
+            assert calls and set(calls) == {amp and dim <= mj.UNFUSED_BIAS_MAX_DIM}
+            assert want is not None and got is not None
+            for w, g in zip(want, got):
+                tol = 5e-2 if amp else 1e-5
+                torch.testing.assert_close(g.float(), w.detach(), rtol=tol, atol=tol)
+    finally:
+        mj.hidden_product = real  # type: ignore[assignment]
+        torch._dynamo.reset()
