@@ -414,7 +414,7 @@ def clip_gradients(params: list[Tensor], max_norm: float) -> None:
 
     The rule and the arithmetic of ``torch.nn.utils.clip_grad_norm_`` (``torch._foreach_norm`` per
     tensor, the norm of the stacked norms, the factor ``max_norm / (norm + 1e-6)`` in the norm's
-    dtype): the gradients come out bit for bit the same (``tests/test_train_loop.py``). On the CPU
+    dtype): the gradients come out bit for bit the same (``tests/test_loop.py``). On the CPU
     the factor is read on the host and the gradients are multiplied only when it is below 1 (or not
     a number); ``clip_grad_norm_`` multiplies every step by the factor clamped at 1, which spares a
     GPU a synchronisation but costs a CPU a multiplication of every gradient and the Python of its

@@ -147,14 +147,15 @@ def hidden_product(a: Tensor, lin: nn.Linear, unfused: bool = False) -> Tensor:
 
     Inductor lowers ``F.linear`` with a bias to an ``addmm`` whose output is first filled with the
     bias (a copy of a ``(B, H)`` block); the unfused sum instead joins the loop that computes the
-    activation and its slope, from the unrounded pre-activation. Exploratory A/B runs of the
+    activation and its slope, from the float32 pre-activation. Exploratory A/B runs of the
     compiled log-density under bf16 autocast (not scripted figures; 2,000 points, random 3 x 256
     SiLU weights, RK4 with 8 steps, two threads, interleaved in one process, medians of 15-21
-    calls): 1.07-1.19x the speed in 2-D (five runs), 1.06-1.09x in 3-D, but 0.89-1.04x in 4-D and
-    0.86-0.90x in 10 and 32 dimensions, where the float32 slopes double the traffic of the many
-    tangent passes (and Inductor schedules the last hidden layer into the trace's contraction
-    loop). In float32 the values are the fused layer's to the bit and the speed did not change
-    (0.95-1.07x), so only autocast in at most :data:`UNFUSED_BIAS_MAX_DIM` dimensions takes it;
+    calls): 1.07-1.19x the speed in 2-D (six measurements in four processes), 1.06-1.09x in 3-D,
+    but 0.89-1.04x in 4-D, 0.97x in 6-D and 0.86-0.90x in 10 and 32 dimensions, probably because
+    the float32 slopes double the memory traffic of the many tangent passes (Inductor also
+    schedules the last hidden layer into the trace's contraction loop there). In float32 the
+    values are the fused layer's to the bit and the speed did not change (0.95-1.07x), so only
+    autocast in at most :data:`UNFUSED_BIAS_MAX_DIM` dimensions takes it;
     ``benchmarks/bench_speed.py --like-parts work-precision`` measures the evaluator's accuracy
     and speed against the plain one.
     """
