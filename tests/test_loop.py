@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -14,11 +15,13 @@ from iterflow.errors import InputError
 from iterflow.methods.base import Loss
 from iterflow.methods.classifier import cross_entropy_loss, logistic_loss
 from iterflow.train.loop import (
+    AdamStep,
     Checkpoint,
     OptimConfig,
     StepBudget,
     clip_gradients,
     cosine_lr,
+    make_optimizer,
     optimize,
 )
 
@@ -218,3 +221,68 @@ def test_clip_gradients_matches_the_library_bit_for_bit(dtype: torch.dtype, scal
         p.grad = torch.full((3,), 10.0, dtype=p.dtype)
     clip_gradients(mixed, 1.0)
     assert abs(math.sqrt(sum(float(p.grad.pow(2).sum()) for p in mixed)) - 1.0) < 1e-5
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_step_matches_the_optimizers_step_bit_for_bit(
+    dtype: torch.dtype, weight_decay: float
+) -> None:
+    """AdamStep against opt.step() on twin parameter sets: Adam and AdamW, two groups with their
+    own learning rates changed every step, a parameter without a gradient in one step (the
+    fallback), and a load_state_dict in the middle (new state tensors): parameters and state equal
+    to the bit after every step."""
+    g = torch.Generator().manual_seed(3 + int(10 * weight_decay))
+    shapes = [(7, 5), (5,), (3, 7), (3,)]
+    init = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    ps = [t.clone().requires_grad_() for t in init]
+    qs = [t.clone().requires_grad_() for t in init]
+
+    def groups(xs: list[Tensor]) -> list[dict]:
+        return [{"params": xs[:2], "lr_scale": 1.0}, {"params": xs[2:], "lr_scale": 3.0}]
+
+    opt_p = make_optimizer(groups(ps), 1e-2, weight_decay)
+    opt_q = make_optimizer(groups(qs), 1e-2, weight_decay)
+    assert opt_p.defaults["fused"]
+    step = AdamStep(opt_p)
+    if "decoupled_weight_decay" in opt_p.param_groups[0]:  # a PyTorch with the functional path
+        assert step.direct
+    for k in range(8):
+        for gp, gq in zip(opt_p.param_groups, opt_q.param_groups):
+            gp["lr"] = gq["lr"] = 1e-2 * gp["lr_scale"] / (1 + k)
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            if k == 4 and i == 1:
+                p.grad = q.grad = None  # no gradient this step: opt.step() skips it
+                continue
+            grad = torch.randn(p.shape, generator=g, dtype=dtype)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        step()
+        opt_q.step()
+        if k == 5:
+            opt_p.load_state_dict(copy.deepcopy(opt_q.state_dict()))  # new tensors, equal values
+        for p, q in zip(ps, qs):
+            assert torch.equal(_bits(p), _bits(q)), (k, p.shape)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(_bits(opt_p.state[p][key]), _bits(opt_q.state[q][key]))
+    assert step._lists is not None and step._lists[0][0][0] is opt_p.state[ps[0]]["exp_avg"]
+
+
+def test_adam_step_defers_to_the_optimizer_where_it_must() -> None:
+    """Hooks, foreach and other optimisers run through opt.step() (the hook is called)."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=0.1, foreach=True)
+    assert not AdamStep(opt).direct
+    assert not AdamStep(torch.optim.SGD([p], lr=0.1)).direct
+    fused = torch.optim.Adam([p], lr=0.1, fused=True)
+    calls = []
+    fused.register_step_post_hook(lambda *a: calls.append(1))
+    step = AdamStep(fused)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        step()
+    assert len(calls) == 3
+    assert torch.allclose(p.detach(), torch.full((3,), -0.3), atol=1e-5)

@@ -10,6 +10,7 @@ minimiser is ``v*(x, s) = E[dx_s/ds | x_s = x]`` for every density ``p`` with fu
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +61,9 @@ class TimeOptions(MethodOptions):
                 if f.name.startswith("time_")}  # fmt: skip
 
     def time_sampler(self) -> TimeSampler:
-        """The density of the training times these options describe (validates them)."""
-        return TimeSampler(
+        """The density of the training times these options describe (validates them). One
+        instance per setting (frozen, so it may be shared): the loss asks for it every step."""
+        return _time_sampler(
             self.time_sampling,
             self.time_loc,
             self.time_scale,
@@ -69,6 +71,13 @@ class TimeOptions(MethodOptions):
             self.time_weighting,
             self.time_mix,
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _time_sampler(
+    kind: str, loc: float, scale: float, power: float, weighting: str, mix: float
+) -> TimeSampler:
+    return TimeSampler(kind, loc, scale, power, weighting, mix)
 
 
 @dataclass(frozen=True)

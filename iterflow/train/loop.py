@@ -254,6 +254,93 @@ def make_optimizer(
     return opt_cls(list(groups), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+class AdamStep:
+    """``opt.step()`` of the loop's fused Adam/AdamW, without the per-step bookkeeping around the
+    kernel.
+
+    ``torch.optim.Adam.step`` gathers each group's state into fresh lists (``_init_group``), opens a
+    profiler range and runs the step hooks before it calls the functional
+    ``torch.optim.adam.adam``. The loop's parameters, their state tensors and the (absent) hooks do
+    not change between steps, so once every parameter has its state this calls that same function
+    with lists gathered once, and the same hyper-parameters from ``param_groups`` (a changed
+    learning rate included): the update is the same kernel's, bit for bit (``tests/test_loop.py``).
+    It takes ``opt.step()`` itself for the first step (which creates the state), in a step where a
+    parameter has no gradient, after ``load_state_dict`` replaced the state tensors (until the lists
+    are gathered again), and for any other optimiser or setting (``foreach``, ``amsgrad``,
+    ``maximize``, complex parameters, hooks, a PyTorch whose Adam lacks ``decoupled_weight_decay``).
+    Measured with a 3 x 256 MLP (8 tensors, two threads; exploratory, not a scripted figure):
+    ~148 µs a step through ``opt.step()``, ~95 µs this way.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+        groups = opt.param_groups
+        self.direct = (
+            type(opt) in (torch.optim.Adam, torch.optim.AdamW)
+            and all(
+                g.get("fused") and "decoupled_weight_decay" in g
+                and not (g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"])
+                for g in groups
+            )
+            and not any(torch.is_complex(p) for g in groups for p in g["params"])
+        )  # fmt: skip
+        self._lists: list[tuple[list[Tensor], ...]] | None = None
+
+    def _state_lists(self) -> list[tuple[list[Tensor], ...]] | None:
+        """Per group: the state tensors ``(exp_avg, exp_avg_sq, step)`` lists (``None``: not all
+        there yet). Kept while the first parameter's ``exp_avg`` is still the same tensor."""
+        state = self.opt.state
+        first = self.opt.param_groups[0]["params"][0]
+        if self._lists is not None and state.get(first, {}).get("exp_avg") is self._lists[0][0][0]:
+            return self._lists
+        lists = []
+        for g in self.opt.param_groups:
+            st = [state.get(p, {}) for p in g["params"]]
+            if any(len(s) < 3 for s in st):
+                return None
+            lists.append(tuple([s[k] for s in st] for k in ("exp_avg", "exp_avg_sq", "step")))
+        self._lists = lists
+        return lists
+
+    def __call__(self) -> None:
+        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+        opt = self.opt
+        lists = self._state_lists() if self.direct else None
+        if (
+            lists is None
+            or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
+            or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
+            or any(p.grad is None for g in opt.param_groups for p in g["params"])
+        ):  # fmt: skip
+            opt.step()
+            return
+        from torch.optim.adam import adam
+
+        with torch.no_grad():
+            for g, (exp_avgs, exp_avg_sqs, steps) in zip(opt.param_groups, lists):
+                beta1, beta2 = g["betas"]
+                adam(
+                    g["params"],
+                    [p.grad for p in g["params"]],
+                    exp_avgs,
+                    exp_avg_sqs,
+                    [],
+                    steps,
+                    fused=True,
+                    grad_scale=getattr(opt, "grad_scale", None),
+                    found_inf=getattr(opt, "found_inf", None),
+                    decoupled_weight_decay=g["decoupled_weight_decay"],
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=g["lr"],
+                    weight_decay=g["weight_decay"],
+                    eps=g["eps"],
+                    maximize=False,
+                )
+
+
 def _average_gradients(params: list[Tensor], ctx: ddp.DistContext | None) -> None:
     """Average the gradients over the ranks of a data-parallel job (one flattened all-reduce)."""
     if ctx is None:
@@ -327,6 +414,7 @@ def optimize(
     params = [p for _, p in named]
     groups = _param_groups(named, lr_scales or {})
     opt = make_optimizer(groups, config.lr, config.weight_decay)
+    opt_step = AdamStep(opt)
     scales = [g.get("lr_scale", 1.0) for g in opt.param_groups]
     ema = [p.detach().clone() for p in params] if config.ema > 0 else None
     live = [p.detach() for p in params]
@@ -358,12 +446,13 @@ def optimize(
             batch = draw(generator)
             with ddp.sharding(ctx), amp:
                 loss = loss_fn(batch, generator)
-            opt.zero_grad(set_to_none=True)
+            for p in params:  # opt.zero_grad(set_to_none=True) without its profiler range
+                p.grad = None
             loss.value(ctx).backward()
             _average_gradients(params, ctx)
             if config.grad_clip > 0:
                 clip_gradients(params, config.grad_clip)
-            opt.step()
+            opt_step()
             if ema is not None:
                 torch._foreach_lerp_(ema, live, 1 - min(config.ema, (1 + step) / (10 + step)))
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
