@@ -72,7 +72,7 @@ class CoupledBatches:
         g = torch.Generator(device=self.data.device).manual_seed(step_seed(self.seed, step))
         size = min(batch_size, self.data.shape[0])
         idx = torch.randint(0, self.data.shape[0], (size,), generator=g, device=self.data.device)
-        x0 = self.data[idx]
+        x0 = torch.index_select(self.data, 0, idx)  # = data[idx], faster (train/loop.py's draw)
         x1 = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         return x0, self.pair(x0, x1)
 

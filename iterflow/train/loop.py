@@ -550,7 +550,9 @@ def _drawer(data: BatchSource, batch_size: int) -> Callable[[torch.Generator], t
 
     def draw(gen: torch.Generator) -> tuple[Tensor, ...]:
         idx = torch.randint(0, n, (size,), generator=gen, device=device)
-        return tuple(t[idx] for t in data)
+        # index_select, not t[idx]: the same rows, about 2x faster on the CPU (a (100000, 2) set,
+        # 1,024 rows: 11 against 23 µs; 3x on image rows; exploratory, not a scripted figure)
+        return tuple(torch.index_select(t, 0, idx) for t in data)
 
     return draw
 
