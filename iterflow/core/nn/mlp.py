@@ -268,12 +268,17 @@ class MLPVelocity(nn.Module):
             # a time per row (training): ONE product of [x, time features] with the two weights
             # side by side, as a concatenating MLP does, instead of two products and an add over
             # the (B, H) result: the demo recipe's steps/s 1.08x, in fp32 1.13x
-            # (benchmarks/compare_revisions.py; results/revisions_firstlayer_t2.md)
+            # (benchmarks/compare_revisions.py; results/revisions_firstlayer_t2.md). The weights
+            # are stacked as a (k, H) matrix, not an (H, k) one used transposed: autograd then
+            # forms their gradient as [x, tf]^T g, a (k, B) x (B, H) product, instead of
+            # (g^T [x, tf])^T, an (H, B) x (B, k) one that the CPU's BLAS runs 1.1-6x slower for
+            # few columns k (3 columns, B = 1,024, H = 256: 121 against 40 µs; exploratory,
+            # not a scripted figure). Same values and gradients.
             if autocast_on(x.device.type):
                 h = self._first_product_unrounded(x, tf)
             else:
-                w = torch.cat([self.inp.weight, self.inp_t.weight], 1)
-                h = F.linear(torch.cat([x, tf.to(x.dtype)], 1), w, self.inp.bias)
+                w = torch.cat([self.inp.weight.t(), self.inp_t.weight.t()], 0)
+                h = torch.addmm(self.inp.bias, torch.cat([x, tf.to(x.dtype)], 1), w)
         else:  # (B, H); one time for all rows: broadcast (unrounded under autocast)
             h = unrounded_linear(x, self.inp.weight, self.inp.bias) + unrounded_linear(
                 tf, self.inp_t.weight
@@ -307,9 +312,9 @@ class MLPVelocity(nn.Module):
         inside this machine's noise; kept because it was never slower and the layer is computed
         unrounded. Without autocast the plain ``addmm`` stays (the folded product read 0.95x)."""
         ones = x.new_ones(x.shape[0], 1)
-        with torch.autocast(x.device.type, enabled=False):
-            w = torch.cat([self.inp.weight, self.inp_t.weight, self.inp.bias[:, None]], 1)
-            return F.linear(torch.cat([x, tf.to(x.dtype), ones], 1), w.to(x.dtype))
+        with torch.autocast(x.device.type, enabled=False):  # (k, H) weights: see first_layer
+            w = torch.cat([self.inp.weight.t(), self.inp_t.weight.t(), self.inp.bias[None, :]], 0)
+            return torch.mm(torch.cat([x, tf.to(x.dtype), ones], 1), w.to(x.dtype))
 
     def input_tangent_map(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """``u -> `` the directional derivatives of :meth:`first_layer` at ``x`` ``(B, d)`` along
