@@ -268,8 +268,10 @@ class AdamStep:
     parameter has no gradient, after ``load_state_dict`` replaced the state tensors (until the lists
     are gathered again), and for any other optimiser or setting (``foreach``, ``amsgrad``,
     ``maximize``, complex parameters, hooks, a PyTorch whose Adam lacks ``decoupled_weight_decay``).
-    Measured with a 3 x 256 MLP (8 tensors, two threads; exploratory, not a scripted figure):
-    ~148 µs a step through ``opt.step()``, ~95 µs this way.
+    Measured with a 3 x 256 MLP (8 tensors, two threads; exploratory, not scripted figures):
+    ``opt.step()`` 148 µs a step where the fused kernel and the step counters take 88 µs; in a
+    slower run of the same check, 215 µs through ``opt.step()`` and 136 µs this way.
+    ``benchmarks/compare_revisions.py`` measures the training step (``results/revisions_adamstep_t2.md``).
     """
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
