@@ -16,12 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from iterflow.core.nn.mlp_jacobian import velocity_and_jacobian_terms
-from iterflow.core.nn.precision import (
-    autocast_on,
-    evaluation_unrounded,
-    unrounded_input_linear,
-    unrounded_linear,
-)
+from iterflow.core.nn.precision import autocast_on, evaluation_unrounded, unrounded_linear
 from iterflow.errors import Registry, check_positive, fail
 
 ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
@@ -285,7 +280,7 @@ class MLPVelocity(nn.Module):
                 w = torch.cat([self.inp.weight.t(), self.inp_t.weight.t()], 0)
                 h = torch.addmm(self.inp.bias, torch.cat([x, tf.to(x.dtype)], 1), w)
         else:  # (B, H); one time for all rows: broadcast (unrounded under autocast)
-            h = unrounded_input_linear(x, self.inp.weight, self.inp.bias) + unrounded_linear(
+            h = unrounded_linear(x, self.inp.weight, self.inp.bias) + unrounded_linear(
                 tf, self.inp_t.weight
             )
         if self.fourier is not None and self.inp_f is not None:

@@ -46,23 +46,6 @@ def unrounded_linear(a: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
         return F.linear(a.to(weight.dtype), weight, bias)
 
 
-def unrounded_input_linear(a: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """:func:`unrounded_linear` of an input layer (``weight`` ``(H, k)`` with few columns ``k``).
-
-    Where a gradient will be taken, the weight enters the product as a ``(k, H)`` matrix (its
-    transpose made contiguous, ``k H`` numbers): autograd then forms the weight's gradient as
-    ``a^T g``, a ``(k, B) x (B, H)`` product, instead of ``(g^T a)^T``, an ``(H, B) x (B, k)`` one
-    that the CPU's BLAS runs 1.1-6x slower for few columns (see
-    :meth:`iterflow.core.nn.mlp.MLPVelocity.first_layer`). Same values; without a gradient it is
-    :func:`unrounded_linear`.
-    """
-    if a.ndim != 2 or not (torch.is_grad_enabled() and weight.requires_grad):
-        return unrounded_linear(a, weight, bias)
-    with torch.autocast(a.device.type, enabled=False):
-        a, wt = a.to(weight.dtype), weight.t().contiguous()
-        return torch.mm(a, wt) if bias is None else torch.addmm(bias, a, wt)
-
-
 def evaluation_unrounded(device_type: str) -> bool:
     """Whether the output products run unrounded here: under autocast without a gradient."""
     return autocast_on(device_type) and not torch.is_grad_enabled()
