@@ -268,14 +268,22 @@ class AdamStep:
     parameter has no gradient, after ``load_state_dict`` replaced the state tensors (until the lists
     are gathered again), and for any other optimiser or setting (``foreach``, ``amsgrad``,
     ``maximize``, complex parameters, hooks, a PyTorch whose Adam lacks ``decoupled_weight_decay``).
-    Measured with a 3 x 256 MLP (8 tensors, two threads; exploratory, not scripted figures):
-    ``opt.step()`` 148 µs a step where the fused kernel and the step counters take 88 µs; in a
-    slower run of the same check, 215 µs through ``opt.step()`` and 136 µs this way.
-    ``benchmarks/compare_revisions.py`` measures the training step (``results/revisions_adamstep_t2.md``).
+    ``benchmarks/bench_step_parts.py`` (the demo's 3 x 256 MLP, two threads): ``opt.step()`` 254
+    µs, this 185 µs, the fused kernel and the step counters alone 122 µs
+    (``results/step_parts_t2.md``); ``benchmarks/compare_revisions.py`` measures the training step
+    (``results/revisions_adamstep_t2.md``).
     """
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
-        self.opt = opt
+        from torch.optim import optimizer as optim_module
+        from torch.optim.adam import adam
+
+        self.opt, self._adam = opt, adam
+        # PyTorch's registries of global step hooks (dicts, filled in place by their registration)
+        self._global_hooks = (
+            optim_module._global_optimizer_pre_hooks,
+            optim_module._global_optimizer_post_hooks,
+        )
         groups = opt.param_groups
         self.direct = (
             type(opt) in (torch.optim.Adam, torch.optim.AdamW)
@@ -305,24 +313,20 @@ class AdamStep:
         return lists
 
     def __call__(self) -> None:
-        from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-
         opt = self.opt
         lists = self._state_lists() if self.direct else None
         if (
             lists is None
             or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-            or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
+            or any(self._global_hooks)
             or any(p.grad is None for g in opt.param_groups for p in g["params"])
         ):  # fmt: skip
             opt.step()
             return
-        from torch.optim.adam import adam
-
         with torch.no_grad():
             for g, (exp_avgs, exp_avg_sqs, steps) in zip(opt.param_groups, lists):
                 beta1, beta2 = g["betas"]
-                adam(
+                self._adam(
                     g["params"],
                     [p.grad for p in g["params"]],
                     exp_avgs,
@@ -552,8 +556,8 @@ def _drawer(data: BatchSource, batch_size: int) -> Callable[[torch.Generator], t
 
     def draw(gen: torch.Generator) -> tuple[Tensor, ...]:
         idx = torch.randint(0, n, (size,), generator=gen, device=device)
-        # index_select, not t[idx]: the same rows, about 2x faster on the CPU (a (100000, 2) set,
-        # 1,024 rows: 11 against 23 µs; 3x on image rows; exploratory, not a scripted figure)
+        # index_select, not t[idx]: the same rows, 2.2x faster on the CPU for 1,024 rows of a
+        # (100000, 2) set, 4.6x for 128 image rows (benchmarks/bench_step_parts.py)
         return tuple(torch.index_select(t, 0, idx) for t in data)
 
     return draw

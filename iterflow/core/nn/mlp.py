@@ -271,9 +271,9 @@ class MLPVelocity(nn.Module):
             # (benchmarks/compare_revisions.py; results/revisions_firstlayer_t2.md). The weights
             # are stacked as a (k, H) matrix, not an (H, k) one used transposed: autograd then
             # forms their gradient as [x, tf]^T g, a (k, B) x (B, H) product, instead of
-            # (g^T [x, tf])^T, an (H, B) x (B, k) one that the CPU's BLAS runs 1.1-6x slower for
-            # few columns k (3 columns, B = 1,024, H = 256: 121 against 40 µs; exploratory,
-            # not a scripted figure). Same values and gradients.
+            # (g^T [x, tf])^T, an (H, B) x (B, k) one that the CPU's BLAS runs 1.8-4.4x slower
+            # for few columns k (k = 3 to 35; benchmarks/bench_step_parts.py). Same values and
+            # gradients.
             if autocast_on(x.device.type):
                 h = self._first_product_unrounded(x, tf)
             else:
