@@ -286,3 +286,24 @@ def test_adam_step_defers_to_the_optimizer_where_it_must() -> None:
         step()
     assert len(calls) == 3
     assert torch.allclose(p.detach(), torch.full((3,), -0.3), atol=1e-5)
+
+
+def test_adam_step_takes_the_optimizers_step_without_the_hook_registries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PyTorch whose step-hook registries are not the dicts AdamStep reads (here a read-only
+    mapping): it never goes direct, and its steps are opt.step()'s."""
+    import types
+
+    from torch.optim import optimizer as optim_module
+
+    monkeypatch.setattr(optim_module, "_global_optimizer_pre_hooks", types.MappingProxyType({}))
+    p, q = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    step = AdamStep(torch.optim.Adam([p], lr=0.1, fused=True))
+    ref = torch.optim.Adam([q], lr=0.1, fused=True)
+    assert not step.direct
+    for k in range(3):
+        p.grad, q.grad = torch.full((3,), 1.0 + k), torch.full((3,), 1.0 + k)
+        step()
+        ref.step()
+    assert torch.equal(p.detach(), q.detach())

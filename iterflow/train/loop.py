@@ -254,6 +254,10 @@ def make_optimizer(
     return opt_cls(list(groups), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+_ADAM_STATE_ORDER = ("exp_avg", "exp_avg_sq", "step")
+_ADAM_STATE = frozenset(_ADAM_STATE_ORDER)
+
+
 class AdamStep:
     """``opt.step()`` of the loop's fused Adam/AdamW, without the per-step bookkeeping around the
     kernel.
@@ -279,14 +283,21 @@ class AdamStep:
         from torch.optim.adam import adam
 
         self.opt, self._adam = opt, adam
-        # PyTorch's registries of global step hooks (dicts, filled in place by their registration)
-        self._global_hooks = (
-            optim_module._global_optimizer_pre_hooks,
-            optim_module._global_optimizer_post_hooks,
+        # the step hooks opt.step() would run: PyTorch's global registries and the optimiser's own
+        # (dicts filled in place by their registration); a PyTorch without them takes opt.step()
+        self._hooks = tuple(
+            getattr(owner, name, None)
+            for owner, name in (
+                (optim_module, "_global_optimizer_pre_hooks"),
+                (optim_module, "_global_optimizer_post_hooks"),
+                (opt, "_optimizer_step_pre_hooks"),
+                (opt, "_optimizer_step_post_hooks"),
+            )
         )
         groups = opt.param_groups
         self.direct = (
-            type(opt) in (torch.optim.Adam, torch.optim.AdamW)
+            all(isinstance(h, dict) for h in self._hooks)
+            and type(opt) in (torch.optim.Adam, torch.optim.AdamW)
             and all(
                 g.get("fused") and "decoupled_weight_decay" in g
                 and not (g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"])
@@ -306,9 +317,9 @@ class AdamStep:
         lists = []
         for g in self.opt.param_groups:
             st = [state.get(p, {}) for p in g["params"]]
-            if any(len(s) < 3 for s in st):
+            if any(not _ADAM_STATE <= s.keys() for s in st):
                 return None
-            lists.append(tuple([s[k] for s in st] for k in ("exp_avg", "exp_avg_sq", "step")))
+            lists.append(tuple([s[k] for s in st] for k in _ADAM_STATE_ORDER))
         self._lists = lists
         return lists
 
@@ -317,8 +328,7 @@ class AdamStep:
         lists = self._state_lists() if self.direct else None
         if (
             lists is None
-            or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-            or any(self._global_hooks)
+            or any(self._hooks)
             or any(p.grad is None for g in opt.param_groups for p in g["params"])
         ):  # fmt: skip
             opt.step()
