@@ -3,6 +3,9 @@ re-assignment of the ``auto`` solver (``iterflow.core.couplings.resolve_windows`
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +106,85 @@ def test_fm_with_ot_resumes_bit_for_bit(tmp_path) -> None:
     rec = resumed.history[0]  # the stage's seconds count the optimisation before the resumption
     assert rec["seconds_before_resume"] > 0
     assert rec["seconds"] >= rec["seconds_optimize"] >= rec["seconds_before_resume"]
+
+
+@pytest.mark.parametrize(
+    ("m", "dim", "spread"), [(5, 1, 1.0), (16, 2, 0.05), (48, 2, 3.0), (32, 6, 0.2)]
+)
+def test_reduced_costs_have_the_same_optimal_assignments(m: int, dim: int, spread: float) -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    from iterflow.core.couplings import _lsa, _reduced
+
+    g = np.random.default_rng(m + dim)
+    for _ in range(5):  # near neighbours (small spread: the windows' near-ties) and spread points
+        a = g.normal(size=(m, dim)) * spread
+        b = a + g.normal(size=(m, dim)) * spread + 1.0
+        cost = ((a[:, None] - b[None]) ** 2).sum(-1)
+        red = _reduced(cost)
+        assert red.min(axis=0) == pytest.approx(np.zeros(m), abs=0) and (red >= 0).all()
+        rows = np.arange(m)
+        best = cost[linear_sum_assignment(cost)].sum()
+        assert cost[rows, _lsa(cost)].sum() == pytest.approx(best, rel=1e-12, abs=1e-12)
+        assert cost[rows, _lsa(red, reduced=True)].sum() == pytest.approx(
+            best, rel=1e-12, abs=1e-12
+        )
+        batch = _reduced(np.stack([cost, cost.T]))  # batched: each matrix on its own
+        assert np.array_equal(batch[0], red) and np.array_equal(batch[1], _reduced(cost.T))
+
+
+def _two_opt_reference(a: np.ndarray, b: np.ndarray, p: np.ndarray, passes: int) -> np.ndarray:
+    """The 2-opt passes written with index arrays, as before they ran on strided views."""
+    from iterflow.core.couplings import _frames, _local_order
+
+    strips = max(1, round(math.sqrt(a.shape[0] / 4)))
+    for it, frame in enumerate(_frames(a.shape[1], passes)):
+        order = _local_order(a if it % 2 == 0 else b[p], frame, strips)
+        for t, k in enumerate((1, 2, 3, 4)):
+            o = order[(t % 2) * k :]
+            m = (len(o) // (2 * k)) * 2 * k
+            if m == 0:
+                continue
+            pairs = o[:m].reshape(-1, 2, k)
+            i, j = pairs[:, 0].ravel(), pairs[:, 1].ravel()
+            pi, pj = p[i], p[j]
+            swap = ((a[i] - a[j]) * (b[pi] - b[pj])).sum(1) < 0
+            p[i[swap]] = pj[swap]
+            p[j[swap]] = pi[swap]
+    return p
+
+
+@pytest.mark.parametrize(("n", "dim"), [(7, 1), (300, 2), (1000, 2), (257, 3), (130, 8)])
+def test_two_opt_on_views_makes_the_swaps_of_the_index_version(n: int, dim: int) -> None:
+    from iterflow.core.couplings import _refine_np
+
+    g = np.random.default_rng(n)
+    a, b = g.normal(size=(n, dim)) * 2.0, g.normal(size=(n, dim))
+    start = g.permutation(n)
+    got = _refine_np(a, b, start.copy(), 3, (1, 2, 3, 4))
+    assert np.array_equal(got, _two_opt_reference(a, b, start.copy(), 3))
+    assert sorted(got.tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "strips"), [(1, 2, 1), (37, 1, 3), (200, 1, 3), (1024, 2, 16), (1000, 5, 16)]
+)
+def test_local_order_is_strips_along_one_projection_sorted_along_another(
+    n: int, dim: int, strips: int
+) -> None:
+    from iterflow.core.couplings import _frames, _local_order
+
+    p = np.random.default_rng(n).normal(size=(n, dim))
+    frame = _frames(dim, 1)[0]
+    order = _local_order(p, frame, strips)
+    assert sorted(order.tolist()) == list(range(n))
+    k = p @ frame
+    per = n // strips
+    body = order[: per * strips].reshape(strips, per)
+    assert (np.diff(k[body, 1], axis=1) >= 0).all()  # each strip sorted along the second
+    if dim == 1:  # no second projection: the strips keep the first one's order
+        assert (np.diff(k[order, 0]) >= 0).all()
+    edges = [k[body[s], 0] for s in range(strips)] + [k[order[per * strips :], 0]]
+    for lo, hi in zip(edges, edges[1:]):  # strips (and the rest) follow along the first
+        if len(lo) and len(hi):
+            assert lo.max() <= hi.min()

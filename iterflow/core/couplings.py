@@ -11,9 +11,9 @@
 Exact assignment costs grow about cubically (on one core of an AMD EPYC, ``ot.emd`` takes ~5 ms at
 256 rows and ~0.2 s at 1,024, many times a training step), so ``ot_solver="auto"`` solves batches of
 up to :data:`AUTO_EXACT_MAX` rows exactly and larger ones on spatially stratified chunks of about
-:data:`AUTO_CHUNK` rows, followed by :data:`AUTO_REFINE` 2-opt passes and :data:`AUTO_WINDOWS` rounds
-of exact re-assignment within windows of :data:`AUTO_WINDOW` neighbouring pairs
-(:func:`resolve_windows`): linear in the batch size, within about 1.1x the exact transport cost on
+:data:`AUTO_CHUNK` rows, followed by 2-opt passes and, above two dimensions, rounds of exact
+re-assignment within windows of neighbouring pairs (:func:`resolve_windows`; the numbers:
+:func:`auto_stages`): linear in the batch size, within about 1.1x the exact transport cost on
 2-D data at 1,024 rows. Flow matching computes the pairing of the next minibatch in a background
 thread while the current step trains (:class:`iterflow.core.coupled_batches.CoupledBatches`).
 ``benchmarks/bench_speed.py`` measures the time and the quality (transport cost relative to the exact
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -40,7 +41,9 @@ AUTO_EXACT_MAX = 128  # "auto": whole-batch exact OT up to this many rows ...
 AUTO_CHUNK = 48  # ... otherwise exact OT on stratified chunks of about this many rows ...
 AUTO_REFINE = 4  # ... followed by this many refinement passes ...
 AUTO_WINDOWS = 2  # ... and this many rounds of exact re-assignment in windows of ...
-AUTO_WINDOW = 32  # ... this many neighbouring pairs
+AUTO_WINDOW = 32  # ... this many neighbouring pairs; but with at most AUTO_LOW_DIM columns ...
+AUTO_LOW_DIM = 2  # ... (where the 2-D local orders see the whole point) ...
+AUTO_REFINE_LOW = 12  # ... this many refinement passes and no windows (bench_ot_knobs.py)
 
 
 def _cost(a: Tensor, b: Tensor) -> np.ndarray:
@@ -52,15 +55,43 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def _solve(cost: np.ndarray, solver: str) -> np.ndarray:
-    """Optimal permutation of one square cost matrix (``auto``: scipy below 192 rows, else POT)."""
-    n = cost.shape[0]
-    if solver == "auto":
-        solver = "lsa" if n < 192 else "emd"
-    if solver == "lsa":
-        from scipy.optimize import linear_sum_assignment
+def _reduced(cost: np.ndarray) -> np.ndarray:
+    """``cost`` ``(..., m, m)`` less each column's minimum (a new array).
 
-        return linear_sum_assignment(cost)[1]
+    Every assignment's total drops by the same constant, so the optimal assignments are the
+    same; scipy's ``linear_sum_assignment`` (shortest augmenting paths from zero column duals)
+    finds them sooner when every column holds a zero (the column reduction that
+    Jonker-Volgenant's solver starts with). The row reduction adds nothing measurable and costs
+    more (NumPy's minimum along the last axis of small matrices is the slow one).
+    ``benchmarks/bench_ot_knobs.py`` times the ``auto`` pairing with and without it.
+    """
+    return cost - cost.min(axis=-2, keepdims=True)
+
+
+@functools.cache
+def _scipy_lsa() -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """scipy's ``linear_sum_assignment``, imported on first use (scipy loads slowly)."""
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment
+
+
+def _lsa(cost: np.ndarray, reduced: bool = False) -> np.ndarray:
+    """scipy's exact assignment of one square matrix (:func:`_reduced` first unless ``reduced``)."""
+    return _scipy_lsa()(cost if reduced else _reduced(cost))[1]
+
+
+def _exact_solver(n: int, solver: str) -> str:
+    """The exact solver for ``n`` rows: ``auto`` is scipy's below 192 rows, else POT's."""
+    return ("lsa" if n < 192 else "emd") if solver == "auto" else solver
+
+
+def _solve(cost: np.ndarray, solver: str) -> np.ndarray:
+    """Optimal permutation of one square cost matrix (:func:`_exact_solver` picks the solver)."""
+    n = cost.shape[0]
+    solver = _exact_solver(n, solver)
+    if solver == "lsa":
+        return _lsa(cost)
     if solver == "emd":
         import ot
 
@@ -123,6 +154,13 @@ def _numpy(x: Tensor) -> np.ndarray:
     return x.detach().reshape(x.shape[0], -1).double().cpu().numpy()
 
 
+def _rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``x[idx]`` for an ``(n, D)`` array: ``np.take`` along the first axis, which NumPy runs
+    several times faster than fancy indexing of a 2-D array (2.5 against 19.5 µs for 1,024 rows
+    of two columns; the pairing's stages gather rows dozens of times)."""
+    return np.take(x, idx, axis=0)
+
+
 def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Batched squared distances ``(G, m, D) x (G, m, D) -> (G, m, m)``."""
     cross = np.matmul(a, b.transpose(0, 2, 1))
@@ -144,7 +182,12 @@ def _stratified_np(a: np.ndarray, b: np.ndarray, chunk: int, solver: str) -> np.
             continue
         pos = np.arange(size)[None, :] * groups + np.arange(first, first + count)[:, None]
         ia, ib = oa[pos], ob[pos]  # (count, size) rows of a and b
-        costs = _sq_dists(a[ia], b[ib])
+        costs = _sq_dists(_rows(a, ia), _rows(b, ib))
+        if _exact_solver(size, solver) == "lsa":
+            costs = _reduced(costs)  # all chunks at once
+            for c in range(count):
+                perm[ia[c]] = ib[c][_lsa(costs[c], reduced=True)]
+            continue
         for c in range(count):
             perm[ia[c]] = ib[c][_solve(costs[c], solver)]
     return perm
@@ -164,14 +207,17 @@ def _frames(dim: int, count: int) -> tuple[np.ndarray, ...]:
 
 def _local_order(p: np.ndarray, frame: np.ndarray, strips: int) -> np.ndarray:
     """A row order in which neighbours are close: ``strips`` strips along one projection of ``p``,
-    each sorted along a second projection."""
+    each sorted along a second projection (stably: in 1-D, where the second projection is zero,
+    a strip stays in the first one's order)."""
     n = p.shape[0]
     k = p @ frame  # (n, 2)
-    order = np.argsort(k[:, 0], kind="stable")
+    order = np.argsort(k[:, 0])
     per = n // strips
     body = order[: per * strips].reshape(strips, per)
-    body = np.take_along_axis(body, np.argsort(k[body, 1], axis=1, kind="stable"), 1)
-    return np.concatenate([body.reshape(-1), order[per * strips :]])
+    within = np.argsort(np.take(k[:, 1], body), axis=1, kind="stable")
+    within += np.arange(0, per * strips, per)[:, None]  # positions in ``order``
+    head = np.take(order, within.ravel())
+    return np.concatenate([head, order[per * strips :]]) if per * strips < n else head
 
 
 def refine_assignment(
@@ -207,22 +253,28 @@ def refine_assignment(
 def _refine_np(
     a: np.ndarray, b: np.ndarray, p: np.ndarray, passes: int, offsets: tuple[int, ...]
 ) -> np.ndarray:
-    """:func:`refine_assignment` on NumPy arrays (``p`` is modified in place and returned)."""
+    """:func:`refine_assignment` on NumPy arrays (``p`` is modified in place and returned).
+
+    Each pass works in the order's positions: the rows ``a`` and partners ``p`` taken into that
+    order once, each offset's pairs are then two strided views of them (no index arrays)."""
     n = a.shape[0]
     strips = max(1, round(math.sqrt(n / 4)))
     for it, frame in enumerate(_frames(a.shape[1], passes)):
-        order = _local_order(a if it % 2 == 0 else b[p], frame, strips)
+        order = _local_order(a if it % 2 == 0 else _rows(b, p), frame, strips)
+        ao, po = _rows(a, order), p[order]
         for t, k in enumerate(offsets):
-            o = order[(t % 2) * k :]  # alternate the alignment: new neighbours for the next offset
-            m = (len(o) // (2 * k)) * 2 * k
+            first = (t % 2) * k  # alternate the alignment: new neighbours for the next offset
+            m = ((n - first) // (2 * k)) * 2 * k
             if m == 0:
                 continue
-            pairs = o[:m].reshape(-1, 2, k)
-            i, j = pairs[:, 0].ravel(), pairs[:, 1].ravel()
-            pi, pj = p[i], p[j]
-            swap = np.einsum("nd,nd->n", a[i] - a[j], b[pi] - b[pj]) < 0
-            p[i[swap]] = pj[swap]
-            p[j[swap]] = pi[swap]
+            av = ao[first : first + m].reshape(-1, 2, k, a.shape[1])  # pairs (row 0, row 1)
+            pv = po[first : first + m].reshape(-1, 2, k)  # a view: writes land in po
+            bv = _rows(b, pv)
+            swap = np.einsum("gkd,gkd->gk", av[:, 0] - av[:, 1], bv[:, 0] - bv[:, 1]) < 0
+            p0 = pv[:, 0].copy()
+            pv[:, 0] = np.where(swap, pv[:, 1], p0)
+            pv[:, 1] = np.where(swap, p0, pv[:, 1])
+        p[order] = po
     return p
 
 
@@ -257,20 +309,18 @@ def resolve_windows(
 
 def _windows_np(a: np.ndarray, b: np.ndarray, p: np.ndarray, rounds: int, m: int) -> np.ndarray:
     """:func:`resolve_windows` on NumPy arrays (``p`` is modified in place and returned)."""
-    from scipy.optimize import linear_sum_assignment
-
     n = a.shape[0]
     strips = max(1, round(math.sqrt(n / 4)))
     frames = _frames(a.shape[1], rounds + 16)[16:]  # not those of the first 16 refinement passes
     for r, frame in enumerate(frames):
-        order = _local_order(a if r % 2 == 0 else b[p], frame, strips)
+        order = _local_order(a if r % 2 == 0 else _rows(b, p), frame, strips)
         order = np.roll(order, -((r // 2) % 2) * (m // 2))
         g = n // m
         idx = order[: g * m].reshape(g, m)
         partners = p[idx]
-        costs = _sq_dists(a[idx], b[partners])
+        costs = _reduced(_sq_dists(_rows(a, idx), _rows(b, partners)))
         for c in range(g):
-            p[idx[c]] = partners[c][linear_sum_assignment(costs[c])[1]]
+            p[idx[c]] = partners[c][_lsa(costs[c], reduced=True)]
     return p
 
 
@@ -308,10 +358,11 @@ def ot_permutation(
         chunk: rows per exact sub-problem (0: the whole batch).
         solver: ``"emd"``, ``"lsa"`` or ``"auto"``. ``auto`` solves batches of up to
             :data:`AUTO_EXACT_MAX` rows exactly; larger ones on stratified chunks of about
-            :data:`AUTO_CHUNK` rows (:func:`chunked_assignment`) followed by :data:`AUTO_REFINE` passes
-            of :func:`refine_assignment` (``chunk`` and ``refine``, when non-zero, replace these
-            defaults) and :data:`AUTO_WINDOWS` rounds of :func:`resolve_windows`. The explicit
-            solvers use consecutive (random) chunks.
+            :data:`AUTO_CHUNK` rows (:func:`chunked_assignment`) followed by passes of
+            :func:`refine_assignment` and rounds of :func:`resolve_windows`, as many as
+            :func:`auto_stages` gives for the rows' dimension (``chunk`` and ``refine``, when
+            non-zero, replace the chunk size and the passes). The explicit solvers use
+            consecutive (random) chunks.
         refine: passes of :func:`refine_assignment` after a chunked solve.
 
     Returns:
@@ -329,22 +380,40 @@ def ot_permutation(
     chunk = chunk or auto_chunk(n)
     if chunk >= n:
         return assignment(x0, x1, "auto")
-    p = auto_pairing_np(_numpy(x0), _numpy(x1), chunk, refine or AUTO_REFINE)
+    p = auto_pairing_np(_numpy(x0), _numpy(x1), chunk, refine or None)
     return torch.from_numpy(p).to(x0.device)
+
+
+def auto_stages(dim: int) -> tuple[int, int, int]:
+    """``(2-opt passes, window rounds, window)`` of ``ot_solver="auto"`` for rows of ``dim`` numbers.
+
+    Up to :data:`AUTO_LOW_DIM` columns the local orders (2-D projections) see the whole point,
+    and 2-opt passes improve the pairing at less cost than exact windows
+    (``benchmarks/bench_ot_knobs.py``, checkerboard at batch 1,024: 12 passes 5.8 ms at 1.07x the
+    exact cost, the earlier 4 passes and 2 rounds of 32-pair windows 8.2 ms at 1.07x); in more
+    dimensions the projections lose neighbours and the windows pay for themselves (checked on
+    Gaussian mixtures in 5-32 dimensions, exploratory)."""
+    if dim <= AUTO_LOW_DIM:
+        return AUTO_REFINE_LOW, 0, AUTO_WINDOW
+    return AUTO_REFINE, AUTO_WINDOWS, AUTO_WINDOW
 
 
 def auto_pairing_np(
     a: np.ndarray,
     b: np.ndarray,
     chunk: int,
-    passes: int = AUTO_REFINE,
-    rounds: int = AUTO_WINDOWS,
-    window: int = AUTO_WINDOW,
+    passes: int | None = None,
+    rounds: int | None = None,
+    window: int | None = None,
 ) -> np.ndarray:
     """The ``auto`` pairing's stages on NumPy rows ``(B, D)``: exact assignment on stratified
     chunks of about ``chunk`` rows, ``passes`` 2-opt passes, ``rounds`` rounds of exact
-    re-assignment in windows of ``window`` pairs (skipped below two windows). The defaults are
-    :func:`ot_permutation`'s; ``benchmarks/bench_ot_knobs.py`` sweeps them."""
+    re-assignment in windows of ``window`` pairs (skipped below two windows). ``None`` takes
+    :func:`auto_stages`' value; ``benchmarks/bench_ot_knobs.py`` sweeps them."""
+    stages = auto_stages(a.shape[1])
+    passes = stages[0] if passes is None else passes
+    rounds = stages[1] if rounds is None else rounds
+    window = stages[2] if window is None else window
     p = _stratified_np(a, b, chunk, "auto")
     if passes:
         p = _refine_np(a, b, p, passes, (1, 2, 3, 4))
