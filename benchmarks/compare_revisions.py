@@ -39,6 +39,10 @@ CASES: dict[str, dict[str, object]] = {
     "the same in fp32 (autocast none)": dict(
         method="fm", data="checkerboard", steps=600, n_val=500, n_test=500, autocast="none"
     ),
+    "minibatch OT (the demo recipe with the OT coupling)": dict(
+        method="fm", data="checkerboard", steps=600, n_val=500, n_test=500,
+        options={"coupling": "ot"},
+    ),  # fmt: skip
     "make demo's network (the same with 64 Fourier features of x)": dict(
         method="fm", data="checkerboard", steps=600, n_val=500, n_test=500, x_freqs=64, x_scale=1.0
     ),
