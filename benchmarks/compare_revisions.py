@@ -40,7 +40,11 @@ CASES: dict[str, dict[str, object]] = {
         method="fm", data="checkerboard", steps=600, n_val=500, n_test=500, autocast="none"
     ),
     "minibatch OT (the demo recipe with the OT coupling)": dict(
-        method="fm", data="checkerboard", steps=600, n_val=500, n_test=500,
+        method="fm",
+        data="checkerboard",
+        steps=600,
+        n_val=500,
+        n_test=500,
         options={"coupling": "ot"},
     ),  # fmt: skip
     "make demo's network (the same with 64 Fourier features of x)": dict(
