@@ -396,7 +396,7 @@ def bench_ot(args: argparse.Namespace) -> list[dict[str, Any]]:
         "lsa, random chunks of 128": lambda a, b: chunked_assignment(a, b, 128, "lsa"),
         "lsa, random chunks of 64": lambda a, b: chunked_assignment(a, b, 64, "lsa"),
         "auto (iterflow default)": lambda a, b: ot_permutation(a, b),
-        "auto + 8 refinement passes": lambda a, b: ot_permutation(a, b, refine=8),
+        "auto with 24 refinement passes": lambda a, b: ot_permutation(a, b, refine=24),
         "sinkhorn (POT, reg 0.05, sampled)": lambda a, b: sinkhorn_pairing(a, b, 0.05, g),
     }
     rows = []
