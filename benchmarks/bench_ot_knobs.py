@@ -74,7 +74,7 @@ def main() -> None:
         return C.transport_cost(torch.from_numpy(a), torch.from_numpy(b[p]))
 
     exact = [cost(a, b, C._solve(C._sq_dists(a[None], b[None])[0], "emd")) for a, b in problems]
-    passes, rounds, window = C.auto_stages(2)
+    passes, rounds, window = C.auto_stages(2, args.batch)
     default = (C.AUTO_CHUNK, passes, rounds, window if rounds else 32)  # as the grid writes it
     grid = itertools.product((16, 24, 32, 48), (0, 2, 4, 8, 12, 16), ((0, 32), (1, 16), (2, 16), (1, 24),
                                                              (2, 24), (1, 32), (2, 32), (3, 24),

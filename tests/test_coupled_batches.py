@@ -188,3 +188,24 @@ def test_local_order_is_strips_along_one_projection_sorted_along_another(
     for lo, hi in zip(edges, edges[1:]):  # strips (and the rest) follow along the first
         if len(lo) and len(hi):
             assert lo.max() <= hi.min()
+
+
+def test_auto_stages_follow_the_dimension_and_the_batch() -> None:
+    from iterflow.core.couplings import AUTO_WINDOWS, auto_stages
+
+    low = [auto_stages(2, n) for n in (129, 512, 513, 1024, 1025, 4096)]
+    assert [p for p, _, _ in low] == [8, 8, 12, 12, 16, 16]  # more rows, more passes
+    assert all(r == 0 for _, r, _ in low) and auto_stages(1, 1024)[1] == 0  # no windows
+    assert auto_stages(3, 1024)[1] == AUTO_WINDOWS > 0  # windows above two columns
+
+
+@pytest.mark.parametrize("n", [300, 1024, 2048])
+def test_auto_stays_within_a_tenth_of_the_exact_cost_in_2d(n: int) -> None:
+    from iterflow.data import get_dataset
+
+    x = get_dataset("checkerboard").splits(n, 10, 10, n).train.double()
+    a = (x - x.mean(0)) / x.std(0)  # the trainer's units
+    b = torch.randn(n, 2, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    exact = _pair(a, b, assignment(a, b, "emd"))
+    got = _pair(a, b, ot_permutation(a, b))
+    assert exact - 1e-9 <= got < 1.1 * exact

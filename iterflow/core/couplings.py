@@ -42,8 +42,8 @@ AUTO_CHUNK = 48  # ... otherwise exact OT on stratified chunks of about this man
 AUTO_REFINE = 4  # ... followed by this many refinement passes ...
 AUTO_WINDOWS = 2  # ... and this many rounds of exact re-assignment in windows of ...
 AUTO_WINDOW = 32  # ... this many neighbouring pairs; but with at most AUTO_LOW_DIM columns ...
-AUTO_LOW_DIM = 2  # ... (where the 2-D local orders see the whole point) ...
-AUTO_REFINE_LOW = 12  # ... this many refinement passes and no windows (bench_ot_knobs.py)
+AUTO_LOW_DIM = 2  # ... (where the 2-D local orders see the whole point) refinement passes
+AUTO_REFINE_LOW = ((512, 8), (1024, 12), (2**62, 16))  # (up to this many rows, passes), no windows
 
 
 def _cost(a: Tensor, b: Tensor) -> np.ndarray:
@@ -384,17 +384,20 @@ def ot_permutation(
     return torch.from_numpy(p).to(x0.device)
 
 
-def auto_stages(dim: int) -> tuple[int, int, int]:
-    """``(2-opt passes, window rounds, window)`` of ``ot_solver="auto"`` for rows of ``dim`` numbers.
+def auto_stages(dim: int, n: int) -> tuple[int, int, int]:
+    """``(2-opt passes, window rounds, window)`` of ``ot_solver="auto"`` for ``n`` rows of ``dim``
+    numbers.
 
     Up to :data:`AUTO_LOW_DIM` columns the local orders (2-D projections) see the whole point,
     and 2-opt passes improve the pairing at less cost than exact windows
-    (``benchmarks/bench_ot_knobs.py``, checkerboard at batch 1,024: 12 passes 5.8 ms at 1.07x the
-    exact cost, the earlier 4 passes and 2 rounds of 32-pair windows 8.2 ms at 1.07x); in more
-    dimensions the projections lose neighbours and the windows pay for themselves (checked on
-    Gaussian mixtures in 5-32 dimensions, exploratory)."""
+    (``benchmarks/bench_ot_knobs.py``, checkerboard at batch 1,024: 12 passes 3.7 ms at 1.07x the
+    exact cost, the earlier 4 passes and 2 rounds of 32-pair windows 5.3 ms at 1.07x); larger
+    batches need more passes for the same quality (:data:`AUTO_REFINE_LOW`: 8 up to 512 rows, 12
+    up to 1,024, 16 beyond; ``bench_speed.py``'s OT section prints the cost at 256-2,048 rows). In
+    more dimensions the projections lose neighbours and the windows pay for themselves (checked
+    on Gaussian mixtures in 5-32 dimensions, exploratory)."""
     if dim <= AUTO_LOW_DIM:
-        return AUTO_REFINE_LOW, 0, AUTO_WINDOW
+        return next(p for rows, p in AUTO_REFINE_LOW if n <= rows), 0, AUTO_WINDOW
     return AUTO_REFINE, AUTO_WINDOWS, AUTO_WINDOW
 
 
@@ -410,7 +413,7 @@ def auto_pairing_np(
     chunks of about ``chunk`` rows, ``passes`` 2-opt passes, ``rounds`` rounds of exact
     re-assignment in windows of ``window`` pairs (skipped below two windows). ``None`` takes
     :func:`auto_stages`' value; ``benchmarks/bench_ot_knobs.py`` sweeps them."""
-    stages = auto_stages(a.shape[1])
+    stages = auto_stages(a.shape[1], a.shape[0])
     passes = stages[0] if passes is None else passes
     rounds = stages[1] if rounds is None else rounds
     window = stages[2] if window is None else window
