@@ -10,7 +10,8 @@ training steps/s (flow matching, checkerboard, 3 x 256 MLP, batch 1,024, default
 * PyTorch at one thread and at two while a background thread pairs batches without pause
   (``couplings.auto_pairing_np`` on checkerboard batches against Gaussian noise, as the trainer's
   coupling does), with the pairings per second it manages meanwhile; and at one thread while a
-  separate process does the same (no shared interpreter lock);
+  separate process does the same (no shared interpreter lock), and at two threads beside a pairing
+  thread at Linux's idle priority (``SCHED_IDLE``: it may use only what the step leaves idle);
 * the pairing alone (pairings per second).
 
 With a pairing that keeps up (more pairings than steps per second), training with OT runs at the
@@ -20,7 +21,7 @@ the pairing is the other design ("two threads + pairing").
 
 Usage (the machine otherwise idle)::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_ot_overlap.py --out benchmarks/results/ot_overlap_t2.json
+    OMP_NUM_THREADS=2 python benchmarks/bench_ot_overlap.py --out benchmarks/results/ot_overlap_t2_b.json
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from iterflow.train import TrainConfig, train  # noqa: E402
 
 def problems(count: int, batch: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Checkerboard batches (standardised, as the trainer's) and Gaussian noise, as NumPy rows."""
-    x = get_dataset("checkerboard").splits(50_000, 10, 10, seed).train
-    x = ((x - x.mean(0)) / x.std(0)).double().numpy()
+    t = get_dataset("checkerboard").splits(50_000, 10, 10, seed).train
+    x = ((t - t.mean(0)) / t.std(0)).double().numpy()
     rng = np.random.default_rng(seed)
     return [(x[rng.integers(0, len(x), batch)], rng.normal(size=(batch, 2))) for _ in range(count)]
 
@@ -79,6 +80,14 @@ class Pairing:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class IdlePairing(Pairing):
+    """:class:`Pairing` at Linux's ``SCHED_IDLE`` priority: it runs only on an otherwise idle core."""
+
+    def _run(self) -> None:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        super()._run()
 
 
 def _pair_until(batches: list[tuple[np.ndarray, np.ndarray]], stop: Any, rate: Any) -> None:
@@ -124,6 +133,8 @@ def main() -> None:
     batches = problems(4, 1024, 0)
     cfg = TrainConfig.for_method("fm", data="checkerboard", steps=args.steps, n_val=500, n_test=500)
     setups = [(args.threads, ""), (1, ""), (1, "thread"), (1, "process"), (args.threads, "thread")]
+    if hasattr(os, "SCHED_IDLE"):
+        setups.append((args.threads, "idle-priority thread"))
     steps: dict[tuple[int, str], list[float]] = {s: [] for s in setups}
     rates: dict[tuple[int, str], list[float]] = {s: [] for s in setups}
     alone: list[float] = []
@@ -136,7 +147,11 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 run = Path(tmp) / f"r{rnd}t{threads}{background}"
                 if background:
-                    worker = Pairing(batches) if background == "thread" else PairingProcess(batches)
+                    worker: Pairing | PairingProcess = (
+                        PairingProcess(batches) if background == "process"
+                        else IdlePairing(batches) if background.startswith("idle")
+                        else Pairing(batches)
+                    )  # fmt: skip
                     with worker:
                         result = train(cfg, run)
                     rates[(threads, background)].append(worker.rate)
