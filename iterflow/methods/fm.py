@@ -90,12 +90,13 @@ class FMOptions(TimeOptions):
         ot_chunk: solve the minibatch OT on chunks of this many rows (0: the whole batch, or with
             ``ot_solver=auto`` the whole batch up to 128 rows and chunks of about 48 rows above).
         ot_solver: ``auto``, ``emd`` (POT) or ``lsa`` (scipy); every (chunk's) solve is exact.
-            ``auto`` (see :func:`iterflow.couplings.ot_permutation`) costs a few ms per 1,024 rows
-            and pairs at 1.1-1.4x the exact whole-batch transport cost on 2-D data; ``emd`` on the
-            whole batch costs ~0.1 s at 1,024 rows and grows cubically.
+            ``auto`` (see :func:`iterflow.core.couplings.ot_permutation`) costs a few ms per 1,024 rows
+            and pairs within about 1.07x the exact whole-batch transport cost on 2-D data at
+            256-2,048 rows; ``emd`` on the whole batch costs ~0.1 s at 1,024 rows and grows
+            cubically.
         ot_refine: local improvement passes after a chunked OT solve (each lowers the transport cost
-            toward the whole-batch optimum; see :func:`iterflow.couplings.refine_assignment`;
-            0 with ``auto``: its default of 4).
+            toward the whole-batch optimum; see :func:`iterflow.core.couplings.refine_assignment`;
+            0 with ``auto``: its default, :func:`iterflow.core.couplings.auto_stages`).
         sigma: standard deviation of Gaussian noise added around the path (0: none).
         time_*: the density of the training times (:class:`TimeOptions`).
     """
