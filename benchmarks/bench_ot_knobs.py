@@ -8,8 +8,9 @@ trainer's standardised units) and prints, for each setting, the median milliseco
 and the mean transport cost over the exact whole-batch assignment (POT ``emd``), with the settings
 that no faster setting beats in cost (the frontier) marked, the default and the default before the
 eighteenth session among them. The settings are timed in interleaved rounds (no setting gets the
-machine's good minutes). A last table times the default with scipy's solver on column-reduced
-costs (``couplings._reduced``) and on the squared distances themselves, interleaved.
+machine's good minutes). Two last tables time the default with scipy's solver on column-reduced
+costs (``couplings._reduced``) and on the squared distances themselves, interleaved, and the row
+gathers of the stages by fancy indexing and by ``np.take`` (``couplings._rows``).
 
 Issue 14 asks for training with OT at 0.8x of independent pairs at batch 1024 and two threads, at
 a cost within 1.1x of the exact one. Flow matching pairs the next batch in a background thread
@@ -122,7 +123,33 @@ def main() -> None:
           f" themselves, interleaved, median of {args.rounds} rounds:\n")  # fmt: skip
     print(table(reduction, ["chunk", "passes", "window_rounds", "window", "ms_reduced", "ms_raw",
                             "raw_over_reduced", "cost_reduced", "cost_raw"]))  # fmt: skip
-    write_json(args.out, {"machine": info, "rows": rows, "reduction": reduction})
+    gathers = gather_times(problems[0][0], args.rounds)
+    print("\nrow gathers of the stages, µs per call, interleaved, median of"
+          f" {args.rounds} rounds:\n")  # fmt: skip
+    print(table(gathers, ["rows", "index_shape", "fancy_us", "np_take_us", "fancy_over_take"]))
+    write_json(args.out, {"machine": info, "rows": rows, "reduction": reduction,
+                          "gathers": gathers})  # fmt: skip
+
+
+def gather_times(a: np.ndarray, rounds: int, calls: int = 2000) -> list[dict[str, Any]]:
+    """``a[idx]`` against ``np.take(a, idx, axis=0)`` (``couplings._rows``) for the index shapes
+    the stages use: a permutation, ``(chunks, 48)`` and ``(pairs, 2, 4)`` blocks."""
+    n = a.shape[0]
+    rng = np.random.default_rng(0)
+    out = []
+    for shape in [(n,), (n // 48, 48), (n // 8, 2, 4)]:
+        idx = rng.permutation(n)[: int(np.prod(shape))].reshape(shape)
+        times: dict[str, list[float]] = {"fancy": [], "take": []}
+        for _ in range(rounds):
+            for name in times:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    _ = a[idx] if name == "fancy" else C._rows(a, idx)
+                times[name].append(1e6 * (time.perf_counter() - t0) / calls)
+        fancy, take = (statistics.median(times[k]) for k in ("fancy", "take"))
+        out.append({"rows": n, "index_shape": str(shape), "fancy_us": fancy, "np_take_us": take,
+                    "fancy_over_take": fancy / take})  # fmt: skip
+    return out
 
 
 def reduction_ab(

@@ -57,6 +57,16 @@ def problems(count: int, batch: int, seed: int) -> list[tuple[np.ndarray, np.nda
     return [(x[rng.integers(0, len(x), batch)], rng.normal(size=(batch, 2))) for _ in range(count)]
 
 
+def pair_until(batches: list[tuple[np.ndarray, np.ndarray]], stop: Any) -> float:
+    """Pair the batches in turn until ``stop`` is set; pairings per second."""
+    n, t0 = 0, time.perf_counter()
+    while not stop.is_set():
+        a, b = batches[n % len(batches)]
+        C.auto_pairing_np(a, b, C.auto_chunk(len(a)))
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
 class Pairing:
     """A background thread that pairs batches until stopped; ``rate`` is pairings per second."""
 
@@ -66,12 +76,7 @@ class Pairing:
         self._thread = threading.Thread(target=self._run, name="ot-pairing")
 
     def _run(self) -> None:
-        n, t0 = 0, time.perf_counter()
-        while not self._stop.is_set():
-            a, b = self.batches[n % len(self.batches)]
-            C.auto_pairing_np(a, b, C.auto_chunk(len(a)))
-            n += 1
-        self.rate = n / (time.perf_counter() - t0)
+        self.rate = pair_until(self.batches, self._stop)
 
     def __enter__(self) -> Pairing:
         self._thread.start()
@@ -90,15 +95,10 @@ class IdlePairing(Pairing):
         super()._run()
 
 
-def _pair_until(batches: list[tuple[np.ndarray, np.ndarray]], stop: Any, rate: Any) -> None:
-    """A pairing process's loop (as :class:`Pairing`'s thread, without sharing the GIL)."""
+def _process_main(batches: list[tuple[np.ndarray, np.ndarray]], stop: Any, rate: Any) -> None:
+    """A pairing process (as :class:`Pairing`'s thread, without sharing the GIL)."""
     torch.set_num_threads(1)
-    n, t0 = 0, time.perf_counter()
-    while not stop.is_set():
-        a, b = batches[n % len(batches)]
-        C.auto_pairing_np(a, b, C.auto_chunk(len(a)))
-        n += 1
-    rate.value = n / (time.perf_counter() - t0)
+    rate.value = pair_until(batches, stop)
 
 
 class PairingProcess:
@@ -107,7 +107,7 @@ class PairingProcess:
     def __init__(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
         ctx = mp.get_context("spawn")
         self._stop, self._rate = ctx.Event(), ctx.Value("d", 0.0)
-        self._proc = ctx.Process(target=_pair_until, args=(batches, self._stop, self._rate))
+        self._proc = ctx.Process(target=_process_main, args=(batches, self._stop, self._rate))
         self.rate = 0.0
 
     def __enter__(self) -> PairingProcess:
