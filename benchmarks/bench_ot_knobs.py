@@ -40,11 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table, write_json  # noqa: E402
+from common import checkerboard_model_units, machine, ot_batches, table, write_json  # noqa: E402
 
 from iterflow import flush_denormals  # noqa: E402
 from iterflow.core import couplings as C  # noqa: E402
-from iterflow.data import get_dataset  # noqa: E402
 
 #: ``(chunk, passes, window rounds, window)`` of ``ot_solver="auto"`` before the eighteenth
 #: session (always in the sweep, for comparison).
@@ -63,13 +62,10 @@ def main() -> None:
     args = ap.parse_args()
     flush_denormals()
     torch.set_num_threads(args.threads)
-    x = get_dataset("checkerboard").splits(50_000, 10, 10, args.seed).train
-    x = (x - x.mean(0)) / x.std(0)
+    x = checkerboard_model_units(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    problems = []
-    for _ in range(args.problems):
-        a = x[torch.randint(0, len(x), (args.batch,), generator=g)]
-        problems.append((C._numpy(a), C._numpy(torch.randn(args.batch, 2, generator=g))))
+    batches = ot_batches(x, args.problems, args.batch, g)
+    problems = [(C._numpy(a), C._numpy(b)) for a, b in batches]
 
     def cost(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> float:
         return C.transport_cost(torch.from_numpy(a), torch.from_numpy(b[p]))

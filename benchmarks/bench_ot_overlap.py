@@ -42,19 +42,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table, write_json  # noqa: E402
+from common import checkerboard_model_units, machine, ot_batches, table, write_json  # noqa: E402
 
 from iterflow.core import couplings as C  # noqa: E402
-from iterflow.data import get_dataset  # noqa: E402
 from iterflow.train import TrainConfig, train  # noqa: E402
 
 
 def problems(count: int, batch: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Checkerboard batches (standardised, as the trainer's) and Gaussian noise, as NumPy rows."""
-    t = get_dataset("checkerboard").splits(50_000, 10, 10, seed).train
-    x = ((t - t.mean(0)) / t.std(0)).double().numpy()
-    rng = np.random.default_rng(seed)
-    return [(x[rng.integers(0, len(x), batch)], rng.normal(size=(batch, 2))) for _ in range(count)]
+    g = torch.Generator().manual_seed(seed)
+    pairs = ot_batches(checkerboard_model_units(seed), count, batch, g)
+    return [(C._numpy(a), C._numpy(b)) for a, b in pairs]
 
 
 def pair_until(batches: list[tuple[np.ndarray, np.ndarray]], stop: Any) -> float:

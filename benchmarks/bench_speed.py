@@ -71,7 +71,13 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    checkerboard_model_units,
+    machine,
+    ot_batches,
+    table,
+    write_json,
+)
 from speed_likelihood import (  # noqa: E402
     bench_likelihood_eval,
     bench_likelihood_training,
@@ -387,8 +393,7 @@ def combine_runs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, floa
 
 
 def bench_ot(args: argparse.Namespace) -> list[dict[str, Any]]:
-    x = get_dataset("checkerboard").splits(50_000, 10, 10, args.seed).train
-    x = (x - x.mean(0)) / x.std(0)  # the trainer's model units
+    x = checkerboard_model_units(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     solvers: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         "emd (POT, whole batch)": lambda a, b: assignment(a, b, "emd"),
@@ -401,10 +406,7 @@ def bench_ot(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     rows = []
     for n in args.ot_sizes:
-        problems = []
-        for _ in range(args.ot_reps):
-            a = x[torch.randint(0, len(x), (n,), generator=g)]
-            problems.append((a, torch.randn(n, 2, generator=g)))
+        problems = ot_batches(x, args.ot_reps, n, g)
         exact = [transport_cost(a, b[assignment(a, b, "emd")]) for a, b in problems]
         for name, solve in solvers.items():
             if name.startswith("lsa (") and n > 2048:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from iterflow.core.denormals import flush_denormals
+from iterflow.data import get_dataset
 from iterflow.io import atomic_write_bytes
 
 #: Subnormal floats are flushed to zero in every benchmark process, from its start, so that PyTorch's
@@ -40,6 +41,25 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def checkerboard_model_units(seed: int) -> torch.Tensor:
+    """The checkerboard's training split (50,000 rows) standardised, as the trainer sees it: the
+    data of the minibatch-OT benchmarks."""
+    x = get_dataset("checkerboard").splits(50_000, 10, 10, seed).train
+    return (x - x.mean(0)) / x.std(0)
+
+
+def ot_batches(
+    x: torch.Tensor, count: int, n: int, g: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` minibatch-OT problems: ``n`` rows of ``x`` drawn with replacement and as many
+    Gaussian noise rows, drawn in that order from ``g``."""
+    out = []
+    for _ in range(count):
+        a = x[torch.randint(0, len(x), (n,), generator=g)]
+        out.append((a, torch.randn(n, x.shape[1], generator=g, dtype=x.dtype)))
+    return out
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
