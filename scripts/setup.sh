@@ -13,8 +13,9 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" || "$VENV/bin/python" -m pip install -q "torch>=2.2"
-# dev: tests and linters; docs: the site that tests/test_docs.py builds; tensorboard: --tensorboard.
-"$VENV/bin/python" -m pip install -q -e ".[dev,docs,tensorboard]"
+# dev: tests and linters; docs: the site that tests/test_docs.py builds; tensorboard: --tensorboard;
+# fast: numba, for the compiled minibatch-OT pairing.
+"$VENV/bin/python" -m pip install -q -e ".[dev,docs,tensorboard,fast]"
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package where we may install it (optional:
 # tests fall back to scikit-learn's bundled 8x8 digits).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

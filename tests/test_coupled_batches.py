@@ -55,8 +55,14 @@ def test_windows_reject_bad_arguments_and_leave_small_batches() -> None:
         resolve_windows(a, b, perm, rounds=-1)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize(("dim", "bound"), [(2, 1.15), (3, 1.5)])  # chunks resolve 2-D best
-def test_auto_is_closer_to_exact_than_refinement_alone(dim: int, bound: float) -> None:
+def test_auto_is_closer_to_exact_than_refinement_alone(
+    dim: int, bound: float, compiled: bool, monkeypatch
+) -> None:
+    from iterflow.core import couplings
+
+    monkeypatch.setattr(couplings, "USE_COMPILED", compiled)  # 2-D: compiled where numba is
     g = torch.Generator().manual_seed(10 + dim)
     a = torch.rand(768, dim, generator=g) * 4 - 2
     b = torch.randn(768, dim, generator=g)
@@ -199,9 +205,17 @@ def test_auto_stages_follow_the_dimension_and_the_batch() -> None:
     assert auto_stages(3, 1024)[1] == AUTO_WINDOWS > 0  # windows above two columns
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("n", [300, 1024, 2048])
-def test_auto_stays_within_a_tenth_of_the_exact_cost_in_2d(n: int) -> None:
+def test_auto_stays_within_a_tenth_of_the_exact_cost_in_2d(
+    n: int, compiled: bool, monkeypatch
+) -> None:
+    from iterflow.core import couplings
     from iterflow.data import get_dataset
+
+    if compiled and not couplings.compiled_pairing(2):
+        pytest.skip("numba is not installed (the compiled pairing)")
+    monkeypatch.setattr(couplings, "USE_COMPILED", compiled)  # False: the NumPy pairing
 
     x = get_dataset("checkerboard").splits(n, 10, 10, n).train.double()
     a = (x - x.mean(0)) / x.std(0)  # the trainer's units

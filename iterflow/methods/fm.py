@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from iterflow.core.conditioning import bound_rows
 from iterflow.core.coupled_batches import CoupledBatches
-from iterflow.core.couplings import COUPLINGS, OT_SOLVERS, couple
+from iterflow.core.couplings import COUPLINGS, OT_SOLVERS, compiled_pairing, couple
 from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Flow
 from iterflow.core.guidance import LABEL_KEY
@@ -91,9 +92,10 @@ class FMOptions(TimeOptions):
             ``ot_solver=auto`` the whole batch up to 128 rows and chunks of about 48 rows above).
         ot_solver: ``auto``, ``emd`` (POT) or ``lsa`` (scipy); every (chunk's) solve is exact.
             ``auto`` (see :func:`iterflow.core.couplings.ot_permutation`) costs a few ms per 1,024 rows
-            and pairs within about 1.07x the exact whole-batch transport cost on 2-D data at
-            256-2,048 rows; ``emd`` on the whole batch costs ~0.1 s at 1,024 rows and grows
-            cubically.
+            (1-2 ms compiled, with numba, in one or two dimensions:
+            :func:`iterflow.core.couplings.compiled_pairing`) and pairs within about 1.07x the
+            exact whole-batch transport cost on 2-D data at 256-2,048 rows; ``emd`` on the whole
+            batch costs ~0.1 s at 1,024 rows and grows cubically.
         ot_refine: local improvement passes after a chunked OT solve (each lowers the transport cost
             toward the whole-batch optimum; see :func:`iterflow.core.couplings.refine_assignment`;
             0 with ``auto``: its default, :func:`iterflow.core.couplings.auto_stages`).
@@ -116,6 +118,22 @@ class FMOptions(TimeOptions):
         check_positive(self.ot_refine, "ot_refine", integer=True, allow_zero=True)
         check_positive(self.sigma, "sigma", allow_zero=True)
         super().__post_init__()
+
+
+def inline_pairing(options: FMOptions, particles: Tensor) -> bool:
+    """Whether the OT pairing of a run on ``particles`` is better done in line, before each step,
+    than in a background thread: on the CPU with the compiled pairing (``ot_solver=auto`` with its
+    own chunks and passes, rows of at most two numbers, numba installed). There the background
+    thread would cost the step one of its threads for a pairing that takes a fraction of the step
+    (``benchmarks/bench_speed.py``'s OT row measures the result against independent pairs)."""
+    dim = math.prod(particles.shape[1:])
+    return (
+        particles.device.type == "cpu"
+        and options.ot_solver == "auto"
+        and options.ot_chunk == 0
+        and options.ot_refine == 0
+        and compiled_pairing(dim)
+    )
 
 
 def flow_matching_loss(
@@ -190,8 +208,10 @@ class FlowMatching(Method):
     def stage_data(
         self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator
     ) -> StageData:
-        """The particles; with the ``ot`` coupling a source of pairs coupled one step ahead in a
-        background thread (:class:`~iterflow.core.coupled_batches.CoupledBatches`)."""
+        """The particles; with the ``ot`` coupling a source of coupled pairs
+        (:class:`~iterflow.core.coupled_batches.CoupledBatches`): one step ahead in a background
+        thread, or, where the compiled pairing serves a CPU run (:func:`inline_pairing`), in line
+        before each step, which then keeps all of PyTorch's threads."""
         o: FMOptions = self.options  # type: ignore[assignment]
         if o.coupling != "ot":
             self._batches = None
@@ -203,7 +223,8 @@ class FlowMatching(Method):
                 x0, x1, "ot", chunk=o.ot_chunk, ot_solver=o.ot_solver, refine=o.ot_refine
             )[1]
 
-        self._batches = CoupledBatches(particles, pair, seed)
+        ahead = False if inline_pairing(o, particles) else None
+        self._batches = CoupledBatches(particles, pair, seed, ahead=ahead)
         self._paired = dataclasses.replace(o, coupling="independent")  # the loss of such pairs
         return self._batches
 
