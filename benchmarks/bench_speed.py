@@ -12,7 +12,9 @@ What it measures (all on the same network: 3 hidden layers of 256, SiLU, input `
    contender alike (the median over rounds is reported):
    * iterflow's trainer (``iterflow.train.train``; includes its EMA, gradient clipping, learning-rate
      schedule and logging) with its defaults (``autocast=auto``) and with ``autocast=none``;
-     couplings ``independent``, ``ot`` with ``ot_solver=auto`` and exact whole-batch ``ot_solver=emd``;
+     couplings ``independent``, ``ot`` with ``ot_solver=auto`` (the compiled pairing in line where
+     numba is installed, and the NumPy pairing in a background thread, as without it) and exact
+     whole-batch ``ot_solver=emd``;
    * torchcfm 1.0.7: ``ConditionalFlowMatcher`` and ``ExactOptimalTransportConditionalFlowMatcher``;
    * Meta's flow_matching 1.0.10: ``AffineProbPath(CondOTScheduler())``, independent and with an exact
      POT assignment of each batch (the library has no OT coupling of its own).
@@ -89,6 +91,7 @@ from speed_likelihood import (  # noqa: E402
 )
 from speed_likelihood import load as likelihood_load  # noqa: E402
 
+from iterflow.core import couplings  # noqa: E402
 from iterflow.core.allocator import SETTINGS as ALLOCATOR_SETTINGS  # noqa: E402
 from iterflow.core.couplings import (
     assignment,
@@ -227,7 +230,8 @@ def iterflow_run(
 
 
 #: The training contenders: name -> (how to build its loop, coupling, library, extra environment).
-#: ``("iterflow", options, autocast)`` is :func:`iterflow_run`, ``("library", kind)`` is
+#: ``("iterflow", options, autocast[, "numpy-pairing"])`` is :func:`iterflow_run` (the last: with
+#: the NumPy OT pairing, as without numba), ``("library", kind)`` is
 #: :func:`library_loop`. The last row gives a library loop the allocator settings of
 #: :mod:`iterflow.core.allocator` (``ITERFLOW_MALLOC_TUNING=1``) through glibc's environment.
 TRAIN_CONTENDERS: dict[str, tuple[tuple[Any, ...], str, str, dict[str, str]]] = {
@@ -241,6 +245,12 @@ TRAIN_CONTENDERS: dict[str, tuple[tuple[Any, ...], str, str, dict[str, str]]] = 
         {},
     ),
     "iterflow ot (auto)": (("iterflow", {"coupling": "ot"}, "auto"), "ot", "iterflow", {}),
+    "iterflow ot (auto, NumPy pairing)": (
+        ("iterflow", {"coupling": "ot"}, "auto", "numpy-pairing"),
+        "ot",
+        "iterflow",
+        {},
+    ),
     "iterflow ot (emd, whole batch)": (
         ("iterflow", {"coupling": "ot", "ot_solver": "emd"}, "auto"),
         "ot (exact)",
@@ -280,7 +290,18 @@ def contender_loop(
 ) -> Callable[[int], float]:
     """The timed loop of one :data:`TRAIN_CONTENDERS` entry's build spec."""
     if spec[0] == "iterflow":
-        return iterflow_run(dict(spec[1]), spec[2], device, seed)
+        run = iterflow_run(dict(spec[1]), spec[2], device, seed)
+        if spec[3:] != ("numpy-pairing",) and spec[3:] != ["numpy-pairing"]:
+            return run
+
+        def numpy_pairing(steps: int) -> float:  # as without numba: in a background thread
+            couplings.USE_COMPILED = False
+            try:
+                return run(steps)
+            finally:
+                couplings.USE_COMPILED = True
+
+        return numpy_pairing
     data = get_dataset("checkerboard").splits(100_000, 10, 10, seed).train.to(device)
     return library_loop(spec[1], data, seed)
 
@@ -392,6 +413,16 @@ def combine_runs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, floa
 # ------------------------------------------------------------------------------------------------
 
 
+def numpy_auto(a: Tensor, b: Tensor) -> Tensor:
+    """``ot_permutation(a, b)`` as it runs without numba: the NumPy pairing (the default with
+    numba installed is the compiled one, :func:`iterflow.core.couplings.compiled_pairing`)."""
+    couplings.USE_COMPILED = False
+    try:
+        return ot_permutation(a, b)
+    finally:
+        couplings.USE_COMPILED = True
+
+
 def bench_ot(args: argparse.Namespace) -> list[dict[str, Any]]:
     x = checkerboard_model_units(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -401,6 +432,7 @@ def bench_ot(args: argparse.Namespace) -> list[dict[str, Any]]:
         "lsa, random chunks of 128": lambda a, b: chunked_assignment(a, b, 128, "lsa"),
         "lsa, random chunks of 64": lambda a, b: chunked_assignment(a, b, 64, "lsa"),
         "auto (iterflow default)": lambda a, b: ot_permutation(a, b),
+        "auto, NumPy pairing (without numba)": numpy_auto,
         "auto with 24 refinement passes": lambda a, b: ot_permutation(a, b, refine=24),
         "sinkhorn (POT, reg 0.05, sampled)": lambda a, b: sinkhorn_pairing(a, b, 0.05, g),
     }
@@ -738,6 +770,11 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     f">= {want:.1f}x", summary[key], summary[key] >= want)  # fmt: skip
         v = summary["iterflow_ot_auto_vs_own_independent"]
         add("training with minibatch OT vs independent pairs", ">= 0.8x", v, v >= 0.8)
+        key = "iterflow_ot_auto_vs_own_independent_paired"
+        if key in summary:
+            lo, hi = summary[key + "_min"], summary[key + "_max"]
+            add(f"  (paired per round: median; rounds {lo:.2f}-{hi:.2f}x)", ">= 0.8x",
+                summary[key], summary[key] >= 0.8)  # fmt: skip
     for r in result.get("ot", []):
         if r["batch"] == 1024 and r["solver"].startswith("auto (iterflow"):
             v = float(r["cost_vs_exact"])
@@ -911,6 +948,10 @@ def main() -> None:
             "iterflow_ot_auto_vs_own_independent": ours["iterflow ot (auto)"]
             / ours["iterflow (defaults)"],
         }
+        if "iterflow ot (auto, NumPy pairing)" in ours:
+            summary["iterflow_ot_numpy_pairing_vs_own_independent"] = (
+                ours["iterflow ot (auto, NumPy pairing)"] / ours["iterflow (defaults)"]
+            )
         plain = [r["rates"] for r in libs if "allocator" not in r["library"]]
         rates = {r["contender"]: r["rates"] for r in rows}
         for key, contender in (
@@ -920,6 +961,12 @@ def main() -> None:
             paired = paired_ratio(rates[contender], plain)
             summary[key] = paired["median"]
             summary[key + "_min"], summary[key + "_max"] = paired["min"], paired["max"]
+        if "iterflow ot (auto)" in rates:  # OT against its own independent step, round by round
+            paired = paired_ratio(rates["iterflow ot (auto)"], [rates["iterflow (defaults)"]])
+            key = "iterflow_ot_auto_vs_own_independent_paired"
+            summary[key], summary[key + "_min"], summary[key + "_max"] = (
+                paired["median"], paired["min"], paired["max"]
+            )  # fmt: skip
         tuned = [r["steps_per_s"] for r in libs if "allocator" in r["library"]]
         if tuned:
             summary["iterflow_fp32_vs_allocator_tuned_library"] = (

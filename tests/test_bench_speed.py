@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -124,10 +123,11 @@ def test_time_at_error_is_exact_on_a_power_law(like: ModuleType, seed: int) -> N
     errors = sorted((10 ** (-7 * torch.rand(5, generator=g, dtype=torch.float64))).tolist())
     curve = [(e, c * e**-k) for e in errors]
     curve = [curve[i] for i in torch.randperm(5, generator=g).tolist()]
-    for e in 10 ** torch.linspace(
-        math.log10(errors[0]), math.log10(errors[-1]), 13, dtype=torch.float64
-    ):
-        assert like.time_at_error(curve, float(e)) == pytest.approx(c * float(e) ** -k, rel=1e-9)
+    for t in torch.linspace(0, 1, 13, dtype=torch.float64).tolist():
+        # log-uniform between the ends, the ends exactly (10 ** log10(x) may round outside them)
+        e = errors[0] ** (1 - t) * errors[-1] ** t
+        e = min(max(e, errors[0]), errors[-1])
+        assert like.time_at_error(curve, e) == pytest.approx(c * e**-k, rel=1e-9)
     assert like.time_at_error(curve, errors[0] / 2) is None
     assert like.time_at_error(curve, errors[-1] * 2) is None
 
