@@ -1,4 +1,4 @@
-"""Minibatches of coupled pairs, each coupled one step ahead in a background thread.
+"""Minibatches of coupled pairs, each coupled one step ahead in a background thread or in line.
 
 A minibatch-OT coupling (:func:`iterflow.core.couplings.ot_permutation`) is host-side NumPy/SciPy
 work that does not depend on the network: the pairing of step ``k + 1`` can be computed while step
@@ -6,7 +6,11 @@ work that does not depend on the network: the pairing of step ``k + 1`` can be c
 (:data:`iterflow.train.loop.BatchSource`, a callable) that returns step ``k``'s pairs ``(x0, x1)``
 and starts step ``k + 1``'s in a worker thread. While it runs ahead, PyTorch gets one thread fewer
 (the coupling has a core of its own; two threads of PyTorch and the coupling on two cores slow each
-other down); :meth:`CoupledBatches.close` restores the count.
+other down); :meth:`CoupledBatches.close` restores the count. With ``ahead=False`` each step's pairs
+are made in line, on the step's own thread, and PyTorch keeps all its threads: flow matching's
+choice where the compiled pairing serves a CPU run (:func:`iterflow.methods.fm.inline_pairing`),
+which takes a fraction of a step, so a thread taken from the step would cost more than it saves
+(``benchmarks/bench_speed.py``'s OT rows: both designs, against independent pairs).
 
 Randomness. Step ``k``'s rows and noise come from a generator seeded with ``(seed, k)`` alone, so
 pairs do not depend on the timing of the threads, a resumed stage (:meth:`CoupledBatches.start_at`)

@@ -14,8 +14,12 @@ up to :data:`AUTO_EXACT_MAX` rows exactly and larger ones on spatially stratifie
 :data:`AUTO_CHUNK` rows, followed by 2-opt passes and, above two dimensions, rounds of exact
 re-assignment within windows of neighbouring pairs (:func:`resolve_windows`; the numbers:
 :func:`auto_stages`): linear in the batch size, within about 1.1x the exact transport cost on
-2-D data at 1,024 rows. Flow matching computes the pairing of the next minibatch in a background
-thread while the current step trains (:class:`iterflow.core.coupled_batches.CoupledBatches`).
+2-D data at 1,024 rows. Rows of one or two numbers go, where numba is installed, to a compiled
+pairing of the same kind (:mod:`iterflow.core.ot_compiled`, :func:`compiled_pairing`: exact
+stratified chunks and 2-opt to a local optimum; exact sorting in one column), which flow matching on
+the CPU runs in line before each step; otherwise flow matching computes the pairing of the next
+minibatch in a background thread while the current step trains
+(:class:`iterflow.core.coupled_batches.CoupledBatches`).
 ``benchmarks/bench_speed.py`` measures the time and the quality (transport cost relative to the exact
 whole-batch assignment) of every choice.
 """
@@ -399,8 +403,8 @@ def compiled_pairing(dim: int) -> bool:
     """Whether ``ot_solver="auto"`` (its own chunk size and passes) pairs batches of more than
     :data:`AUTO_EXACT_MAX` rows of ``dim`` numbers with the compiled pairing: rows of one or two
     numbers, with numba installed (``pip install iterflow[fast]``) and :data:`USE_COMPILED`. In one
-    column it is the exact (sorted) pairing; in two, ``benchmarks/bench_ot_knobs.py`` measures it at
-    2.5-3.6x the NumPy pairing's speed and the same or a lower transport cost."""
+    column it is the exact (sorted) pairing; in two, ``benchmarks/bench_ot_compiled.py`` times both
+    and their transport costs on five data sets."""
     return dim <= AUTO_LOW_DIM and USE_COMPILED and _compiled_available()
 
 

@@ -5,7 +5,7 @@ NumPy pairing (:func:`iterflow.core.couplings.auto_pairing_np`: some 600 small a
 batch of 1,024) either runs beside the step in a background thread, which takes one of the step's
 two threads, or adds its time to the step's. Compiled into one call that holds no interpreter lock,
 the pairing takes a fraction of the step, so the trainer runs it in line and keeps both threads for
-the step (:class:`iterflow.core.coupled_batches.CoupledBatches`). ``benchmarks/bench_ot_knobs.py``
+the step (:class:`iterflow.core.coupled_batches.CoupledBatches`). ``benchmarks/bench_ot_compiled.py``
 and ``bench_speed.py`` time both implementations and report their transport costs against the exact
 assignment; ``pip install iterflow[fast]`` (``make setup`` does) brings numba in. Without it the
 functions below run as plain Python (correct, slow: the tests compare the two), and
@@ -51,7 +51,7 @@ GOLDEN = (3 - math.sqrt(5)) / 2
 #: eight Gaussians, rings and a uniform square against Gaussian noise at 300-2,048 rows these gave
 #: the lowest worst-case transport cost of the settings tried (chunks of 24-48 rows, 1-1.5 points a
 #: cell), lower than the NumPy pairing's on every one; smaller chunks lose the large-scale structure
-#: that the 2-opt stage cannot restore (``benchmarks/bench_ot_knobs.py`` prints both pairings).
+#: that the 2-opt stage cannot restore (``benchmarks/bench_ot_compiled.py`` prints the sweep).
 CHUNK = 48
 PER_CELL = 1.5
 
