@@ -250,6 +250,39 @@ def rank_cells(x: np.ndarray, y: np.ndarray, g: int) -> tuple[np.ndarray, np.nda
 
 
 @_jit
+def _swap(
+    i: int,
+    j: int,
+    r: int,
+    q: np.ndarray,
+    inv: np.ndarray,
+    px: np.ndarray,
+    py: np.ndarray,
+    bx: np.ndarray,
+    by: np.ndarray,
+    work: np.ndarray,
+    queued: np.ndarray,
+    head: int,
+    size: int,
+) -> int:
+    """:func:`two_opt`'s move: row ``i`` takes row ``j``'s partner ``r`` and ``j`` takes ``i``'s;
+    both rows join the queue ``work`` (a ring from ``head``) unless there; returns its new size."""
+    qi = q[i]
+    q[i] = r
+    q[j] = qi
+    inv[r] = i
+    inv[qi] = j
+    px[j], py[j], px[i], py[i] = px[i], py[i], bx[r], by[r]
+    n = q.shape[0]
+    for m in (i, j):
+        if not queued[m]:
+            work[(head + size) % n] = m
+            size += 1
+            queued[m] = True
+    return size
+
+
+@_jit
 def two_opt(a: np.ndarray, b: np.ndarray, perm: np.ndarray, per: float) -> np.ndarray:
     """Stage 2: improving 2-opt swaps until none of the candidates helps (returns a new
     permutation; the cost never increases). Works on the rows relabelled in cell order, the
@@ -299,36 +332,16 @@ def two_opt(a: np.ndarray, b: np.ndarray, perm: np.ndarray, per: float) -> np.nd
         for ux in range(max(acx[i] - 1, 0), min(acx[i] + 2, g)):
             for j in range(ast[ux * g + y0], ast[ux * g + y1]):  # rows near row i
                 if (xi - ax[j]) * (pxi - px[j]) + (yi - ay[j]) * (pyi - py[j]) < 0:
-                    qi = q[i]
-                    q[i] = q[j]
-                    q[j] = qi
-                    inv[q[i]] = i
-                    inv[qi] = j
-                    px[i], py[i], px[j], py[j] = px[j], py[j], pxi, pyi
+                    size = _swap(i, j, q[j], q, inv, px, py, bx, by, work, queued, head, size)
                     pxi, pyi = px[i], py[i]
-                    for m in (i, j):
-                        if not queued[m]:
-                            work[(head + size) % n] = m
-                            size += 1
-                            queued[m] = True
         t0 = q[i]
         y0, y1 = max(bcy[t0] - 1, 0), min(bcy[t0] + 2, g)
         for ux in range(max(bcx[t0] - 1, 0), min(bcx[t0] + 2, g)):
             for r in range(bst[ux * g + y0], bst[ux * g + y1]):  # partners near i's partner
                 j = inv[r]
                 if (xi - ax[j]) * (pxi - bx[r]) + (yi - ay[j]) * (pyi - by[r]) < 0:
-                    qi = q[i]
-                    q[i] = r
-                    q[j] = qi
-                    inv[r] = i
-                    inv[qi] = j
-                    px[j], py[j], px[i], py[i] = pxi, pyi, bx[r], by[r]
+                    size = _swap(i, j, r, q, inv, px, py, bx, by, work, queued, head, size)
                     pxi, pyi = px[i], py[i]
-                    for m in (i, j):
-                        if not queued[m]:
-                            work[(head + size) % n] = m
-                            size += 1
-                            queued[m] = True
     out = np.empty(n, np.int64)
     for s in range(n):
         out[aord[s]] = bord[q[s]]
