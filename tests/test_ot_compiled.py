@@ -117,6 +117,7 @@ def test_ot_permutation_uses_the_compiled_pairing_in_two_columns(monkeypatch) ->
     assert np.array_equal(couplings.ot_permutation(a, b).numpy(), want)
     # its own knobs, three columns or USE_COMPILED=False: the NumPy pairing
     assert couplings.compiled_pairing(2) and not couplings.compiled_pairing(3)
+    assert not couplings.compiled_pairing(2, "emd") and not couplings.compiled_pairing(2, chunk=32)
     np_perm = couplings.auto_pairing_np(couplings._numpy(a), couplings._numpy(b), 48, 4)
     assert np.array_equal(couplings.ot_permutation(a, b, refine=4).numpy(), np_perm)
     monkeypatch.setattr(couplings, "USE_COMPILED", False)

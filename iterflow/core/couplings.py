@@ -382,7 +382,7 @@ def ot_permutation(
         size = min(chunk or n, n)
         perm = chunked_assignment(x0, x1, size, solver)
         return refine_assignment(x0, x1, perm, refine) if size < n else perm
-    if chunk == 0 and refine == 0 and n > AUTO_EXACT_MAX and compiled_pairing(_flat(x0).shape[1]):
+    if n > AUTO_EXACT_MAX and compiled_pairing(_flat(x0).shape[1], solver, chunk, refine):
         from iterflow.core import ot_compiled
 
         p = ot_compiled.pair(_numpy(x0), _numpy(x1), _frames(2, 1)[0])
@@ -399,13 +399,15 @@ def ot_permutation(
 USE_COMPILED = True
 
 
-def compiled_pairing(dim: int) -> bool:
-    """Whether ``ot_solver="auto"`` (its own chunk size and passes) pairs batches of more than
-    :data:`AUTO_EXACT_MAX` rows of ``dim`` numbers with the compiled pairing: rows of one or two
-    numbers, with numba installed (``pip install iterflow[fast]``) and :data:`USE_COMPILED`. In one
-    column it is the exact (sorted) pairing; in two, ``benchmarks/bench_ot_compiled.py`` times both
-    and their transport costs on five data sets."""
-    return dim <= AUTO_LOW_DIM and USE_COMPILED and _compiled_available()
+def compiled_pairing(dim: int, solver: str = "auto", chunk: int = 0, refine: int = 0) -> bool:
+    """Whether :func:`ot_permutation` with these ``solver``, ``chunk`` and ``refine`` pairs batches
+    of more than :data:`AUTO_EXACT_MAX` rows of ``dim`` numbers with the compiled pairing: ``auto``
+    with its own chunk size and passes, rows of one or two numbers, numba installed (``pip install
+    iterflow[fast]``) and :data:`USE_COMPILED`. In one column it is the exact (sorted) pairing; in
+    two, ``benchmarks/bench_ot_compiled.py`` times both and their transport costs on five data
+    sets."""
+    knobs = solver == "auto" and chunk == 0 and refine == 0
+    return knobs and dim <= AUTO_LOW_DIM and USE_COMPILED and _compiled_available()
 
 
 @functools.lru_cache(maxsize=1)

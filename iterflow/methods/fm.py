@@ -127,12 +127,9 @@ def inline_pairing(options: FMOptions, particles: Tensor) -> bool:
     thread would cost the step one of its threads for a pairing that takes a fraction of the step
     (``benchmarks/bench_speed.py``'s OT row measures the result against independent pairs)."""
     dim = math.prod(particles.shape[1:])
-    return (
-        particles.device.type == "cpu"
-        and options.ot_solver == "auto"
-        and options.ot_chunk == 0
-        and options.ot_refine == 0
-        and compiled_pairing(dim)
+    o = options
+    return particles.device.type == "cpu" and compiled_pairing(
+        dim, o.ot_solver, o.ot_chunk, o.ot_refine
     )
 
 
