@@ -61,7 +61,7 @@ def settings() -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
     frame = C._frames(2, 1)[0]
 
     def compiled(chunk: int, per: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        return lambda a, b: O.two_opt(a, b, O.stratified(a, b, chunk, frame), per)
+        return lambda a, b: O.pair(a, b, frame, chunk, per)
 
     out = {"NumPy pairing (default without numba)": lambda a, b: C.auto_pairing_np(
         a, b, C.auto_chunk(len(a)))}  # fmt: skip

@@ -54,6 +54,7 @@ a CPU build of torch (see ``pyproject.toml``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -63,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -291,17 +292,14 @@ def contender_loop(
     """The timed loop of one :data:`TRAIN_CONTENDERS` entry's build spec."""
     if spec[0] == "iterflow":
         run = iterflow_run(dict(spec[1]), spec[2], device, seed)
-        if spec[3:] != ("numpy-pairing",) and spec[3:] != ["numpy-pairing"]:
+        if "numpy-pairing" not in spec[3:]:
             return run
 
-        def numpy_pairing(steps: int) -> float:  # as without numba: in a background thread
-            couplings.USE_COMPILED = False
-            try:
+        def with_numpy_pairing(steps: int) -> float:  # as without numba: in a background thread
+            with numpy_pairing():
                 return run(steps)
-            finally:
-                couplings.USE_COMPILED = True
 
-        return numpy_pairing
+        return with_numpy_pairing
     data = get_dataset("checkerboard").splits(100_000, 10, 10, seed).train.to(device)
     return library_loop(spec[1], data, seed)
 
@@ -413,14 +411,21 @@ def combine_runs(paths: list[str]) -> tuple[list[dict[str, Any]], dict[str, floa
 # ------------------------------------------------------------------------------------------------
 
 
-def numpy_auto(a: Tensor, b: Tensor) -> Tensor:
-    """``ot_permutation(a, b)`` as it runs without numba: the NumPy pairing (the default with
+@contextlib.contextmanager
+def numpy_pairing() -> Iterator[None]:
+    """Within it, ``ot_solver="auto"`` runs as without numba: the NumPy pairing (the default with
     numba installed is the compiled one, :func:`iterflow.core.couplings.compiled_pairing`)."""
     couplings.USE_COMPILED = False
     try:
-        return ot_permutation(a, b)
+        yield
     finally:
         couplings.USE_COMPILED = True
+
+
+def numpy_auto(a: Tensor, b: Tensor) -> Tensor:
+    """``ot_permutation(a, b)`` with the NumPy pairing (:func:`numpy_pairing`)."""
+    with numpy_pairing():
+        return ot_permutation(a, b)
 
 
 def bench_ot(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -359,12 +359,19 @@ def sorted_pairing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return perm
 
 
-def pair(a: np.ndarray, b: np.ndarray, frame: np.ndarray) -> np.ndarray:
+def pair(
+    a: np.ndarray,
+    b: np.ndarray,
+    frame: np.ndarray,
+    chunk: int = CHUNK,
+    per: float = PER_CELL,
+) -> np.ndarray:
     """The compiled ``auto`` pairing of ``(n, D)`` float64 rows, ``D`` 1 or 2 (``frame``: the
-    stratification's ``(2, 2)`` projections): exact in one column, stages 1 and 2 in two."""
+    stratification's ``(2, 2)`` projections): exact in one column, stages 1 and 2 in two (chunks of
+    about ``chunk`` rows, ``per`` points a grid cell; ``bench_ot_compiled.py`` sweeps both)."""
     a = np.ascontiguousarray(a, dtype=np.float64)
     b = np.ascontiguousarray(b, dtype=np.float64)
     if a.shape[1] == 1:
         return sorted_pairing(a, b)  # type: ignore[no-any-return]
-    first = stratified(a, b, CHUNK, np.ascontiguousarray(frame, dtype=np.float64))
-    return two_opt(a, b, first, PER_CELL)  # type: ignore[no-any-return]
+    first = stratified(a, b, chunk, np.ascontiguousarray(frame, dtype=np.float64))
+    return two_opt(a, b, first, per)  # type: ignore[no-any-return]
