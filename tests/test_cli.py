@@ -329,6 +329,25 @@ def test_cli_and_python_configs_hash_alike_and_resume_each_other(
             assert torch.equal(p, q), run
 
 
+def test_cli_resume_in_another_environment_warns_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from iterflow.train import train
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cross_config(), tmp_path / "run", stop_after_steps=15)
+    progress = tmp_path / "run" / "progress.json"
+    saved = json.loads(progress.read_text())
+    saved["environment"]["torch"] = "1.0.0"  # as if checkpointed by another PyTorch
+    progress.write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert main(["train", *CROSS_FLAGS, "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "warning" in ln]
+    assert line.startswith("iterflow: warning (ResumeWarning): resuming from step 10 of stage 0")
+    assert "torch '1.0.0' then" in line and "Traceback" not in err
+
+
 def test_info_reads_the_manifest_of_other_kinds(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

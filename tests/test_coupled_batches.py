@@ -3,14 +3,19 @@ re-assignment of the ``auto`` solver (``iterflow.core.couplings.resolve_windows`
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from iterflow.core import couplings
 from iterflow.core.coupled_batches import CoupledBatches, step_seed
 from iterflow.core.couplings import (
+    _compiled_available,
     assignment,
     chunked_assignment,
     ot_permutation,
@@ -19,7 +24,8 @@ from iterflow.core.couplings import (
     transport_cost,
 )
 from iterflow.errors import InputError
-from iterflow.train import TrainConfig, train
+from iterflow.train import ResumeWarning, TrainConfig, train
+from iterflow.train.loop import run_environment, warn_environment
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor) -> float:
@@ -106,12 +112,63 @@ def test_fm_with_ot_resumes_bit_for_bit(tmp_path) -> None:
     whole = train(cfg, tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", stop_after_steps=15)
-    resumed = train(cfg, tmp_path / "cut")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)  # the same environment: no warning
+        resumed = train(cfg, tmp_path / "cut")
     for p, q in zip(whole.flow.parameters(), resumed.flow.parameters()):
         assert torch.equal(p, q)
     rec = resumed.history[0]  # the stage's seconds count the optimisation before the resumption
     assert rec["seconds_before_resume"] > 0
     assert rec["seconds"] >= rec["seconds_optimize"] >= rec["seconds_before_resume"]
+
+
+def _cut_run(tmp_path, blocks: int = 1, stop: int = 15) -> tuple[TrainConfig, Path]:
+    """A 2-D run with the OT coupling cut after ``stop`` steps: flow matching (one block), or local
+    flow matching whose last of ``blocks`` blocks is coupled by OT."""
+    method, options = ("fm", {"coupling": "ot"}) if blocks == 1 else ("local-fm", {
+        "final_coupling": "ot", "hs": [0.5] * (blocks - 1)})  # fmt: skip
+    cfg = TrainConfig(
+        method=method, data="moons", steps=20, batch_size=256, hidden=(8,), n_train=1000,
+        n_val=100, n_test=100, checkpoint_every=10, blocks=blocks, options=options,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", stop_after_steps=stop)
+    return cfg, tmp_path / "cut"
+
+
+def test_a_resume_in_another_environment_is_warned(tmp_path) -> None:
+    cfg, out = _cut_run(tmp_path)
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["environment"]["torch"] == torch.__version__
+    assert progress["environment"]["ot_pairing"] in ("compiled", "numpy")
+    progress["environment"]["torch"] = "1.0.0"  # as if saved by another PyTorch
+    (out / "progress.json").write_text(json.dumps(progress))
+    with pytest.warns(ResumeWarning, match=r"step 10 of stage 0.*torch '1\.0\.0' then"):
+        result = train(cfg, out)
+    assert result.history[0]["steps"] == 20  # it still finishes
+
+
+@pytest.mark.skipif(not _compiled_available(), reason="needs numba (the compiled pairing)")
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_a_resume_with_the_other_ot_pairing_is_warned(tmp_path, monkeypatch, blocks) -> None:
+    # blocks=2: cut in the second (OT) stage, so the finished first stage is warned about too
+    cfg, out = _cut_run(tmp_path, blocks, stop=15 + 20 * (blocks - 1))
+    monkeypatch.setattr(couplings, "USE_COMPILED", False)  # numba gone since the run was saved
+    with pytest.warns(ResumeWarning) as caught:
+        train(cfg, out)
+    said = [str(w.message) for w in caught if w.category is ResumeWarning]
+    pairing = "ot_pairing 'compiled' then, 'numpy' now"
+    assert any(pairing in m and f"of stage {blocks - 1}" in m for m in said)
+    assert any(pairing in m and "finished stages" in m for m in said) == (blocks == 2)
+
+
+def test_environment_warnings_compare_only_what_was_recorded() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        warn_environment(None, run_environment(), "an older folder")  # nothing recorded
+        warn_environment({"torch": torch.__version__}, run_environment({"ot_pairing": "x"}), "a")
+    with pytest.warns(ResumeWarning, match="ot_pairing 'numpy' then, 'compiled' now"):
+        warn_environment({"ot_pairing": "numpy"}, {"ot_pairing": "compiled"}, "here")
 
 
 @pytest.mark.parametrize(

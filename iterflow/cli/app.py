@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -418,14 +419,21 @@ for _module in (images, reflow, score, transport, worst_case):
     FOLDER_KINDS.update(_module.FOLDER_KINDS)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"iterflow: warning ({category.__name__}): {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to exit codes (usage errors exit 2 via typer).
 
     Subnormal floats are flushed to zero first, before PyTorch starts its worker threads, so that
-    they inherit it (:mod:`iterflow.core.denormals`; ``ITERFLOW_FLUSH_DENORMALS=0`` turns it off)."""
+    they inherit it (:mod:`iterflow.core.denormals`; ``ITERFLOW_FLUSH_DENORMALS=0`` turns it off).
+    The library's warnings (such as :class:`~iterflow.train.ResumeWarning`) print as one line."""
     flush_denormals()
     try:
-        app(args=argv, prog_name="iterflow", standalone_mode=True)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            app(args=argv, prog_name="iterflow", standalone_mode=True)
     except SystemExit as e:
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)

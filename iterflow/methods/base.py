@@ -162,6 +162,12 @@ class Method(ABC):
             or cls.conditioned_stage_data is not Method.conditioned_stage_data
         )
 
+    def environment(self) -> dict[str, str]:
+        """What besides the saved state and PyTorch's version decides this method's steps (names to
+        short strings; default: nothing). A run resumed where it differs is warned that it will not
+        repeat the interrupted run bit for bit (:class:`iterflow.train.ResumeWarning`)."""
+        return {}
+
     def start_at(self, step: int) -> None:
         """Called before a stage's first step with the step it starts from (0, or the checkpoint's
         step after a resume); methods whose state depends on the step restore it here."""

@@ -37,7 +37,7 @@ from iterflow.core.flow import Flow
 from iterflow.core.paths import INTERPOLANTS
 from iterflow.errors import check_positive, fail
 from iterflow.methods.base import Loss, Method
-from iterflow.methods.fm import FMOptions, TimeOptions, flow_matching_loss
+from iterflow.methods.fm import FMOptions, TimeOptions, flow_matching_loss, pairing_environment
 
 KL_MAX_DIM = 10  # the nearest-neighbour KL estimate is reported up to this dimension
 MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # kernel widths in units of sqrt(2 d) (normal_bandwidths)
@@ -201,6 +201,11 @@ class LocalFlowMatching(Method):
             )
         self._ou = options.fm_options()
         self._final = options.fm_options(options.final_coupling)
+
+    def environment(self) -> dict[str, str]:
+        """The final block's OT pairing implementation where it is coupled by ``ot``
+        (:func:`iterflow.methods.fm.pairing_environment`)."""
+        return pairing_environment(self._final, self.event_shape) if self.options.final_block else {}
 
     def is_final(self, index: int) -> bool:
         """Whether block ``index`` (0-based) is the final block, carrying particles to N(0, I)."""

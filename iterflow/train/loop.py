@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,12 +150,26 @@ class Checkpoint:
 
     ``log`` (optional) is the folder's ``log.jsonl``: rows are appended at each checkpoint, and rows
     written after the checkpoint a run resumes from are dropped.
+
+    ``environment`` names what besides the saved state decides the steps that follow (PyTorch's
+    version is always added; :meth:`iterflow.methods.Method.environment` adds a method's own, such
+    as the OT pairing's implementation). It is saved with each checkpoint; a run resumed where it
+    differs continues correctly but not bit for bit as the interrupted run would have, and
+    :meth:`load` says so with a :class:`ResumeWarning`.
     """
 
-    def __init__(self, folder: str | Path, key: str | int, *, write: bool = True) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        key: str | int,
+        *,
+        write: bool = True,
+        environment: dict[str, str] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.key = key
         self.write = write  # False on the non-main ranks of a data-parallel job
+        self.environment = run_environment(environment)
         self.tensors = self.folder / "progress.safetensors"
         self.meta = self.folder / "progress.json"
         self.log = self.folder / "log.jsonl"
@@ -200,7 +215,7 @@ class Checkpoint:
         save_json(
             self.meta,
             {"stage": self.key, "step": state.step, "seconds": seconds,
-             "param_groups": opt["param_groups"]},
+             "param_groups": opt["param_groups"], "environment": self.environment},
         )  # fmt: skip
 
     def load(self, state: _LoopState) -> tuple[int, float]:
@@ -228,7 +243,37 @@ class Checkpoint:
                 opt["state"].setdefault(int(pi), {})[name] = v
         state.opt.load_state_dict(opt)
         state.gen.set_state(t["generator"].cpu())
-        return int(pm["step"]), float(pm.get("seconds", 0.0))
+        step = int(pm["step"])
+        warn_environment(pm.get("environment"), self.environment, f"step {step} of stage {self.key}")
+        return step, float(pm.get("seconds", 0.0))
+
+
+class ResumeWarning(UserWarning):
+    """A run resumes where something that decides its steps differs from where it was saved (a
+    checkpoint, or a run folder's finished stages): it continues correctly, not bit for bit."""
+
+
+def run_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What besides the saved state decides a run's steps: PyTorch's version and ``extra`` (a
+    method's own, :meth:`iterflow.methods.Method.environment`)."""
+    return {"torch": torch.__version__, **(extra or {})}
+
+
+def warn_environment(saved: Any, now: dict[str, str], where: str) -> None:
+    """Warn (:class:`ResumeWarning`) when a run resumed at ``where`` was saved in another
+    ``environment`` (:func:`run_environment`); a record without one (an older folder) is taken as
+    the same."""
+    if not isinstance(saved, dict):
+        return
+    changed = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
+    if changed:
+        what = ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in sorted(changed.items()))
+        warnings.warn(
+            f"resuming from {where}, saved with another environment ({what}): the run continues "
+            "correctly, but not bit for bit as it would have where it was saved",
+            ResumeWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass

@@ -70,7 +70,14 @@ from iterflow.train.inputs import (
     labels_record,
     rebuild_velocity,
 )
-from iterflow.train.loop import Checkpoint, Reporter, SilentReporter, StepBudget
+from iterflow.train.loop import (
+    Checkpoint,
+    Reporter,
+    SilentReporter,
+    StepBudget,
+    run_environment,
+    warn_environment,
+)
 from iterflow.train.stages import (
     COND_REPORT_ROWS,
     PUSH_CHUNK,
@@ -225,6 +232,10 @@ def train_tensors(
             "history": [],
             "train_seconds": 0.0,
         }
+    environment = run_environment(method.environment())
+    if meta["stages_done"]:  # a resumed run: were its finished stages trained where it resumes?
+        warn_environment(meta.get("environment"), environment, f"the finished stages of {out}")
+    meta.setdefault("environment", environment)
     meta.setdefault("method_options", options_record(options))  # all of them, defaults included
     meta.setdefault("normalization", {"mode": cfg.standardize, "shape": list(shift.shape)})
     if data.num_classes:

@@ -172,7 +172,11 @@ def optimize_stage(
         data,
         cfg.optim_config(),
         generator=gen,
-        checkpoint=Checkpoint(run.path, k, write=ctx is None or ctx.is_main) if run else None,
+        checkpoint=Checkpoint(
+            run.path, k, write=ctx is None or ctx.is_main, environment=method.environment()
+        )
+        if run
+        else None,
         reporter=reporter,
         ctx=ctx,
         autocast=amp,
