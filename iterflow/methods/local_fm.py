@@ -205,7 +205,9 @@ class LocalFlowMatching(Method):
     def environment(self) -> dict[str, str]:
         """The final block's OT pairing implementation where it is coupled by ``ot``
         (:func:`iterflow.methods.fm.pairing_environment`)."""
-        return pairing_environment(self._final, self.event_shape) if self.options.final_block else {}
+        return (
+            pairing_environment(self._final, self.event_shape) if self.options.final_block else {}
+        )
 
     def is_final(self, index: int) -> bool:
         """Whether block ``index`` (0-based) is the final block, carrying particles to N(0, I)."""

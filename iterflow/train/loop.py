@@ -244,7 +244,9 @@ class Checkpoint:
         state.opt.load_state_dict(opt)
         state.gen.set_state(t["generator"].cpu())
         step = int(pm["step"])
-        warn_environment(pm.get("environment"), self.environment, f"step {step} of stage {self.key}")
+        warn_environment(
+            pm.get("environment"), self.environment, f"step {step} of stage {self.key}"
+        )
         return step, float(pm.get("seconds", 0.0))
 
 
