@@ -244,9 +244,10 @@ class Checkpoint:
         state.opt.load_state_dict(opt)
         state.gen.set_state(t["generator"].cpu())
         step = int(pm["step"])
-        warn_environment(
-            pm.get("environment"), self.environment, f"step {step} of stage {self.key}"
-        )
+        if self.write:  # one warning, from the process that writes (rank 0 of a data-parallel job)
+            warn_environment(
+                pm.get("environment"), self.environment, f"step {step} of stage {self.key}"
+            )
         return step, float(pm.get("seconds", 0.0))
 
 

@@ -233,7 +233,7 @@ def train_tensors(
             "train_seconds": 0.0,
         }
     environment = run_environment(method.environment())
-    if meta["stages_done"]:  # a resumed run: were its finished stages trained where it resumes?
+    if meta["stages_done"] and main:  # resumed: were its finished stages trained where it resumes?
         warn_environment(meta.get("environment"), environment, f"the finished stages of {out}")
     meta.setdefault("environment", environment)
     meta.setdefault("method_options", options_record(options))  # all of them, defaults included
