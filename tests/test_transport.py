@@ -7,6 +7,7 @@ Between ``N(m1, S1)`` and ``N(m2, S2)`` the optimal map is linear, ``T(x) = m2 +
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -27,10 +28,12 @@ from iterflow.apps.ot import (
     transport_cost,
 )
 from iterflow.apps.ot.transport import build_classifiers, build_transport_flow
+from iterflow.core import couplings
+from iterflow.core.couplings import _compiled_available
 from iterflow.data import GaussianMixture
 from iterflow.errors import InputError
 from iterflow.methods.transport import joint_loss, kl_classifier_loss, relaxed_ot_loss
-from iterflow.train import StepBudget
+from iterflow.train import ResumeWarning, StepBudget
 
 F64 = torch.float64
 M1, M2 = torch.tensor([0.0, 0.0], dtype=F64), torch.tensor([2.0, 1.0], dtype=F64)
@@ -271,6 +274,23 @@ def test_each_part_of_the_joint_step_gets_only_its_own_gradient() -> None:
 
 def _flow_state(res: object) -> dict[str, torch.Tensor]:
     return res.flow.state_dict()  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not _compiled_available(), reason="needs numba (the compiled pairing)")
+def test_a_fit_resumed_with_the_other_ot_pairing_is_warned(tmp_path: Path, monkeypatch) -> None:
+    """The init phase pairs 2-D batches of 256 on the whole batch (``ot_chunk=0``) with the compiled
+    pairing; resumed as if numba had gone since, the fit says so and still finishes."""
+    x, y = (v.double() for v in gaussian_samples(600, seed=2))
+    opts = dataclasses.replace(TINY, batch_size=256, ot_chunk=0)
+    run = {"generator": torch.Generator().manual_seed(0), "folder": tmp_path / "run",
+           "checkpoint_every": 3, "eval_points": 300}  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        fit_transport(x, y, opts, **run, budget=StepBudget(5))
+    monkeypatch.setattr(couplings, "USE_COMPILED", False)
+    run["generator"] = torch.Generator().manual_seed(0)
+    with pytest.warns(ResumeWarning, match="ot_pairing 'compiled' then, 'numpy' now"):
+        res = fit_transport(x, y, opts, **run)
+    assert [h["phase"] for h in res.history] == ["init", "refine"]
 
 
 @pytest.mark.parametrize("stops", [(5,), (14, 3), (19, 2, 4)])

@@ -410,6 +410,19 @@ def compiled_pairing(dim: int, solver: str = "auto", chunk: int = 0, refine: int
     return knobs and dim <= AUTO_LOW_DIM and USE_COMPILED and _compiled_available()
 
 
+def pairing_environment(
+    kind: str, dim: int, solver: str = "auto", chunk: int = 0, refine: int = 0
+) -> dict[str, str]:
+    """``{"ot_pairing": "compiled" | "numpy"}`` for the ``ot`` coupling (:func:`compiled_pairing`
+    with these arguments), else ``{}``: the part of a run's environment that decides its pairs
+    (the two implementations pair differently; :class:`iterflow.train.loop.Checkpoint` warns when a
+    run resumes with the other). Batches of up to :data:`AUTO_EXACT_MAX` rows are solved exactly by
+    either, so for them the record errs on the side of a warning."""
+    if kind != "ot":
+        return {}
+    return {"ot_pairing": "compiled" if compiled_pairing(dim, solver, chunk, refine) else "numpy"}
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_available() -> bool:
     try:

@@ -21,7 +21,13 @@ from torch import Tensor
 
 from iterflow.core.conditioning import bound_rows
 from iterflow.core.coupled_batches import CoupledBatches
-from iterflow.core.couplings import COUPLINGS, OT_SOLVERS, compiled_pairing, couple
+from iterflow.core.couplings import (
+    COUPLINGS,
+    OT_SOLVERS,
+    compiled_pairing,
+    couple,
+    pairing_environment,
+)
 from iterflow.core.distributed import local_rows
 from iterflow.core.flow import Flow
 from iterflow.core.guidance import LABEL_KEY
@@ -133,17 +139,6 @@ def inline_pairing(options: FMOptions, particles: Tensor) -> bool:
     )
 
 
-def pairing_environment(options: FMOptions, event_shape: tuple[int, ...]) -> dict[str, str]:
-    """``{"ot_pairing": "compiled" | "numpy"}`` with the ``ot`` coupling (which implementation
-    pairs rows of ``event_shape``: :func:`iterflow.core.couplings.compiled_pairing`), else ``{}``:
-    a method's part of :meth:`~iterflow.methods.Method.environment`."""
-    o = options
-    if o.coupling != "ot":
-        return {}
-    compiled = compiled_pairing(math.prod(event_shape), o.ot_solver, o.ot_chunk, o.ot_refine)
-    return {"ot_pairing": "compiled" if compiled else "numpy"}
-
-
 def flow_matching_loss(
     block_velocity: torch.nn.Module,
     x0: Tensor,
@@ -217,7 +212,9 @@ class FlowMatching(Method):
         """With the ``ot`` coupling, which implementation pairs the minibatches (``compiled`` or
         ``numpy``, :func:`iterflow.core.couplings.compiled_pairing`): their pairings differ, so a
         run resumed where numba has appeared or gone continues, but not bit for bit."""
-        return pairing_environment(self.options, self.event_shape)  # type: ignore[arg-type]
+        o: FMOptions = self.options  # type: ignore[assignment]
+        dim = math.prod(self.event_shape)
+        return pairing_environment(o.coupling, dim, o.ot_solver, o.ot_chunk, o.ot_refine)
 
     def stage_data(
         self, stage: Flow, particles: Tensor, index: int, generator: torch.Generator

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from iterflow.core.couplings import COUPLINGS
+from iterflow.core.couplings import COUPLINGS, pairing_environment
 from iterflow.core.flow import Flow
 from iterflow.core.paths import INTERPOLANTS
 from iterflow.errors import check_positive, fail
 from iterflow.methods.base import Loss, Method
-from iterflow.methods.fm import FMOptions, TimeOptions, flow_matching_loss, pairing_environment
+from iterflow.methods.fm import FMOptions, TimeOptions, flow_matching_loss
 
 KL_MAX_DIM = 10  # the nearest-neighbour KL estimate is reported up to this dimension
 MMD_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # kernel widths in units of sqrt(2 d) (normal_bandwidths)
@@ -204,10 +204,12 @@ class LocalFlowMatching(Method):
 
     def environment(self) -> dict[str, str]:
         """The final block's OT pairing implementation where it is coupled by ``ot``
-        (:func:`iterflow.methods.fm.pairing_environment`)."""
-        return (
-            pairing_environment(self._final, self.event_shape) if self.options.final_block else {}
-        )
+        (:func:`iterflow.core.couplings.pairing_environment`)."""
+        if not self.options.final_block:
+            return {}
+        o = self._final
+        dim = math.prod(self.event_shape)
+        return pairing_environment(o.coupling, dim, o.ot_solver, o.ot_chunk, o.ot_refine)
 
     def is_final(self, index: int) -> bool:
         """Whether block ``index`` (0-based) is the final block, carrying particles to N(0, I)."""

@@ -192,9 +192,10 @@ class PhaseFolder:
     def tensors_path(self, name: str) -> Path:
         return self.path / "phases" / f"{name}.safetensors"
 
-    def checkpoint(self, key: int) -> Checkpoint:
-        """In-phase checkpoints of the phase with checkpoint key ``key``."""
-        return Checkpoint(self.path, key, write=self.write)
+    def checkpoint(self, key: int, environment: dict[str, str] | None = None) -> Checkpoint:
+        """In-phase checkpoints of the phase with checkpoint key ``key`` (``environment``: what
+        besides PyTorch's version decides its steps, :class:`~iterflow.train.loop.Checkpoint`)."""
+        return Checkpoint(self.path, key, write=self.write, environment=environment)
 
     def load(self, name: str, device: torch.device | str) -> dict[str, Tensor]:
         """The tensors a finished phase committed."""

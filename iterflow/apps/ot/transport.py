@@ -84,6 +84,7 @@ from iterflow.apps.ot.samples import (
     generator_fingerprint,
 )
 from iterflow.apps.ot.store import KIND, load_transport, result_fields, save_flow
+from iterflow.core.couplings import pairing_environment
 from iterflow.core.distributed import DistContext
 from iterflow.core.flow import Block, Flow
 from iterflow.core.nn import MLPVelocity
@@ -337,8 +338,9 @@ def fit_transport(
     u_p, u_q = flow.normalize(source), flow.normalize(target)
     history = []
     if options.init_steps > 0:
+        pairs = pairing_environment(options.coupling, source.shape[1], chunk=options.ot_chunk)
         init = _phase(run, "init", flow, generator, lambda ck: initialize_by_flow_matching(
-            flow, u_p, u_q, options, generator, runtime, ck))  # fmt: skip
+            flow, u_p, u_q, options, generator, runtime, ck), pairs)  # fmt: skip
         if options.straighten_steps > 0:
             rec = _phase(run, "straighten", flow, generator, lambda ck: straighten(
                 flow, u_p, u_q, options, generator, runtime, ck))  # fmt: skip
@@ -370,16 +372,18 @@ def _phase(
     module: nn.Module,
     generator: torch.Generator,
     train: Callable[[Checkpoint | None], dict[str, Any]],
+    environment: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run phase ``name`` (``train(checkpoint)``) or, when ``run`` has it, load its result: the
-    weights of ``module`` and the generator's state at its end."""
+    weights of ``module`` and the generator's state at its end (``environment``: the phase's part
+    of its checkpoints' environment, such as the OT pairing's implementation)."""
     if run is not None and run.done(name):
         saved = run.load(name, generator.device)
         state = {k.removeprefix("module."): v for k, v in saved.items() if k.startswith("module.")}
         module.load_state_dict(state)
         generator.set_state(saved["generator"].cpu())
         return run.record(name)
-    record = train(run.checkpoint(PHASES[name]) if run is not None else None)
+    record = train(run.checkpoint(PHASES[name], environment) if run is not None else None)
     if run is not None:
         tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
         run.commit(name, PHASES[name], {**tensors, "generator": generator.get_state()}, record)
