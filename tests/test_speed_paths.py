@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from iterflow.core import distributed as ddp
 from iterflow.core.couplings import (
@@ -20,7 +21,7 @@ from iterflow.core.couplings import (
     refine_assignment,
     transport_cost,
 )
-from iterflow.core.nn import MLPVelocity
+from iterflow.core.nn import MLPVelocity, stacked_linear
 from iterflow.errors import InputError
 from iterflow.methods import METHODS
 from iterflow.methods.fm import FMOptions, flow_matching_loss
@@ -126,6 +127,51 @@ def test_first_layer_with_a_time_per_row_is_the_one_time_layer_row_by_row(
     ]
     for a, b in zip(*grads):
         assert a.abs().max() > 0 and torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("ks", "bias", "rows"), [((1,), True, 9), ((3,), False, 1),
+                                                  ((2, 9), True, 33), ((40, 1, 5), True, 6)])  # fmt: skip
+def test_stacked_linear_is_the_sum_of_linear_layers(
+    ks: tuple[int, ...], bias: bool, rows: int
+) -> None:
+    """Values and gradients (inputs, weights, bias) of :func:`stacked_linear` equal the sum of
+    ``F.linear`` over the parts, float64."""
+    g = torch.Generator().manual_seed(sum(ks) + rows)
+    h = 6
+    xs = [torch.randn(rows, k, generator=g, dtype=torch.float64, requires_grad=True) for k in ks]
+    ws = [torch.randn(h, k, generator=g, dtype=torch.float64, requires_grad=True) for k in ks]
+    b = torch.randn(h, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    up = torch.randn(rows, h, generator=g, dtype=torch.float64)
+    ref = sum(F.linear(x, w) for x, w in zip(xs, ws)) + (b if b is not None else 0)
+    out = stacked_linear(xs, ws, b)
+    assert out.shape == (rows, h) and torch.allclose(out, ref, rtol=0, atol=1e-12)
+    leaves = [*xs, *ws, *([b] if b is not None else [])]
+    for a, c in zip(torch.autograd.grad((out * up).sum(), leaves, retain_graph=True),
+                    torch.autograd.grad((ref * up).sum(), leaves)):  # fmt: skip
+        assert a.shape == c.shape and torch.allclose(a, c, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("timed", ["none", "per-row", "one"])
+def test_logit_net_input_layer_is_its_linear_layers(timed: str) -> None:
+    """The transport app's LogitNet, whose input layer runs through :func:`stacked_linear`, gives
+    what its ``nn.Linear`` layers applied in turn give (float64), with or without a time (one for
+    all rows or one per row)."""
+    from iterflow.apps.ot.classifiers import LogitNet
+
+    torch.manual_seed(3)
+    u = torch.randn(11, 3, dtype=torch.float64)
+    net = LogitNet(3, hidden=(8, 5), time_conditioned=timed != "none", time_freqs=2).double()
+    if timed == "none":
+        ref, out = net.body(net.inp(u)).squeeze(-1), net(u)
+    else:
+        t = (
+            torch.rand(11, dtype=torch.float64)
+            if timed == "per-row"
+            else torch.tensor(0.3).double()
+        )
+        tf = net.time(t.reshape(-1, 1))
+        ref, out = net.body(net.inp(u) + net.inp_t(tf)).squeeze(-1), net(u, t)
+    assert out.shape == (11,) and torch.allclose(out, ref, rtol=0, atol=1e-12)
 
 
 def test_sharded_loss_gradients_average_to_the_full_batch_gradient() -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from iterflow.core.nn.mlp import ACTIVATIONS, FourierTime, MLPVelocity, time_column
+from iterflow.core.nn.mlp import (
+    ACTIVATIONS,
+    FourierTime,
+    MLPVelocity,
+    stacked_linear,
+    time_column,
+)
 from iterflow.core.nn.unet import UNet
 from iterflow.errors import Registry, fail
 
@@ -32,5 +38,6 @@ __all__ = [
     "MLPVelocity",
     "UNet",
     "build_network",
+    "stacked_linear",
     "time_column",
 ]

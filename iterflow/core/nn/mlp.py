@@ -99,6 +99,25 @@ class FourierInput(nn.Module):
         return tangents
 
 
+def stacked_linear(
+    inputs: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None = None
+) -> Tensor:
+    """``sum_i inputs[i] @ weights[i].T + bias`` as one product of the inputs side by side
+    ``(B, k)`` with the weights stacked as a ``(k, H)`` matrix (``weights[i]``: ``(H, k_i)``, as
+    :class:`torch.nn.Linear` keeps them): the input layer of a network on few columns.
+
+    Same values as the linear layers (and as :func:`torch.nn.functional.linear` on one input), but
+    autograd forms the weights' gradient as ``x^T g``, a ``(k, B) x (B, H)`` product, where for an
+    ``(H, k)`` weight used transposed it forms ``(g^T x)^T``, an ``(H, B) x (B, k)`` one that the
+    CPU's BLAS runs 1.4-10x slower for ``k`` = 3 to 35 columns (``benchmarks/bench_step_parts.py``,
+    its first table); the stacking copies ``k x H`` numbers."""
+    x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+    w = torch.cat([v.t() for v in weights], 0) if len(weights) > 1 else weights[0].t().contiguous()
+    if x.dim() != 2:
+        return F.linear(x, w.t(), bias)
+    return torch.addmm(bias, x, w) if bias is not None else x.mm(w)
+
+
 class MLPVelocity(nn.Module):
     """Time-conditioned MLP velocity field for vectors ``x`` of shape ``(B, dim)``.
 
@@ -277,8 +296,9 @@ class MLPVelocity(nn.Module):
             if autocast_on(x.device.type):
                 h = self._first_product_unrounded(x, tf)
             else:
-                w = torch.cat([self.inp.weight.t(), self.inp_t.weight.t()], 0)
-                h = torch.addmm(self.inp.bias, torch.cat([x, tf.to(x.dtype)], 1), w)
+                h = stacked_linear(
+                    [x, tf.to(x.dtype)], [self.inp.weight, self.inp_t.weight], self.inp.bias
+                )
         else:  # (B, H); one time for all rows: broadcast (unrounded under autocast)
             h = unrounded_linear(x, self.inp.weight, self.inp.bias) + unrounded_linear(
                 tf, self.inp_t.weight
