@@ -5,8 +5,8 @@ OUT ?= runs/demo
 # with the package; benchmarks/bench_speed.py's DEMO_PRESET measures the same one).
 DEMO_CONFIG ?= checkerboard-fourier
 # Test processes (pytest-xdist), a file each at a time so that a file's fixtures are built once. The
-# tests use one PyTorch thread each (tests/conftest.py), so on two cores two workers take about 0.55x
-# the serial time (a fresh-clone .ci/run: suite 546-569 s against 997-1,102 s serially, two-core AMD EPYC).
+# tests use one PyTorch thread each (tests/conftest.py), so on two cores two workers take 0.5-0.6x
+# the serial time (a fresh-clone .ci/run: suite 546-626 s against 997-1,102 s serially, two-core AMD EPYC).
 TEST_WORKERS ?= auto
 
 .PHONY: setup demo test lint bench docs
