@@ -102,9 +102,10 @@ class FourierInput(nn.Module):
 def stacked_linear(
     inputs: Sequence[Tensor], weights: Sequence[Tensor], bias: Tensor | None = None
 ) -> Tensor:
-    """``sum_i inputs[i] @ weights[i].T + bias`` as one product of the inputs side by side
-    ``(B, k)`` with the weights stacked as a ``(k, H)`` matrix (``weights[i]``: ``(H, k_i)``, as
-    :class:`torch.nn.Linear` keeps them): the input layer of a network on few columns.
+    """``sum_i inputs[i] @ weights[i].T + bias`` (``inputs[i]``: ``(B, k_i)`` rows) as one product
+    of the inputs side by side ``(B, k)`` with the weights stacked as a ``(k, H)`` matrix
+    (``weights[i]``: ``(H, k_i)``, as :class:`torch.nn.Linear` keeps them): the input layer of a
+    network on few columns.
 
     Same values as the linear layers (and as :func:`torch.nn.functional.linear` on one input), but
     autograd forms the weights' gradient as ``x^T g``, a ``(k, B) x (B, H)`` product, where for an
@@ -113,8 +114,6 @@ def stacked_linear(
     its first table); the stacking copies ``k x H`` numbers."""
     x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
     w = torch.cat([v.t() for v in weights], 0) if len(weights) > 1 else weights[0].t().contiguous()
-    if x.dim() != 2:
-        return F.linear(x, w.t(), bias)
     return torch.addmm(bias, x, w) if bias is not None else x.mm(w)
 
 
