@@ -74,18 +74,18 @@ class LogitNet(nn.Module):
 
     def forward(self, u: Tensor, t: Tensor | float | None = None) -> Tensor:
         # the input layer as one product with (k, H) weights (stacked_linear: a faster gradient)
-        if not self.time_conditioned:
-            return self.body(stacked_linear([u], [self.inp.weight], self.inp.bias)).squeeze(-1)
-        if t is None:
-            fail("t", "must be given to a time-conditioned classifier", t)
-        tc = time_column(t, u)  # (B, 1) or (1, 1)
-        tf = (self.time(tc) if self.time is not None else tc).to(u.dtype)
-        if tf.shape[0] == u.shape[0]:  # a time per row: side by side with u
-            w = [self.inp.weight, self.inp_t.weight]
-            h = stacked_linear([u, tf], w, self.inp.bias)
-        else:  # one time for all rows: its term broadcasts
-            h = stacked_linear([u], [self.inp.weight], self.inp.bias) + self.inp_t(tf)
-        return self.body(h).squeeze(-1)
+        inputs, weights, shared = [u], [self.inp.weight], None
+        if self.time_conditioned:
+            if t is None:
+                fail("t", "must be given to a time-conditioned classifier", t)
+            tc = time_column(t, u)  # (B, 1) or (1, 1)
+            tf = (self.time(tc) if self.time is not None else tc).to(u.dtype)
+            if tf.shape[0] == u.shape[0]:  # a time per row: side by side with u
+                inputs, weights = [u, tf], [self.inp.weight, self.inp_t.weight]
+            else:  # one time for all rows: its term broadcasts
+                shared = self.inp_t(tf)
+        h = stacked_linear(inputs, weights, self.inp.bias)
+        return self.body(h if shared is None else h + shared).squeeze(-1)
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments."""

@@ -113,7 +113,7 @@ def stacked_linear(
     CPU's BLAS runs 1.4-10x slower for ``k`` = 3 to 35 columns (``benchmarks/bench_step_parts.py``,
     its first table); the stacking copies ``k x H`` numbers."""
     x = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
-    w = torch.cat([v.t() for v in weights], 0) if len(weights) > 1 else weights[0].t().contiguous()
+    w = torch.cat([v.t() for v in weights], 0)  # (k, H), contiguous
     return torch.addmm(bias, x, w) if bias is not None else x.mm(w)
 
 
