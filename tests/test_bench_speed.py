@@ -218,3 +218,26 @@ def test_summary_names_bf16_settings_and_keeps_the_best_float32_one(like: Module
     assert out["equal_accuracy_vs_plain"] == 3.1 and out["best_float32_vs_plain"] == 1.9
     assert out["same_tolerance_vs_plain"] == 1.5
     assert like.setting_name(rows[1]) == "dopri5 batch 1e-05"
+
+
+def test_demo_section_scores_every_budgeted_run_and_reports_the_median(bench: ModuleType) -> None:
+    """A variant with a time budget takes a different number of steps in each repeat, so each
+    repeat is evaluated and the median gap is the row's; a fixed-length variant trains one model,
+    evaluated once."""
+    import argparse
+
+    from iterflow.train import TrainConfig
+
+    small = dict(data="checkerboard", hidden=(16,), n_train=2000, n_val=100, n_test=500,
+                 batch_size=64, seed=1, log_every=10)  # fmt: skip
+    variants = [
+        ({"budget": 0.3}, TrainConfig.for_method("fm", steps=100_000, time_budget=0.3, **small)),
+        ({}, TrainConfig.for_method("fm", steps=40, **small)),
+    ]
+    args = argparse.Namespace(demo_repeats=3, seed=0)
+    budgeted, fixed = bench.bench_demo(args, torch.device("cpu"), variants)
+    assert len(budgeted["gap_runs"]) == 3 and len(fixed["gap_runs"]) == 1
+    assert budgeted["gap"] == statistics.median(budgeted["gap_runs"])
+    assert all(10 <= s < 100_000 for s in budgeted["steps_runs"])
+    assert fixed["steps_runs"] == [40, 40, 40] and fixed["gap"] == fixed["gap_runs"][0]
+    assert budgeted["seconds_train"] == statistics.median(budgeted["seconds_runs"])

@@ -157,5 +157,6 @@ def test_make_demo_trains_the_preset_the_speed_benchmark_measures(
     )
     (_, demo), (first, recommended), (change, changed) = rows
     assert (demo.steps, demo.x_freqs, demo.seed) == (cfg.steps, cfg.x_freqs, 3)
+    assert demo.time_budget == cfg.time_budget > 0  # the demo fits its steps to the machine
     assert first == {} and recommended.x_freqs == 0 and recommended.data == "checkerboard"
     assert change == {"lr": 0.004} and changed.lr == 0.004 and changed.steps == recommended.steps

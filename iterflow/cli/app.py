@@ -108,6 +108,11 @@ def train(
     log_every: int = typer.Option(
         _D.log_every, help="Steps between the lines of log.jsonl (and TensorBoard points)."
     ),
+    time_budget: float = typer.Option(
+        _D.time_budget,
+        help="Seconds of training per stage (0: none): --steps becomes the cap, and the step "
+        "count that fits is fixed after the warm-up from the speed measured.",
+    ),
     autocast: str = typer.Option(
         _D.autocast,
         help="Mixed precision of the loss: auto (bf16 where measured to help), none, bf16.",
@@ -179,6 +184,7 @@ def train(
         dtype=dtype,
         checkpoint_every=checkpoint_every,
         log_every=log_every,
+        time_budget=time_budget,
         options=config_file.table(cli, "option", option),
         img2d_dir=img2d_dir,
         network=network,

@@ -63,6 +63,10 @@ class RichReporter:
         desc = f"stage {index + 1}/{n_stages}"
         self.task = self.progress.add_task(desc, total=total_steps, completed=done_steps, info="")
 
+    def stage_planned(self, total_steps: int) -> None:
+        """A time budget fixed the stage's step count: the bar's new total."""
+        self.progress.update(self.task, total=total_steps)
+
     def step(self, step: int, terms: dict[str, float]) -> None:
         info = " ".join(f"{k}={v:.4g}" for k, v in list(terms.items())[:4])
         self.progress.update(self.task, completed=step, info=info)

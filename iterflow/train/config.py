@@ -64,6 +64,12 @@ class TrainConfig:
             one network), not for flow matching (large matrix products), and for JKO-flow's short
             blocks compilation outweighed the gain in the runs measured (``bench_speed.py``).
         checkpoint_every: steps between in-stage checkpoints; log_every: steps between log lines.
+        time_budget: seconds of optimisation per stage (per block for progressive methods), 0 for
+            none: ``steps`` becomes the cap, and at the end of the warm-up the loop fixes the step
+            count that fits the budget at the speed it measured
+            (:attr:`~iterflow.train.loop.OptimConfig.time_budget`); the run's records give it
+            (``log.jsonl``, ``meta.json``'s stages). ``--steps N --time-budget 0`` repeats such a run
+            step for step where the warm-up is the same (``N`` and the cap both >= 1,000).
         options: method-specific options (see each method's ``Options``), e.g. ``{"gamma": 0.5}``.
             Only the keys given are kept (unset options take the method's defaults; the run's
             ``manifest.json`` records all of them), each coerced once to its typed value in JSON
@@ -122,6 +128,7 @@ class TrainConfig:
     compile: bool = False
     checkpoint_every: int = 500
     log_every: int = 50
+    time_budget: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     net_options: dict[str, Any] = field(default_factory=dict)
     img2d_dir: str | None = None
@@ -210,6 +217,7 @@ class TrainConfig:
             ema=self.ema,
             checkpoint_every=self.checkpoint_every,
             log_every=self.log_every,
+            time_budget=self.time_budget,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ optimiser state, the generator state, the step and the elapsed seconds are writt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -59,6 +60,16 @@ class OptimConfig:
         ema: decay of the weights' exponential moving average (0: none); the trained module ends
             holding the average.
         checkpoint_every, log_every: steps between in-stage checkpoints / log lines.
+        time_budget: at most this many seconds of optimisation (the record's
+            ``seconds_optimize``; 0: none, ``steps`` steps). At the end of the warm-up (step
+            ``min(100, steps // 10)``, at least 2) the loop times the second half of the warm-up
+            and fixes the step count ``N <= steps`` that fits the remaining seconds at that rate;
+            the schedule then decays over ``N`` steps (``steps`` is the cap). ``N`` is saved with
+            the in-stage checkpoints, so a run resumed after the plan takes the same steps as one
+            not interrupted; under data parallelism the ranks take the mean of their counts. If
+            the steps turn out slower than timed, the stage ends where the seconds are spent
+            (its learning rate then short of the schedule's end). The record's ``steps`` are the
+            steps taken.
     """
 
     steps: int
@@ -71,11 +82,15 @@ class OptimConfig:
     ema: float = 0.0
     checkpoint_every: int = 500
     log_every: int = 50
+    time_budget: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             check_positive(getattr(self, name), name, integer=True)
         check_positive(self.lr, "lr")
+        check_positive(self.time_budget, "time_budget", allow_zero=True)
+        if math.isinf(self.time_budget):
+            fail("time_budget", "must be a finite number of seconds (0: none)", self.time_budget)
         if self.warmup is not None:
             check_positive(self.warmup, "warmup", integer=True, allow_zero=True)
         check_positive(self.weight_decay, "weight_decay", allow_zero=True)
@@ -90,6 +105,18 @@ class OptimConfig:
         if self.lr_schedule == "constant":
             return self.lr
         return cosine_lr(self.lr, step, self.steps, self.warmup)
+
+    @property
+    def plan_step(self) -> int:
+        """The step at which a :attr:`time_budget` fixes the step count: the end of the default
+        warm-up, ``min(100, steps // 10)``, and at least 2 (one step timed)."""
+        return max(2, min(100, self.steps // 10))
+
+    def planned(self, steps: int) -> OptimConfig:
+        """These settings with the step count a :attr:`time_budget` fixed (``steps``): the same
+        warm-up as before the plan, no budget left to plan."""
+        warm = min(100, self.steps // 10) if self.warmup is None else self.warmup
+        return dataclasses.replace(self, steps=steps, warmup=warm, time_budget=0.0)
 
 
 def cosine_lr(lr: float, step: int, steps: int, warmup: int | None = None) -> float:
@@ -109,7 +136,11 @@ def cosine_lr(lr: float, step: int, steps: int, warmup: int | None = None) -> fl
 
 
 class Reporter(Protocol):
-    """Receives progress; the CLI shows it with rich, the library default is silent."""
+    """Receives progress; the CLI shows it with rich, the library default is silent.
+
+    A reporter may also define ``stage_planned(total_steps)``: the loop calls it when a
+    :attr:`OptimConfig.time_budget` has fixed the stage's step count (``stage_start`` was given the
+    cap, ``steps``)."""
 
     def stage_start(self, index: int, n_stages: int, total_steps: int, done_steps: int) -> None: ...
     def step(self, step: int, terms: dict[str, float]) -> None: ...
@@ -215,7 +246,8 @@ class Checkpoint:
         save_json(
             self.meta,
             {"stage": self.key, "step": state.step, "seconds": seconds,
-             "param_groups": opt["param_groups"], "environment": self.environment},
+             "param_groups": opt["param_groups"], "environment": self.environment,
+             "planned_steps": state.planned},
         )  # fmt: skip
 
     def load(self, state: _LoopState) -> tuple[int, float]:
@@ -243,6 +275,8 @@ class Checkpoint:
                 opt["state"].setdefault(int(pi), {})[name] = v
         state.opt.load_state_dict(opt)
         state.gen.set_state(t["generator"].cpu())
+        planned = pm.get("planned_steps")
+        state.planned = planned if isinstance(planned, int) and planned > 0 else None
         step = int(pm["step"])
         if self.write:  # one warning, from the process that writes (rank 0 of a data-parallel job)
             warn_environment(
@@ -286,6 +320,7 @@ class _LoopState:
     opt: torch.optim.Optimizer
     gen: torch.Generator
     step: int = 0
+    planned: int | None = None  # the step count a time budget fixed (None: not yet, or no budget)
 
 
 def make_optimizer(
@@ -422,6 +457,46 @@ def _average_gradients(params: list[Tensor], ctx: ddp.DistContext | None) -> Non
         offset += n
 
 
+#: The loop's clock (seconds): the time budget's rate and the records' ``seconds_optimize``. Tests
+#: replace it to plan a budget deterministically.
+_clock: Callable[[], float] = time.perf_counter
+
+
+class _BudgetPlan:
+    """Fixes a :attr:`OptimConfig.time_budget`'s step count: times the steps from half-way
+    through the warm-up (or from where a resumed run starts, if later) to
+    :attr:`OptimConfig.plan_step`, then counts the steps the remaining seconds allow at that rate.
+
+    ``start`` / ``seconds``: the step the loop starts from and the seconds spent before it."""
+
+    def __init__(
+        self, config: OptimConfig, start: int, seconds: float, device: torch.device
+    ) -> None:
+        self.config, self.device = config, device
+        # A run resumed past the plan step without a plan (no checkpoint of this loop is: the
+        # plan is fixed before the checkpoint of its step) times one step.
+        self.plan = max(config.plan_step, start + 1)
+        self.mark_step = max(start, self.plan // 2)
+        self.mark = seconds if self.mark_step == start else None
+
+    def after(self, done: int, elapsed: float, ctx: ddp.DistContext | None) -> int | None:
+        """Called after each step with the steps ``done`` and the stage's ``elapsed`` seconds:
+        the step count when this is the plan step, else ``None``."""
+        if done not in (self.mark_step, self.plan):
+            return None
+        if self.device.type == "cuda":  # the kernels queued so far are part of the time
+            torch.cuda.synchronize(self.device)
+        if done == self.mark_step:
+            self.mark = elapsed
+            return None
+        assert self.mark is not None  # mark_step < plan: the mark was taken
+        cap = self.config.steps
+        per_step = max(elapsed - self.mark, 1e-9) / (done - self.mark_step)
+        steps = min(float(cap), done + max(0.0, self.config.time_budget - elapsed) / per_step)
+        mean = ddp.all_reduce_mean({"steps": steps}, ctx)["steps"]  # one count on every rank
+        return max(done, min(cap, int(mean)))
+
+
 def optimize(
     module: nn.Module,
     loss_fn: Callable[[tuple[Tensor, ...], torch.Generator], Loss],
@@ -462,12 +537,14 @@ def optimize(
             (e.g. a pool of pairs regenerated every k steps) can restore it.
 
     Returns:
-        ``steps``, ``seconds_optimize`` (including ``seconds_before_resume``, the optimisation time
+        ``steps`` (those a time budget fixed, if it did; then also ``time_budget``),
+        ``seconds_optimize`` (including ``seconds_before_resume``, the optimisation time
         spent before an interruption this run resumed from), ``autocast``,
         ``world_size``, ``mean_<term>`` over the logged steps of this run and ``final_<term>``.
     """
     reporter = reporter or SilentReporter()
     budget = budget or StepBudget(None)
+    budget_seconds = config.time_budget
     tune_cpu_allocator()  # with ITERFLOW_MALLOC_TUNING=1: freed memory stays in the process
     flush_denormals()  # subnormals to zero (iterflow.core.denormals; env ITERFLOW_FLUSH_DENORMALS=0: off)
     named: list[tuple[str, Tensor]] = [
@@ -485,6 +562,11 @@ def optimize(
     state = _LoopState(params, ema, opt, generator)
     draw = _drawer(data, config.batch_size)
     start, seconds = checkpoint.load(state) if checkpoint is not None else (0, 0.0)
+    budget_plan = None
+    if config.time_budget > 0 and state.planned is not None:  # resumed after the plan
+        config = config.planned(state.planned)
+    elif config.time_budget > 0:
+        budget_plan = _BudgetPlan(config, start, seconds, params[0].device)
     acc: dict[str, float] = {}
     acc_n = 0
     if checkpoint is not None:
@@ -501,8 +583,9 @@ def optimize(
     )
     log_rows: list[dict[str, Any]] = []
     try:
-        t0 = time.perf_counter()
-        for step in range(start, config.steps):
+        t0 = _clock()
+        step = start
+        while step < config.steps:
             budget.take()
             lr = config.lr_at(step)
             for g, s in zip(opt.param_groups, scales):
@@ -519,6 +602,18 @@ def optimize(
             opt_step()
             if ema is not None:
                 torch._foreach_lerp_(ema, live, 1 - min(config.ema, (1 + step) / (10 + step)))
+            if budget_plan is not None:
+                planned = budget_plan.after(step + 1, seconds + _clock() - t0, ctx)
+                if planned is not None:
+                    config, state.planned, budget_plan = config.planned(planned), planned, None
+                    stage_planned = getattr(reporter, "stage_planned", None)
+                    if callable(stage_planned):  # optional: a progress bar's new total
+                        stage_planned(planned)
+            if budget_seconds > 0 and step + 1 < config.steps:
+                spent = float(seconds + _clock() - t0 >= budget_seconds)
+                if ddp.all_reduce_mean({"spent": spent}, ctx)["spent"] > 0:  # on any rank
+                    # slower than planned: this step is the stage's last
+                    config, budget_plan = config.planned(step + 1), None
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 terms = ddp.all_reduce_mean(_terms(loss, ctx), ctx)
                 if not math.isfinite(terms["loss"]):
@@ -538,7 +633,8 @@ def optimize(
                 checkpoint.append_log(log_rows)
                 log_rows = []
                 state.step = step + 1
-                checkpoint.save(state, seconds + time.perf_counter() - t0)
+                checkpoint.save(state, seconds + _clock() - t0)
+            step += 1
     finally:
         close = getattr(data, "close", None)  # a batch source with a worker (CoupledBatches)
         if callable(close):
@@ -553,7 +649,8 @@ def optimize(
     last = log_rows[-1] if log_rows else {}
     return {
         "steps": config.steps,
-        "seconds_optimize": seconds + time.perf_counter() - t0,
+        **({"time_budget": budget_seconds} if budget_seconds > 0 else {}),
+        "seconds_optimize": seconds + _clock() - t0,
         "seconds_before_resume": seconds,
         "autocast": str(autocast).replace("torch.", "") if autocast is not None else "none",
         "world_size": ctx.world_size if ctx is not None else 1,

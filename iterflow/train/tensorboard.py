@@ -136,6 +136,11 @@ class TensorBoardReporter:
             self.log.purge_after(self.offset + done_steps + 1)
         self.inner.stage_start(index, n_stages, total_steps, done_steps)
 
+    def stage_planned(self, total_steps: int) -> None:
+        stage_planned = getattr(self.inner, "stage_planned", None)
+        if callable(stage_planned):
+            stage_planned(total_steps)
+
     def step(self, step: int, terms: dict[str, float]) -> None:
         self.log.add_scalars(self.prefix, terms, self.offset + step)
         self.inner.step(step, terms)
