@@ -93,7 +93,7 @@ def test_the_budget_fixes_the_step_count_and_the_run_equals_a_run_of_that_many_s
     cfg = OptimConfig(steps=5000, batch_size=32, lr=0.01, ema=0.99, log_every=10,
                       time_budget=budget)  # fmt: skip
     net, rec = _run(cfg, StepClock(lambda i: dt), monkeypatch, dim=dim, seed=dim)
-    assert rec["steps"] == planned and rec["time_budget"] == budget
+    assert rec["steps"] == rec["planned_steps"] == planned and rec["time_budget"] == budget
     assert rec["seconds_optimize"] == pytest.approx(budget, abs=1e-12)
     # The same weights as a run told the step count from the start with the cap's warm-up (100
     # steps; `planned` steps alone would warm up over 32 / 40): the plan changes nothing else.
@@ -117,6 +117,7 @@ def test_a_budget_spent_before_the_plan_ends_the_stage_there(
     cfg = OptimConfig(steps=5000, batch_size=32, lr=0.01, log_every=7, time_budget=1.0)
     _, rec = _run(cfg, StepClock(lambda i: 1 / 32), monkeypatch)  # 1 s = 32 steps, plan at 100
     assert rec["steps"] == 32 and rec["seconds_optimize"] == pytest.approx(1.0)
+    assert rec["planned_steps"] is None
 
 
 def test_steps_slower_than_timed_end_the_stage_when_the_seconds_are_spent(
@@ -138,6 +139,7 @@ def test_steps_slower_than_timed_end_the_stage_when_the_seconds_are_spent(
     _, rec = _run(cfg, clock, monkeypatch, folder=tmp_path, reporter=Recorder())
     assert planned == [320]
     assert rec["steps"] == 210 and rec["seconds_optimize"] == pytest.approx(5.0)
+    assert rec["planned_steps"] == 320
     log = Checkpoint(tmp_path, "stage").read_log()
     assert log[-1]["step"] == 210  # the last step is logged
     # its learning rate is the planned schedule's at step 210, short of the end (5% of the peak)

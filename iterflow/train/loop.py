@@ -537,7 +537,9 @@ def optimize(
             (e.g. a pool of pairs regenerated every k steps) can restore it.
 
     Returns:
-        ``steps`` (those a time budget fixed, if it did; then also ``time_budget``),
+        ``steps`` (the steps taken; with a time budget also ``time_budget`` and
+        ``planned_steps``, the count fixed at the end of the warm-up, ``None`` if the budget was
+        spent before),
         ``seconds_optimize`` (including ``seconds_before_resume``, the optimisation time
         spent before an interruption this run resumed from), ``autocast``,
         ``world_size``, ``mean_<term>`` over the logged steps of this run and ``final_<term>``.
@@ -649,7 +651,11 @@ def optimize(
     last = log_rows[-1] if log_rows else {}
     return {
         "steps": config.steps,
-        **({"time_budget": budget_seconds} if budget_seconds > 0 else {}),
+        **(
+            {"time_budget": budget_seconds, "planned_steps": state.planned}
+            if budget_seconds > 0
+            else {}
+        ),  # fmt: skip
         "seconds_optimize": seconds + _clock() - t0,
         "seconds_before_resume": seconds,
         "autocast": str(autocast).replace("torch.", "") if autocast is not None else "none",
