@@ -649,13 +649,10 @@ def optimize(
                 p.copy_(e)
     module.train(was_training)
     last = log_rows[-1] if log_rows else {}
+    budget_record = {"time_budget": budget_seconds, "planned_steps": state.planned}
     return {
         "steps": config.steps,
-        **(
-            {"time_budget": budget_seconds, "planned_steps": state.planned}
-            if budget_seconds > 0
-            else {}
-        ),  # fmt: skip
+        **(budget_record if budget_seconds > 0 else {}),
         "seconds_optimize": seconds + _clock() - t0,
         "seconds_before_resume": seconds,
         "autocast": str(autocast).replace("torch.", "") if autocast is not None else "none",
