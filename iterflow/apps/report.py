@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,8 @@ def plot_run(
     rows = rd.read_log()
     if rows:  # x: optimiser steps counted over all stages (blocks of a progressive chain in turn)
         series["training loss"] = [r["loss"] for r in rows]
-        xs["training loss"] = [int(r.get("stage", 0)) * cfg.steps + int(r["step"]) for r in rows]
+        first = stage_first_steps(meta, cfg.steps)
+        xs["training loss"] = [first(int(r.get("stage", 0))) + int(r["step"]) for r in rows]
         labels["training loss"] = "optimiser step" + (
             " (all blocks)" if len(meta["history"]) > 1 else ""
         )
@@ -234,3 +236,18 @@ def plot_run(
     if series:
         paths.append(viz.plot_curves(series, out_dir / "training.png", xlabel=labels, x=xs))
     return paths
+
+
+def stage_first_steps(meta: dict[str, Any], cap: int) -> Callable[[int], int]:
+    """``first(k)``: the optimiser steps of the run's stages before stage ``k``, from their records
+    in ``meta`` (``history``, and ``rejected``: a stage a time budget ended early took fewer than
+    the configured ``cap``); a stage without a record (still training) counts ``cap``.
+
+    Example:
+        >>> first = stage_first_steps({"history": [{"stage": 0, "steps": 70}]}, cap=100)
+        >>> first(0), first(1), first(2)
+        (0, 70, 170)
+    """
+    records = [*meta.get("history", []), *([meta["rejected"]] if meta.get("rejected") else [])]
+    taken = {int(r["stage"]): int(r["steps"]) for r in records if "stage" in r and "steps" in r}
+    return lambda k: sum(taken.get(j, cap) for j in range(k))
