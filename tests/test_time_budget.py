@@ -244,3 +244,13 @@ def test_data_parallel_ranks_take_one_step_count(tmp_path: Path) -> None:
     a, b = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert a["steps"] == b["steps"] == 160
     assert a["w"] == b["w"]
+
+
+def test_reflow_and_distill_do_not_inherit_the_sources_budget() -> None:
+    """A run trained under a budget (``make demo``'s) is a source for ``iterflow reflow`` and
+    ``distill``, whose ``--steps`` replace the training: its budget must not cap them."""
+    from iterflow.cli.reflow import _derived_config
+
+    src = TrainConfig.for_method("fm", steps=6000, time_budget=30)
+    cfg = _derived_config(src, "reflow", {}, steps=20_000, batch_size=None, lr=None, device="cpu")
+    assert (cfg.steps, cfg.time_budget, cfg.optim_config().time_budget) == (20_000, 0.0, 0.0)

@@ -41,12 +41,14 @@ def _derived_config(
     lr: float | None,
     device: str,
 ) -> Any:
-    """The source's config: data, normalisation and network kept, the training replaced."""
+    """The source's config: data, normalisation and network kept, the training replaced (``steps``
+    steps: a time budget of the source, e.g. ``make demo``'s, is not carried over)."""
     return dataclasses.replace(
         src,
         method=method,
         blocks=1,
         steps=steps,
+        time_budget=0.0,
         device=device,
         options=options,
         batch_size=batch_size if batch_size is not None else src.batch_size,
