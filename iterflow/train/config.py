@@ -68,8 +68,10 @@ class TrainConfig:
             none: ``steps`` becomes the cap, and at the end of the warm-up the loop fixes the step
             count that fits the budget at the speed it measured
             (:attr:`~iterflow.train.loop.OptimConfig.time_budget`); the run's records give it
-            (``log.jsonl``, ``meta.json``'s stages). ``--steps N --time-budget 0`` repeats such a run
-            step for step where the warm-up is the same (``N`` and the cap both >= 1,000).
+            (``meta.json``'s stages: ``steps`` taken, ``planned_steps``). When a stage took all
+            its planned steps, ``--steps N --time-budget 0`` with ``N`` those steps repeats it
+            step for step where the warm-up is the same (``N`` and the cap both >= 1,000); a stage
+            the budget cut short stopped inside its schedule.
         options: method-specific options (see each method's ``Options``), e.g. ``{"gamma": 0.5}``.
             Only the keys given are kept (unset options take the method's defaults; the run's
             ``manifest.json`` records all of them), each coerced once to its typed value in JSON
