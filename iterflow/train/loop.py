@@ -479,13 +479,16 @@ class _BudgetPlan:
         self.mark_step = max(start, self.plan // 2)
         self.mark = seconds if self.mark_step == start else None
 
-    def after(self, done: int, elapsed: float, ctx: ddp.DistContext | None) -> int | None:
-        """Called after each step with the steps ``done`` and the stage's ``elapsed`` seconds:
-        the step count when this is the plan step, else ``None``."""
+    def after(
+        self, done: int, elapsed_now: Callable[[], float], ctx: ddp.DistContext | None
+    ) -> int | None:
+        """Called after each step with the steps ``done`` and the stage's clock (``elapsed_now()``:
+        its seconds so far): the step count when this is the plan step, else ``None``."""
         if done not in (self.mark_step, self.plan):
             return None
         if self.device.type == "cuda":  # the kernels queued so far are part of the time
             torch.cuda.synchronize(self.device)
+        elapsed = elapsed_now()
         if done == self.mark_step:
             self.mark = elapsed
             return None
@@ -586,6 +589,10 @@ def optimize(
     log_rows: list[dict[str, Any]] = []
     try:
         t0 = _clock()
+
+        def elapsed_now() -> float:  # the stage's optimisation seconds so far
+            return seconds + _clock() - t0
+
         step = start
         while step < config.steps:
             budget.take()
@@ -604,17 +611,16 @@ def optimize(
             opt_step()
             if ema is not None:
                 torch._foreach_lerp_(ema, live, 1 - min(config.ema, (1 + step) / (10 + step)))
-            if budget_plan is not None:
-                planned = budget_plan.after(step + 1, seconds + _clock() - t0, ctx)
+            if budget_seconds > 0:
+                planned = budget_plan.after(step + 1, elapsed_now, ctx) if budget_plan else None
                 if planned is not None:
                     config, state.planned, budget_plan = config.planned(planned), planned, None
                     stage_planned = getattr(reporter, "stage_planned", None)
                     if callable(stage_planned):  # optional: a progress bar's new total
                         stage_planned(planned)
-            if budget_seconds > 0 and step + 1 < config.steps:
-                spent = float(seconds + _clock() - t0 >= budget_seconds)
-                if ddp.all_reduce_mean({"spent": spent}, ctx)["spent"] > 0:  # on any rank
-                    # slower than planned: this step is the stage's last
+                spent = {"spent": float(elapsed_now() >= budget_seconds)}
+                if step + 1 < config.steps and ddp.all_reduce_mean(spent, ctx)["spent"] > 0:
+                    # slower than planned (on any rank): this step is the stage's last
                     config, budget_plan = config.planned(step + 1), None
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 terms = ddp.all_reduce_mean(_terms(loss, ctx), ctx)
@@ -635,7 +641,7 @@ def optimize(
                 checkpoint.append_log(log_rows)
                 log_rows = []
                 state.step = step + 1
-                checkpoint.save(state, seconds + _clock() - t0)
+                checkpoint.save(state, elapsed_now())
             step += 1
     finally:
         close = getattr(data, "close", None)  # a batch source with a worker (CoupledBatches)
@@ -653,7 +659,7 @@ def optimize(
     return {
         "steps": config.steps,
         **(budget_record if budget_seconds > 0 else {}),
-        "seconds_optimize": seconds + _clock() - t0,
+        "seconds_optimize": elapsed_now(),
         "seconds_before_resume": seconds,
         "autocast": str(autocast).replace("torch.", "") if autocast is not None else "none",
         "world_size": ctx.world_size if ctx is not None else 1,
