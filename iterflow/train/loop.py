@@ -147,6 +147,14 @@ class Reporter(Protocol):
     def stage_end(self, record: dict[str, Any]) -> None: ...
 
 
+def report_planned(reporter: Reporter, total_steps: int) -> None:
+    """Tell ``reporter`` the step count a time budget fixed, if it has the optional
+    ``stage_planned`` (see :class:`Reporter`)."""
+    stage_planned = getattr(reporter, "stage_planned", None)
+    if callable(stage_planned):
+        stage_planned(total_steps)
+
+
 class SilentReporter:
     """The library's default :class:`Reporter`: shows nothing."""
 
@@ -615,9 +623,7 @@ def optimize(
                 planned = budget_plan.after(step + 1, elapsed_now, ctx) if budget_plan else None
                 if planned is not None:
                     config, state.planned, budget_plan = config.planned(planned), planned, None
-                    stage_planned = getattr(reporter, "stage_planned", None)
-                    if callable(stage_planned):  # optional: a progress bar's new total
-                        stage_planned(planned)
+                    report_planned(reporter, planned)
                 spent = {"spent": float(elapsed_now() >= budget_seconds)}
                 if step + 1 < config.steps and ddp.all_reduce_mean(spent, ctx)["spent"] > 0:
                     # slower than planned (on any rank): this step is the stage's last

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from iterflow.errors import fail
-from iterflow.train.loop import Reporter, SilentReporter
+from iterflow.train.loop import Reporter, SilentReporter, report_planned
 
 #: Keys of a stage record that are bookkeeping, not figures of the stage.
 _NOT_FIGURES = ("stage", "steps", "world_size", "seconds_before_resume", "rejected")
@@ -137,9 +137,7 @@ class TensorBoardReporter:
         self.inner.stage_start(index, n_stages, total_steps, done_steps)
 
     def stage_planned(self, total_steps: int) -> None:
-        stage_planned = getattr(self.inner, "stage_planned", None)
-        if callable(stage_planned):
-            stage_planned(total_steps)
+        report_planned(self.inner, total_steps)
 
     def step(self, step: int, terms: dict[str, float]) -> None:
         self.log.add_scalars(self.prefix, terms, self.offset + step)
