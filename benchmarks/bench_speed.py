@@ -84,6 +84,7 @@ from common import (  # noqa: E402
 )
 from speed_likelihood import (  # noqa: E402
     bench_likelihood_eval,
+    bf16_native,
     bench_likelihood_training,
     bench_work_precision,
     gemm_peak,
@@ -816,7 +817,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 def likelihood_section(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Exact NLL against the plain torchdiffeq evaluator; CNF / JKO-flow optimiser steps/s
     (:mod:`speed_likelihood`). Threads and load average are recorded before and after."""
-    out: dict[str, Any] = {"load_before": likelihood_load()}
+    out: dict[str, Any] = {"load_before": likelihood_load(), "bf16_rows": bf16_native(device)}
+    if not out["bf16_rows"]:
+        print("\n(bf16 rows left out: this CPU has no native bf16 arithmetic)")
     rows: list[dict[str, Any]] = []
     needs_cases = {"eval", "work-precision"} & set(args.like_parts)
     cases = likelihood_cases(args, device) if needs_cases else []

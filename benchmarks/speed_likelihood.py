@@ -40,6 +40,11 @@ CNF and JKO-flow rose recipes (``CNF.recommended`` / ``JKOFlow.recommended``: ne
 solver and options), through the one-pass Jacobian terms and through the autograd path, and the
 one-pass step under bf16 autocast (for information; the trainer uses it only for methods marked
 ``autocast_safe``), in interleaved rounds (steps/s, median).
+
+bf16 rows (work-precision settings, training modes) run only where bf16 arithmetic is native
+(:func:`bf16_native`): a CPU without AVX512-BF16 or AMX emulates it, about 400 times slower than
+float32 (0.3 GFLOP/s measured on an AVX2-only AMD EPYC), so one such row would take longer than
+the whole section; the run records that they were left out.
 """
 
 from __future__ import annotations
@@ -63,9 +68,15 @@ from iterflow.core.ode import SolverSpec
 from iterflow.data import get_dataset
 from iterflow.methods.cnf import CNFOptions, likelihood_loss
 from iterflow.methods.jko import JKOOptions, jko_loss
-from iterflow.train import TrainConfig, TrainData, train, train_tensors
+from iterflow.train import TrainConfig, TrainData, cpu_has_native_bf16, train, train_tensors
 
 HIGH_DIMS = (10, 32, 64)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the bf16 rows run on ``device``: any accelerator, or a CPU with native bf16
+    arithmetic (:func:`iterflow.train.cpu_has_native_bf16`; see the module docstring)."""
+    return device.type != "cpu" or cpu_has_native_bf16()
 
 
 def mixture(n: int, d: int, seed: int) -> Tensor:
@@ -347,6 +358,7 @@ def bench_likelihood_training(args: Any, device: torch.device) -> list[dict[str,
     x = ds.splits(20_000, 10, 10, args.seed).train
     x = ((x - x.mean(0)) / x.std(0)).to(device)
     modes = ("autograd", "one-pass", "one-pass bf16", "one-pass compiled", "one-pass compiled bf16")
+    modes = tuple(m for m in modes if "bf16" not in m or bf16_native(device))
     n, rows = args.like_train_steps, []
     for method in ("cnf", "jko"):
         step = _recipe_step(method, x, args.seed)
@@ -403,6 +415,12 @@ WP_SETTINGS = (
     ("dopri5", "rows", "bf16", WP_BF16_TOLS),
     ("bosh3", "batch", "bf16", WP_BF16_TOLS),
 )
+
+
+def wp_settings(device: torch.device) -> tuple[tuple[str, str, str, tuple[float, ...]], ...]:
+    """The :data:`WP_SETTINGS` that run on ``device``: the bf16 ones only where bf16 is native
+    (:func:`bf16_native`)."""
+    return tuple(s for s in WP_SETTINGS if s[2] == "none" or bf16_native(device))
 
 
 def time_at_error(curve: list[tuple[float, float]], error: float) -> float | None:
@@ -494,12 +512,13 @@ def _work_precision_case(
         ("plain torchdiffeq", "dopri5", "batch", "none", tol): (lambda tol=tol: plain(tol))
         for tol in WP_PLAIN_TOLS
     }
-    for solver, norm, amp, tols in WP_SETTINGS:
+    settings = wp_settings(device)
+    for solver, norm, amp, tols in settings:
         for tol in tols:
             runs[("iterflow compiled", solver, norm, amp, tol)] = (
                 lambda s=solver, n=norm, a=amp, tol=tol: ours(s, n, a, tol)
             )
-    for amp in dict.fromkeys(a for _, _, a, _ in WP_SETTINGS):  # compiles; not timed
+    for amp in dict.fromkeys(a for _, _, a, _ in settings):  # compiles; not timed
         ours("dopri5", "batch", amp, 1e-3)
     times: dict[Key, list[float]] = {k: [] for k in runs}
     outs: dict[Key, tuple[Tensor, int]] = {}

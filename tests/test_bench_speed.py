@@ -241,3 +241,18 @@ def test_demo_section_scores_every_budgeted_run_and_reports_the_median(bench: Mo
     assert all(10 <= s < 100_000 for s in budgeted["steps_runs"])
     assert fixed["steps_runs"] == [40, 40, 40] and fixed["gap"] == fixed["gap_runs"][0]
     assert budgeted["seconds_train"] == statistics.median(budgeted["seconds_runs"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_rows_run_only_where_bf16_is_native(
+    like: ModuleType, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """On a CPU that emulates bf16 (hundreds of times slower than float32) the work-precision
+    settings keep their float32 rows only; on a native-bf16 CPU, or off the CPU, all of them."""
+    monkeypatch.setattr(like, "cpu_has_native_bf16", lambda: native)
+    cpu = like.wp_settings(torch.device("cpu"))
+    amps = {s[2] for s in cpu}
+    assert amps == ({"none", "bf16"} if native else {"none"})
+    assert [s for s in like.WP_SETTINGS if s[2] == "none"] == [s for s in cpu if s[2] == "none"]
+    assert like.wp_settings(torch.device("meta")) == like.WP_SETTINGS
+    assert like.bf16_native(torch.device("cpu")) is native
