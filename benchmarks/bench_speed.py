@@ -84,9 +84,9 @@ from common import (  # noqa: E402
 )
 from speed_likelihood import (  # noqa: E402
     bench_likelihood_eval,
-    bf16_native,
     bench_likelihood_training,
     bench_work_precision,
+    bf16_native,
     gemm_peak,
     likelihood_cases,
     nll_allowed,
