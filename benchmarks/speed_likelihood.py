@@ -42,9 +42,10 @@ one-pass step under bf16 autocast (for information; the trainer uses it only for
 ``autocast_safe``), in interleaved rounds (steps/s, median).
 
 bf16 rows (work-precision settings, training modes) run only where bf16 arithmetic is native
-(:func:`bf16_native`): a CPU without AVX512-BF16 or AMX emulates it, about 400 times slower than
-float32 (0.3 GFLOP/s measured on an AVX2-only AMD EPYC), so one such row would take longer than
-the whole section; the run records that they were left out.
+(:func:`bf16_native`): a CPU without AVX512-BF16 or AMX emulates it, hundreds of times slower than
+float32 (GEMM peak 0.3 against 118-178 GFLOP/s on an AVX2-only AMD EPYC, ``bench_speed.py``'s
+first line), so one such row would take longer than the whole section; the run records that they
+were left out.
 """
 
 from __future__ import annotations
@@ -348,6 +349,22 @@ def _recipe_step(method: str, x_all: Tensor, seed: int) -> Callable[[str], float
     return step
 
 
+#: The optimiser-step paths of :func:`bench_likelihood_training` (:func:`_recipe_step`'s modes).
+TRAINING_MODES = (
+    "autograd",
+    "one-pass",
+    "one-pass bf16",
+    "one-pass compiled",
+    "one-pass compiled bf16",
+)
+
+
+def training_modes(device: torch.device) -> tuple[str, ...]:
+    """The :data:`TRAINING_MODES` that run on ``device``: the bf16 ones only where bf16 is
+    native (:func:`bf16_native`)."""
+    return tuple(m for m in TRAINING_MODES if "bf16" not in m or bf16_native(device))
+
+
 def bench_likelihood_training(args: Any, device: torch.device) -> list[dict[str, Any]]:
     """Steps/s of the CNF and JKO-flow rose recipes' optimiser step, one-pass vs autograd."""
     try:
@@ -357,8 +374,7 @@ def bench_likelihood_training(args: Any, device: torch.device) -> list[dict[str,
         ds, data = get_dataset("checkerboard"), "checkerboard"
     x = ds.splits(20_000, 10, 10, args.seed).train
     x = ((x - x.mean(0)) / x.std(0)).to(device)
-    modes = ("autograd", "one-pass", "one-pass bf16", "one-pass compiled", "one-pass compiled bf16")
-    modes = tuple(m for m in modes if "bf16" not in m or bf16_native(device))
+    modes = training_modes(device)
     n, rows = args.like_train_steps, []
     for method in ("cnf", "jko"):
         step = _recipe_step(method, x, args.seed)

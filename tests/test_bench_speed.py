@@ -248,7 +248,8 @@ def test_bf16_rows_run_only_where_bf16_is_native(
     like: ModuleType, monkeypatch: pytest.MonkeyPatch, native: bool
 ) -> None:
     """On a CPU that emulates bf16 (hundreds of times slower than float32) the work-precision
-    settings keep their float32 rows only; on a native-bf16 CPU, or off the CPU, all of them."""
+    settings and the CNF/JKO training modes keep their float32 rows only; on a native-bf16 CPU,
+    or off the CPU, all of them."""
     monkeypatch.setattr(like, "cpu_has_native_bf16", lambda: native)
     cpu = like.wp_settings(torch.device("cpu"))
     amps = {s[2] for s in cpu}
@@ -256,3 +257,8 @@ def test_bf16_rows_run_only_where_bf16_is_native(
     assert [s for s in like.WP_SETTINGS if s[2] == "none"] == [s for s in cpu if s[2] == "none"]
     assert like.wp_settings(torch.device("meta")) == like.WP_SETTINGS
     assert like.bf16_native(torch.device("cpu")) is native
+    modes = like.training_modes(torch.device("cpu"))
+    assert [m for m in like.TRAINING_MODES if "bf16" not in m] == [
+        m for m in modes if "bf16" not in m
+    ]
+    assert any("bf16" in m for m in modes) is native
